@@ -1,0 +1,160 @@
+"""Router overhead per request: tokenize + hash + lookup + score, for 8k-token prompts and 16 workers.
+
+    python -m benchmarks.bench_router [--json] [--requests 300] [--workers 16] [--prompt-tokens 8192]
+
+The routing path exactly as the router runs it (``validate_generate`` -> ``PromptEncoder.block_hashes``
+-> ``RoutingCore.decide``), in process, over 16 worker states whose blocks are known to both index
+sources, measured side by side in one run:
+
+    mirror    the router's local index mirror (the default)
+    service   CacheService.Lookup over gRPC (embedded Valkey, the one-round-trip Lua walk)
+
+Each of 64 distinct 8k-token "documents" is held (as a prefix of random length) by a random subset of
+the 16 workers; each request is one document's prefix + a fresh question. Target: total p99 < 2 ms
+with the mirror. ``total_cpu`` is the same path in CPU time of the thread (what the code costs, without
+the time the OS gave to other processes on a busy machine). Timing is reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import random
+import statistics
+import time
+from typing import Any
+
+from cache_service.block_hash import hash_prompt_blocks
+from cache_service.embedded_redis import EmbeddedRedis, connect
+from cache_service.index import ClusterIndex
+from cache_service.server import CacheServiceConfig, CacheServiceThread
+from cache_service.types import IndexEvent, NodeInfo
+from router.cache_link import CacheLink
+from router.index_mirror import OP_STORED, IndexMirror
+from router.metrics import RouterMetrics
+from router.policies import WorkerLoad, make_policy
+from router.registry import WorkerRegistry
+from router.routing import RoutingCore
+from router.tokenize import PromptEncoder
+from router.validation import GenerateArgs, validate_generate
+from benchmarks.stats import percentile as pct
+
+BS = 16
+NUM_DOCS = 64
+
+
+def summary(xs: list[float]) -> dict[str, float]:
+    return {"p50_ms": pct(xs, 50) * 1e3, "p99_ms": pct(xs, 99) * 1e3, "mean_ms": statistics.fmean(xs) * 1e3}
+
+
+def make_docs(rng: random.Random, prompt_tokens: int) -> list[str]:
+    # The demo tokenizer is byte level: one ASCII character is one token (plus BOS).
+    alphabet = "abcdefghijklmnopqrstuvwxyz .,"
+    return ["".join(rng.choice(alphabet) for _ in range(prompt_tokens - 64)) for _ in range(NUM_DOCS)]
+
+
+async def run(num_requests: int, num_workers: int, prompt_tokens: int) -> dict[str, Any]:
+    rng = random.Random(0)
+    encoder = PromptEncoder("demo", BS)
+    # The demo model attends over 4096 positions; the routing path does not care, so let it take 8k prompts.
+    encoder.info = dataclasses.replace(encoder.info, max_context=4 * prompt_tokens)
+    docs = make_docs(rng, prompt_tokens)
+    doc_hashes = [encoder.block_hashes(encoder.encode(d)) for d in docs]
+    holdings: dict[str, list[tuple[int, int]]] = {}  # worker -> (doc, num blocks held)
+    for w in range(num_workers):
+        held = rng.sample(range(NUM_DOCS), NUM_DOCS // 4)
+        holdings[f"worker-{w}"] = [(d, rng.randrange(1, len(doc_hashes[d]) + 1)) for d in held]
+    redis = EmbeddedRedis()
+    redis.start()
+    service = CacheServiceThread(CacheServiceConfig(redis_url=redis.url, port=0))
+    service.start()
+    try:
+        index = ClusterIndex(connect(redis.url))
+        mirror = IndexMirror()
+        registry = WorkerRegistry(mirror)
+        num_entries = 0
+        for wid, held in holdings.items():
+            reg = await index.register(NodeInfo(wid, f"127.0.0.1:{7000 + len(registry.workers)}", "demo",
+                                                block_size=BS), 3600)
+            hashes = [h for d, n in held for h in doc_hashes[d][:n]]
+            await index.publish(reg.node_id, reg.epoch, [IndexEvent("stored", h) for h in hashes])
+            mirror.apply_events(wid, [(OP_STORED, h) for h in hashes])
+            num_entries += len(hashes)
+            state = registry.add(wid, handle=None, transfer_address=f"127.0.0.1:{7000 + len(registry.workers)}")
+            state.live, state.feed_epoch = True, "bench"
+            state.load = WorkerLoad(wid, num_running=rng.randrange(8), num_waiting=rng.randrange(4),
+                                    num_active_blocks=rng.randrange(500), capacity_blocks=4096,
+                                    num_waiting_blocks=rng.randrange(64))
+        await index.close()
+        link = CacheLink(service.address, encoder.model_id)
+        metrics = RouterMetrics()
+        policy = make_policy("cache_aware")
+        cores = {
+            "mirror": RoutingCore(encoder, registry, mirror, policy, metrics, index_source="mirror"),
+            "service": RoutingCore(encoder, registry, mirror, policy, metrics, service_lookup=link.lookup,
+                                   index_source="service"),
+        }
+        texts = [docs[rng.randrange(NUM_DOCS)][: rng.randrange(prompt_tokens // 2, prompt_tokens - 64)] +
+                 "".join(rng.choice("xyz ") for _ in range(64)) for _ in range(num_requests)]
+        results: dict[str, Any] = {}
+        agree = 0
+        for name, core in cores.items():
+            stages: dict[str, list[float]] = {"tokenize": [], "hash": [], "lookup_score": [], "total": [],
+                                              "total_cpu": []}
+            for i, text in enumerate(texts + texts[:20]):  # the first 20 warm up
+                c0 = time.thread_time()
+                t0 = time.perf_counter()
+                req = validate_generate(GenerateArgs(request_id=f"r{i}", text=text, max_tokens=16), encoder)
+                t1 = time.perf_counter()
+                hashes = encoder.block_hashes(req.prompt_ids, req.cache_salt)
+                t2 = time.perf_counter()
+                decision = await core.decide(req.prompt_ids, hashes, request_id=req.request_id)
+                t3 = time.perf_counter()
+                c3 = time.thread_time()
+                if i >= 20:
+                    for key, dt in (("tokenize", t1 - t0), ("hash", t2 - t1), ("lookup_score", t3 - t2),
+                                    ("total", t3 - t0), ("total_cpu", c3 - c0)):
+                        stages[key].append(dt)
+                if name == "service" and i < len(texts):
+                    other = await cores["mirror"].decide(req.prompt_ids, hashes, request_id=req.request_id)
+                    agree += other.matches == decision.matches
+            results[name] = {k: summary(v) for k, v in stages.items()}
+        await link.close()
+        return {
+            "workers": num_workers, "prompt_tokens": prompt_tokens, "blocks_per_prompt": prompt_tokens // BS,
+            "requests": num_requests, "index_entries": num_entries, "mirror_vs_service_matches_agree": agree,
+            **results,
+            "service_over_mirror_total_p50": results["service"]["total"]["p50_ms"] / results["mirror"]["total"]["p50_ms"],
+        }
+    finally:
+        service.stop()
+        redis.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--workers", type=int, default=16)
+    parser.add_argument("--prompt-tokens", type=int, default=8192)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    out = asyncio.run(run(args.requests, args.workers, args.prompt_tokens))
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"routing path, {out['workers']} workers, prompts up to {out['prompt_tokens']} tokens "
+          f"({out['blocks_per_prompt']} blocks), {out['index_entries']} index entries, {out['requests']} requests")
+    print(f"{'source':<9}{'stage':<14}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}")
+    for source in ("mirror", "service"):
+        for stage in ("tokenize", "hash", "lookup_score", "total", "total_cpu"):
+            s = out[source][stage]
+            print(f"{source:<9}{stage:<14}{s['p50_ms']:>9.3f}{s['p99_ms']:>9.3f}{s['mean_ms']:>9.3f}")
+    print(f"service / mirror total p50: {out['service_over_mirror_total_p50']:.1f}x; "
+          f"matches agree on {out['mirror_vs_service_matches_agree']}/{out['requests']} requests")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,169 @@
+"""One worker's whole cache side: BlockTransfer server, cache client, prefix fetcher, pins, replica mirror.
+
+The node never touches the engine itself: everything goes through
+``engine_call(fn) -> awaitable fn(engine)``, which the owner runs on the
+engine's thread (a Ray worker's engine loop, or ``LocalCacheNode``'s lock).
+The owner also hands over the events it drains after each step
+(``push_events``, never blocks) and installs ``advisor`` as the block
+pool's ``EvictionAdvisor``.
+
+All coroutines run on the owner's event loop::
+
+    CacheNode
+      TransferServer (BlockTransferServicer: export = engine_call(export_blocks))
+      CacheClient    register / heartbeat (load, transfer counts; pins -> PinKeeper) / publish / lookup
+      PrefixFetcher  lookup -> policy -> TransferClient.fetch_blocks -> engine_call(import_blocks)
+      ReplicaMirror  fed by lookups, fetches and exports; read by the pool when it evicts
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from cache_service.block_hash import BlockHash
+from cache_service.client import CacheClient, CacheClientConfig, PinsFn
+from cache_service.pin_keeper import PinKeeper
+from cache_service.prefix_fetcher import EngineCall, FetcherConfig, FetchOutcome, FetchResult, PeerHint, PrefixFetcher
+from cache_service.replica_mirror import ReplicaMirror
+from cache_service.transfer_client import TransferClient
+from cache_service.transfer_policy import TransferPolicy
+from cache_service.transfer_server import (
+    DEFAULT_CHUNK_BYTES,
+    BlockTransferServicer,
+    TransferFaults,
+    TransferServer,
+)
+from cache_service.types import NodeInfo, NodeLoad, PrefixMatch
+from workers.block_pool import BlockEvent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class CacheNodeConfig:
+    client: CacheClientConfig = field(default_factory=CacheClientConfig)
+    fetcher: FetcherConfig = field(default_factory=FetcherConfig)
+    transfer_host: str = "127.0.0.1"  # bind address of BlockTransfer
+    transfer_port: int = 0
+    advertise_host: str | None = None  # what peers dial (default: transfer_host)
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    mirror_ttl_s: float = 60.0
+
+
+def engine_load(engine: Any) -> NodeLoad:
+    s = engine.stats()
+    return NodeLoad(s.num_running, s.num_waiting, s.num_free_blocks, s.num_cached_blocks)
+
+
+class CacheNode:
+    def __init__(
+        self,
+        node_id: str,
+        *,
+        engine_call: EngineCall,
+        model_id: str,
+        block_size: int,
+        num_blocks: int,
+        block_nbytes: int,
+        cache_address: str | None,
+        config: CacheNodeConfig | None = None,
+        on_pins: PinsFn | None = None,
+        ray_node_id: str = "",
+        faults: TransferFaults | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.engine_call = engine_call
+        self.model_id = model_id
+        self.block_size = block_size
+        self.config = cfg = config or CacheNodeConfig()
+        self.cache_address = cache_address
+        self.mirror = ReplicaMirror(ttl_s=cfg.mirror_ttl_s)
+        self.policy = TransferPolicy()
+        self.transfer_client = TransferClient(requester=node_id, max_chunk_bytes=cfg.max_chunk_bytes)
+        self.servicer = BlockTransferServicer(self._export, model_id, on_export=self._on_export, faults=faults)
+        self.transfer_server = TransferServer(self.servicer, cfg.transfer_host, cfg.transfer_port,
+                                              advertise_host=cfg.advertise_host)
+        self.info = NodeInfo(node_id=node_id, model_id=model_id, block_size=block_size,
+                             capacity_blocks=num_blocks, block_nbytes=block_nbytes, ray_node_id=ray_node_id)
+        self.client: CacheClient | None = None
+        self.fetcher = PrefixFetcher(
+            node_id, model_id, block_size, block_nbytes, engine_call=engine_call, lookup=self.lookup,
+            transfer=self.transfer_client, policy=self.policy, mirror=self.mirror, config=cfg.fetcher,
+            on_transfer=self._on_transfer,
+        )
+        self.pins = PinKeeper(engine_call, self.fetcher)
+        self._on_pins = on_pins or self.pins.apply
+
+    @classmethod
+    def for_engine(cls, engine: Any, node_id: str, *, engine_call: EngineCall, cache_address: str | None,
+                   **kwargs: Any) -> CacheNode:
+        """Read the engine's static facts (safe from any thread: they never change)."""
+        return cls(node_id, engine_call=engine_call, model_id=engine.model_id, block_size=engine.block_size,
+                   num_blocks=engine.pool.num_blocks, block_nbytes=engine.kv_cache.block_nbytes(),
+                   cache_address=cache_address, **kwargs)
+
+    @property
+    def advisor(self) -> ReplicaMirror:
+        """Install as ``engine.pool.eviction_advisor``."""
+        return self.mirror
+
+    @property
+    def transfer_address(self) -> str:
+        return self.transfer_server.address
+
+    # ---- lifecycle ---------------------------------------------------------------
+    async def start(self) -> None:
+        self.info.transfer_address = await self.transfer_server.start()
+        if self.cache_address:
+            self.client = CacheClient(
+                self.cache_address, self.info, snapshot=self._snapshot, load=self._load,
+                on_pins=self._on_pins, config=self.config.client,
+            )
+            await self.client.start()
+
+    async def stop(self) -> None:
+        if self.client is not None:
+            await self.client.stop()
+        await self.transfer_server.stop()
+        await self.transfer_client.close()
+
+    # ---- engine thread -------------------------------------------------------------
+    def push_events(self, events: Sequence[BlockEvent]) -> None:
+        """Events drained from the engine after a step (any thread; never blocks)."""
+        if self.client is not None and events:
+            self.client.offer_events(events)
+
+    # ---- requests --------------------------------------------------------------------
+    async def fetch_prefix(self, prompt_ids: Sequence[int], cache_salt: str = "",
+                           hint: PeerHint | None = None) -> FetchResult:
+        """Before adding a request: import a longer prefix from a peer when that is cheaper."""
+        try:
+            return await self.fetcher.fetch_prefix(prompt_ids, cache_salt, hint)
+        except Exception as exc:  # noqa: BLE001 - admission must never fail because of the cache
+            log.warning("prefix fetch failed unexpectedly; recomputing: %s", exc)
+            return FetchResult(FetchOutcome.FAILED, error=f"{type(exc).__name__}: {exc}")
+
+    async def lookup(self, block_hashes: Sequence[BlockHash]) -> list[PrefixMatch]:
+        if self.client is None:
+            return []
+        return await self.client.lookup(block_hashes)
+
+    # ---- callbacks ---------------------------------------------------------------------
+    async def _export(self, hashes: Sequence[BlockHash]) -> list:
+        return await self.engine_call(lambda e: e.export_blocks(hashes))
+
+    def _on_export(self, requester: str, hashes: Sequence[BlockHash]) -> None:
+        self.mirror.mark_replicated(hashes)  # the requester now holds copies of these
+
+    def _on_transfer(self, result: FetchResult) -> None:
+        if self.client is not None and result.attempted:
+            self.client.record_transfer(result.ok, result.num_blocks, result.num_bytes)
+
+    async def _snapshot(self) -> list[BlockHash]:
+        return await self.engine_call(lambda e: e.pool.cached_hashes())
+
+    async def _load(self) -> NodeLoad:
+        return await self.engine_call(engine_load)
+

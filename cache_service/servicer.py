@@ -1,0 +1,201 @@
+"""CacheService over grpc.aio: validate, convert protos at the edge, delegate to the index.
+
+Status codes:
+    INVALID_ARGUMENT     malformed or oversize request (nothing is written to Redis)
+    NOT_FOUND            PublishEvents from a node that is not registered / expired
+    FAILED_PRECONDITION  PublishEvents with a stale epoch (an earlier incarnation)
+    UNAVAILABLE          Redis is down (fails fast: short socket timeouts)
+Heartbeat from an unknown node is not an error: it answers ``known=false``,
+which tells the node to register again and republish.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Awaitable, Callable, TypeVar
+
+import grpc
+
+from cache_service import validation as v
+from cache_service.block_hash import BlockHash
+from cache_service.index import ClusterIndex, IndexUnavailable, NodeExpired, NodeNotFound, StaleEpoch
+from cache_service.types import IndexEvent, NodeInfo, NodeLoad, PinSpec, TransferCounts
+from protos.prefixcache.v1 import cache_pb2 as pb
+from protos.prefixcache.v1 import cache_pb2_grpc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def node_info_from_proto(m: pb.NodeInfo) -> NodeInfo:
+    return NodeInfo(
+        node_id=m.node_id,
+        transfer_address=m.transfer_address,
+        model_id=m.model_id,
+        block_size=m.block_size,
+        capacity_blocks=m.capacity_blocks,
+        block_nbytes=m.block_nbytes,
+        prefill_tokens_per_s=m.prefill_tokens_per_s,
+        transfer_bytes_per_s=m.transfer_bytes_per_s,
+        ray_node_id=m.ray_node_id,
+    )
+
+
+def node_info_to_proto(i: NodeInfo) -> pb.NodeInfo:
+    return pb.NodeInfo(
+        node_id=i.node_id, transfer_address=i.transfer_address, model_id=i.model_id, block_size=i.block_size,
+        capacity_blocks=i.capacity_blocks, block_nbytes=i.block_nbytes,
+        prefill_tokens_per_s=i.prefill_tokens_per_s, transfer_bytes_per_s=i.transfer_bytes_per_s,
+        ray_node_id=i.ray_node_id,
+    )
+
+
+def _events_from_proto(events: Any) -> list[IndexEvent]:
+    out: list[IndexEvent] = []
+    for i, e in enumerate(events):
+        kind = e.WhichOneof("kind")
+        if kind == "stored":
+            v.check_hashes([e.stored.block_hash], f"events[{i}].stored.block_hash", 1)
+            if e.stored.parent_hash:
+                v.check_hashes([e.stored.parent_hash], f"events[{i}].stored.parent_hash", 1)
+            out.append(IndexEvent("stored", BlockHash(e.stored.block_hash)))
+        elif kind == "removed":
+            v.check_hashes([e.removed.block_hash], f"events[{i}].removed.block_hash", 1)
+            out.append(IndexEvent("removed", BlockHash(e.removed.block_hash)))
+        elif kind == "cleared":
+            out.append(IndexEvent("cleared"))
+        else:
+            raise v.InvalidRequest(f"events[{i}] has no kind (stored, removed or cleared)")
+    return out
+
+
+class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
+    def __init__(self, index: ClusterIndex) -> None:
+        self.index = index
+
+    async def _call(self, context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run ``fn`` mapping the core's errors to status codes (abort raises)."""
+        try:
+            return await fn()
+        except v.InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except (NodeNotFound, NodeExpired) as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except StaleEpoch as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except IndexUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        raise AssertionError("unreachable")  # abort always raises
+
+    async def RegisterNode(self, request: pb.RegisterNodeRequest, context: grpc.aio.ServicerContext):
+        async def go() -> pb.RegisterNodeResponse:
+            n = request.node
+            v.check_id(n.node_id, "node.node_id")
+            v.check_address(n.transfer_address, "node.transfer_address")
+            v.check_text(n.model_id, "node.model_id", v.MAX_MODEL_ID_LEN, required=True)
+            v.check_range(n.block_size, "node.block_size", 1, v.MAX_BLOCK_SIZE)
+            v.check_text(n.ray_node_id, "node.ray_node_id", v.MAX_ID_LEN)
+            ttl = request.ttl_seconds or v.DEFAULT_HEARTBEAT_TTL_S
+            v.check_range(ttl, "ttl_seconds", 1, v.MAX_HEARTBEAT_TTL_S)
+            reg = await self.index.register(node_info_from_proto(n), ttl)
+            log.info("registered node %s (epoch %d)", reg.node_id, reg.epoch)
+            return pb.RegisterNodeResponse(epoch=reg.epoch)
+
+        return await self._call(context, go)
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext):
+        async def go() -> pb.HeartbeatResponse:
+            v.check_id(request.node_id, "node_id")
+            ld, t = request.load, request.transfers
+            res = await self.index.heartbeat(
+                request.node_id, request.epoch,
+                NodeLoad(ld.num_running, ld.num_waiting, ld.num_free_blocks, ld.num_cached_blocks),
+                TransferCounts(t.num_transfers, t.num_failed, t.num_blocks, t.num_bytes),
+            )
+            return pb.HeartbeatResponse(
+                known=res.known,
+                pins=[pb.PinAssignment(pin_id=p.pin_id, token_ids=p.token_ids, cache_salt=p.cache_salt,
+                                       num_blocks=p.num_blocks) for p in res.pins],
+            )
+
+        return await self._call(context, go)
+
+    async def PublishEvents(self, request: pb.PublishEventsRequest, context: grpc.aio.ServicerContext):
+        async def go() -> pb.PublishEventsResponse:
+            v.check_id(request.node_id, "node_id")
+            if len(request.events) > v.MAX_EVENTS_PER_PUBLISH:
+                raise v.InvalidRequest(
+                    f"events has {len(request.events)} entries; the limit is {v.MAX_EVENTS_PER_PUBLISH} per request"
+                )
+            events = _events_from_proto(request.events)
+            n = await self.index.publish(request.node_id, request.epoch, events, full_snapshot=request.full_snapshot)
+            return pb.PublishEventsResponse(num_applied=n)
+
+        return await self._call(context, go)
+
+    async def Lookup(self, request: pb.LookupRequest, context: grpc.aio.ServicerContext):
+        async def go() -> pb.LookupResponse:
+            hashes = v.check_hashes(request.block_hashes, "block_hashes", v.MAX_LOOKUP_BLOCKS)
+            v.check_text(request.model_id, "model_id", v.MAX_MODEL_ID_LEN)
+            if not hashes:
+                return pb.LookupResponse()  # a prompt shorter than one block: nothing to share
+            matches = await self.index.lookup([BlockHash(h) for h in hashes], request.model_id)
+            return pb.LookupResponse(matches=[
+                pb.NodeMatch(node_id=m.node_id, num_blocks=m.num_blocks, transfer_address=m.transfer_address)
+                for m in matches
+            ])
+
+        return await self._call(context, go)
+
+    async def Pin(self, request: pb.PinBlocksRequest, context: grpc.aio.ServicerContext):
+        async def go() -> pb.PinBlocksResponse:
+            v.check_id(request.pin_id, "pin_id")
+            v.check_text(request.model_id, "model_id", v.MAX_MODEL_ID_LEN, required=True)
+            v.check_text(request.cache_salt, "cache_salt", v.MAX_SALT_LEN)
+            tokens = v.check_tokens(request.token_ids, "token_ids", v.MAX_PIN_TOKENS)
+            hashes = v.check_hashes(request.block_hashes, "block_hashes", v.MAX_PIN_BLOCKS)
+            if not hashes:
+                raise v.InvalidRequest("block_hashes is required (the prefix's full blocks, in chain order)")
+            if len(hashes) > len(tokens):
+                raise v.InvalidRequest(f"{len(hashes)} block_hashes cannot come from {len(tokens)} token_ids")
+            replicas = v.check_range(request.replicas or 1, "replicas", 1, v.MAX_REPLICAS)
+            ttl = v.check_range(request.ttl_seconds, "ttl_seconds", 0, v.MAX_PIN_TTL_S)
+            spec = PinSpec(request.pin_id, request.model_id, [BlockHash(h) for h in hashes], tokens,
+                           request.cache_salt, replicas, ttl)
+            holders = await self.index.pin(spec)
+            return pb.PinBlocksResponse(pin_id=request.pin_id, node_ids=holders, found=True)
+
+        return await self._call(context, go)
+
+    async def Unpin(self, request: pb.PinBlocksRequest, context: grpc.aio.ServicerContext):
+        async def go() -> pb.PinBlocksResponse:
+            v.check_id(request.pin_id, "pin_id")
+            found, holders = await self.index.unpin(request.pin_id)
+            return pb.PinBlocksResponse(pin_id=request.pin_id, node_ids=holders, found=found)
+
+        return await self._call(context, go)
+
+    async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext):
+        async def go() -> pb.GetStatsResponse:
+            s = await self.index.stats()
+            return pb.GetStatsResponse(
+                nodes=[
+                    pb.NodeStats(
+                        node=node_info_to_proto(n.info),
+                        load=pb.NodeLoad(num_running=n.load.num_running, num_waiting=n.load.num_waiting,
+                                         num_free_blocks=n.load.num_free_blocks,
+                                         num_cached_blocks=n.load.num_cached_blocks),
+                        num_indexed_blocks=n.num_indexed_blocks, alive=n.alive, epoch=n.epoch,
+                    )
+                    for n in s.nodes
+                ],
+                num_blocks=s.num_blocks,
+                num_entries=s.num_entries,
+                counters=s.counters,
+                pins=[pb.PinInfo(pin_id=p.pin_id, replicas=p.replicas, num_blocks=p.num_blocks,
+                                 node_ids=p.node_ids, num_tokens=p.num_tokens, cache_salt=p.cache_salt)
+                      for p in s.pins],
+                redis_used_memory_bytes=s.redis_used_memory_bytes,
+            )
+
+        return await self._call(context, go)

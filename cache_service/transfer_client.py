@@ -1,0 +1,157 @@
+"""Pull a prefix chain's blocks from a peer's BlockTransfer endpoint and reassemble them.
+
+``fetch_blocks`` returns the leading blocks the peer sent (possibly fewer
+than asked: the peer may have evicted the rest since the index was told) or
+raises ``TransferError`` saying what went wrong: deadline exceeded, peer
+unreachable, or a stream that breaks the protocol (blocks out of order, a
+hash that was not asked for, missing chunks, no token ids). The payload
+checksum is verified when the blocks are imported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Sequence
+
+import grpc
+
+from cache_service.block_hash import BlockHash
+from cache_service.chunk_codec import ChunkDecodeError, ChunkView, decode_chunks
+from cache_service.transfer_server import (
+    DEFAULT_CHUNK_BYTES,
+    FETCH_METHOD,
+    HTTP2_MAX_FRAME_BYTES,
+    STREAM_WINDOW_BYTES,
+    TRANSFER_MESSAGE_BYTES,
+)
+from protos.prefixcache.v1 import cache_pb2 as pb
+from workers.block_io import ExportedBlock
+
+
+class TransferError(RuntimeError):
+    """A fetch from a peer failed; the caller recomputes instead."""
+
+
+class _Assembler:
+    """Checks the chunk stream against the protocol and rebuilds each block's payload."""
+
+    def __init__(self, hashes: Sequence[BlockHash]) -> None:
+        self.hashes = hashes
+        self.blocks: list[ExportedBlock] = []
+        self._parts: list[memoryview | bytes] = []
+        self._tokens: tuple[int, ...] = ()
+        self._num_chunks = 0
+        self.num_bytes = 0
+
+    def add(self, chunk: ChunkView | pb.BlockChunk) -> None:
+        i = len(self.blocks)
+        if chunk.block_index != i:
+            raise TransferError(f"peer sent block {chunk.block_index} while block {i} was expected")
+        if i >= len(self.hashes):
+            raise TransferError(f"peer sent more blocks than the {len(self.hashes)} requested")
+        if chunk.block_hash != self.hashes[i]:
+            raise TransferError(f"block {i}: peer sent hash {chunk.block_hash.hex()}, requested "
+                                f"{bytes(self.hashes[i]).hex()}")
+        if chunk.chunk_index != len(self._parts):
+            raise TransferError(f"block {i}: chunk {chunk.chunk_index} arrived while chunk {len(self._parts)} "
+                                f"was expected")
+        if chunk.chunk_index == 0:
+            if chunk.num_chunks < 1:
+                raise TransferError(f"block {i}: num_chunks is {chunk.num_chunks}")
+            if not chunk.token_ids:
+                raise TransferError(f"block {i}: the first chunk carries no token ids")
+            self._num_chunks = chunk.num_chunks
+            self._tokens = tuple(chunk.token_ids)
+        elif chunk.num_chunks != self._num_chunks:
+            raise TransferError(f"block {i}: num_chunks changed from {self._num_chunks} to {chunk.num_chunks}")
+        self._parts.append(chunk.data)
+        self.num_bytes += len(chunk.data)
+        if len(self._parts) == self._num_chunks:
+            # A one-chunk block keeps its view into the received message (no copy: the import
+            # reads it in place); a block cut into chunks is joined once.
+            payload = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+            self.blocks.append(ExportedBlock(self.hashes[i], self._tokens, payload))
+            self._parts = []
+
+    def finish(self) -> list[ExportedBlock]:
+        if self._parts:
+            raise TransferError(f"block {len(self.blocks)}: stream ended after {len(self._parts)} of "
+                                f"{self._num_chunks} chunks")
+        return self.blocks
+
+
+class TransferClient:
+    """Fetches from peers; keeps one channel per peer address (on the current event loop)."""
+
+    def __init__(self, requester: str = "", max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+        self.requester = requester
+        self.max_chunk_bytes = max_chunk_bytes
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _fetch_method(self, address: str) -> grpc.aio.UnaryStreamMultiCallable:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=[
+                ("grpc.max_receive_message_length", TRANSFER_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", 4 << 20),
+                # Fail fast on a dead peer instead of waiting for it to come back, and
+                # find a restarted one quickly (gRPC's default backoff grows to minutes).
+                ("grpc.enable_retries", 0),
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1000),
+                # Throughput (see transfer_server): big frames, and a stream window that keeps the
+                # sender from waiting for window updates between 1 MiB messages.
+                ("grpc.http2.max_frame_size", HTTP2_MAX_FRAME_BYTES),
+                ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
+            ])
+            self._channels[address] = channel
+        # Responses stay raw bytes: chunk_codec parses them without copying the payload.
+        return channel.unary_stream(FETCH_METHOD, request_serializer=pb.FetchBlocksRequest.SerializeToString,
+                                    response_deserializer=None)
+
+    async def forget(self, address: str) -> None:
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            await channel.close()
+
+    async def fetch_blocks(
+        self, address: str, block_hashes: Sequence[BlockHash], *, model_id: str = "", timeout_s: float = 5.0
+    ) -> tuple[list[ExportedBlock], int]:
+        """(blocks, bytes received) for the leading blocks of ``block_hashes`` the peer holds."""
+        if not block_hashes:
+            return [], 0
+        request = pb.FetchBlocksRequest(
+            block_hashes=[bytes(h) for h in block_hashes], model_id=model_id,
+            max_chunk_bytes=self.max_chunk_bytes, requester=self.requester, accept_bundles=True,
+        )
+        assembler = _Assembler(block_hashes)
+        call = self._fetch_method(address)(request, timeout=timeout_s, wait_for_ready=False)
+        try:
+            async for raw in call:
+                try:
+                    chunks = decode_chunks(raw)
+                except ChunkDecodeError as exc:
+                    raise TransferError(f"malformed chunk from {address}: {exc}") from exc
+                for chunk in chunks:
+                    assembler.add(chunk)
+        except TransferError:
+            call.cancel()
+            raise
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise TransferError(f"fetch from {address} exceeded its {timeout_s:.2f} s deadline "
+                                    f"after {len(assembler.blocks)} blocks") from exc
+            if code == grpc.StatusCode.UNAVAILABLE:
+                await self.forget(address)
+            raise TransferError(f"fetch from {address} failed: {code.name}: {exc.details()}") from exc
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        return assembler.finish(), assembler.num_bytes
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            await channel.close()

@@ -1,0 +1,124 @@
+"""The cache service's plain data: what the index stores and answers.
+
+Proto messages stop at the servicer / client edges; everything in between
+(index, policy, fetcher) speaks these types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+from cache_service.block_hash import BlockHash
+
+NodeId = str
+PinId = str
+
+
+@dataclass(slots=True)
+class NodeInfo:
+    node_id: NodeId
+    transfer_address: str = ""
+    model_id: str = ""
+    block_size: int = 16
+    capacity_blocks: int = 0
+    block_nbytes: int = 0
+    prefill_tokens_per_s: float = 0.0
+    transfer_bytes_per_s: float = 0.0
+    ray_node_id: str = ""
+
+
+@dataclass(slots=True)
+class NodeLoad:
+    num_running: int = 0
+    num_waiting: int = 0
+    num_free_blocks: int = 0
+    num_cached_blocks: int = 0
+
+
+@dataclass(slots=True)
+class TransferCounts:
+    """Transfers a node made since its last heartbeat (deltas)."""
+
+    num_transfers: int = 0
+    num_failed: int = 0
+    num_blocks: int = 0
+    num_bytes: int = 0
+
+
+class Registration(NamedTuple):
+    node_id: NodeId
+    epoch: int
+
+
+EventKind = Literal["stored", "removed", "cleared"]
+
+
+class IndexEvent(NamedTuple):
+    """One change of a node's cached set, as the index applies it."""
+
+    kind: EventKind
+    block_hash: BlockHash | None = None  # None only for "cleared"
+
+
+class PrefixMatch(NamedTuple):
+    """A live node and the length (in blocks) of the prompt prefix it holds."""
+
+    node_id: NodeId
+    num_blocks: int
+    transfer_address: str
+
+
+class PinAssignment(NamedTuple):
+    """A prefix the service wants one node to keep warm."""
+
+    pin_id: PinId
+    token_ids: tuple[int, ...]
+    cache_salt: str
+    num_blocks: int
+
+
+@dataclass(slots=True)
+class HeartbeatResult:
+    known: bool
+    pins: list[PinAssignment] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class PinSpec:
+    pin_id: PinId
+    model_id: str
+    block_hashes: list[BlockHash]
+    token_ids: list[int]
+    cache_salt: str = ""
+    replicas: int = 1
+    ttl_seconds: int = 0  # 0: until unpinned
+
+
+@dataclass(slots=True)
+class PinStatus:
+    pin_id: PinId
+    replicas: int
+    num_blocks: int
+    num_tokens: int
+    cache_salt: str
+    node_ids: list[NodeId]
+
+
+@dataclass(slots=True)
+class NodeStatus:
+    info: NodeInfo
+    load: NodeLoad
+    num_indexed_blocks: int
+    alive: bool
+    epoch: int
+
+
+@dataclass(slots=True)
+class IndexStats:
+    nodes: list[NodeStatus]
+    num_blocks: int  # distinct block hashes indexed
+    num_entries: int  # (block, holder) pairs
+    counters: dict[str, int]
+    pins: list[PinStatus]
+    redis_used_memory_bytes: int

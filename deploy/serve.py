@@ -1,0 +1,127 @@
+"""`prefixcache serve`: start the whole stack and serve until Ctrl-C / SIGTERM.
+
+    prefixcache serve --model demo --workers 2
+    ready router=127.0.0.1:50051 metrics=http://127.0.0.1:9400/metrics cache_service=127.0.0.1:52052 ...
+
+Embedded Valkey unless ``--redis-url``; a local Ray unless ``--ray-address``; then the cache service,
+N workers (``worker-0`` .. ``worker-<N-1>``, spread over the cluster's nodes; one per GPU when there
+are GPUs) and the router. With ``--ray-address`` (or ``--elastic``) nodes that join later get workers
+(``worker-<N>``, ``worker-<N+1>``, ...) that enter the rotation; ``--no-elastic`` keeps the start-up set.
+On SIGINT/SIGTERM everything is stopped in reverse order (router, workers
+via ``ray.kill``, ``ray.shutdown()`` for a Ray we started, cache service, Valkey): no process is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from router.policies import POLICY_NAMES
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="demo", help="checkpoint folder (Hugging Face layout) or 'demo'")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="number of workers (default: one per GPU, or 2 on CPU)")
+    parser.add_argument("--redis-url", default=None, help="Redis for the cache index (default: embedded Valkey)")
+    parser.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local Ray)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 for a cluster)")
+    parser.add_argument("--port", type=int, default=50051, help="router gRPC port")
+    parser.add_argument("--metrics-port", type=int, default=9400, help="Prometheus /metrics port")
+    parser.add_argument("--policy", default="cache_aware", choices=POLICY_NAMES, help="routing policy")
+    parser.add_argument("--policy-weight", action="append", default=[], metavar="NAME=VALUE",
+                        help="a cache_aware cost weight (repeatable): prefill_weight, decode_load_weight, "
+                             "queue_weight (default 0.2 here), transfer_cost_ratio, min_transfer_blocks")
+    parser.add_argument("--transfer-aware", action="store_true",
+                        help="let cache_aware route to a worker that pulls the prefix from a peer (cost "
+                             "transfer_cost_ratio per block) instead of only to holders")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker (default: by memory)")
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch per worker")
+    parser.add_argument("--cache-service-port", type=int, default=50052, help="CacheService gRPC port")
+    parser.add_argument("--auth-tokens", default=None, metavar="FILE",
+                        help="JSON {token: tenant}; enables bearer-token auth "
+                             "(or set PREFIXCACHE_AUTH_TOKENS=tok1=tenantA,tok2=tenantB)")
+    parser.add_argument("--index-source", default="mirror", choices=("mirror", "service"),
+                        help="where routing looks prompts up: the router's local mirror or the cache service")
+    parser.add_argument("--max-in-flight", type=int, default=256,
+                        help="requests in flight at the router before RESOURCE_EXHAUSTED")
+    parser.add_argument("--elastic", action=argparse.BooleanOptionalAction, default=None,
+                        help="start workers on Ray nodes that join while serving (one per GPU; one per CPU-only "
+                             "node with room in a CPU fleet) and retire those of nodes that die (default: on "
+                             "with --ray-address, off for a local Ray)")
+
+
+def parse_weights(items: list[str], transfer_aware: bool) -> dict:
+    from deploy.stack import DEFAULT_POLICY_WEIGHTS
+    from router.policies import CostWeights
+
+    weights: dict = dict(DEFAULT_POLICY_WEIGHTS)
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in CostWeights.__dataclass_fields__ or name == "enable_transfer":
+            raise ValueError(f"--policy-weight expects NAME=VALUE with NAME one of prefill_weight, "
+                             f"decode_load_weight, queue_weight, transfer_cost_ratio, min_transfer_blocks; got {item!r}")
+        try:
+            weights[name] = int(value) if name == "min_transfer_blocks" else float(value)
+        except ValueError:
+            raise ValueError(f"--policy-weight {name}: {value!r} is not a number") from None
+    if transfer_aware:
+        weights["enable_transfer"] = True
+    CostWeights(**weights)  # range checks, with their messages
+    return weights
+
+
+def config_from_args(args: argparse.Namespace):
+    from deploy.stack import StackConfig
+
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    return StackConfig(
+        model=args.model, num_workers=args.workers, redis_url=args.redis_url, ray_address=args.ray_address,
+        host=args.host, port=args.port, metrics_port=args.metrics_port, policy=args.policy,
+        policy_weights=parse_weights(args.policy_weight, args.transfer_aware), block_size=args.block_size,
+        num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs, cache_service_port=args.cache_service_port,
+        auth_tokens_file=args.auth_tokens, index_source=args.index_source, max_in_flight=args.max_in_flight,
+        elastic=args.elastic,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from deploy.stack import Stack
+
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"prefixcache serve: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def on_signal(signum, _frame) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    stack = Stack(config)
+    try:
+        try:
+            stack.start()
+        except Exception as exc:  # noqa: BLE001 - a clear one-line reason, then exit
+            print(f"prefixcache serve: failed to start: {exc}", file=sys.stderr)
+            return 1
+        # ray.init installs its own SIGTERM handler (it aborts the process): take the signals back.
+        for s in previous:
+            signal.signal(s, on_signal)
+        workers = ",".join(f"{w}@{i.node_id[:8]}" for w, i in sorted(stack.worker_infos.items()))
+        print(f"ready router={stack.router_address} metrics={stack.metrics_url} "
+              f"cache_service={stack.cache_service_address} redis={stack.redis_url} workers={workers}",
+              flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("shutting down", flush=True)
+        return 0
+    finally:
+        stack.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)

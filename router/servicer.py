@@ -1,0 +1,169 @@
+"""The gRPC ``Generation`` servicer: converts protos at the edge and delegates.
+
+Errors map to status codes here and nowhere else:
+
+    InvalidRequestError / UnknownWorkerError   INVALID_ARGUMENT   (what is wrong with the request)
+    AuthError                                  UNAUTHENTICATED
+    OverloadedError                            RESOURCE_EXHAUSTED (in-flight cap reached)
+    NoWorkerError / StreamBrokenError          UNAVAILABLE        (no live worker, worker lost mid-stream)
+    PinNotFoundError                           NOT_FOUND
+"""
+
+from __future__ import annotations
+
+import time
+from typing import AsyncIterator, Callable
+
+import grpc
+
+from deploy.logging import request_context
+from protos.prefixcache.v1 import generation_pb2 as pb
+from protos.prefixcache.v1 import generation_pb2_grpc
+from router.auth import AuthError, TokenAuth, tenant_salt
+from router.dispatch import Delta, Dispatcher, OverloadedError, StreamBrokenError
+from router.pins import PinManager, PinNotFoundError
+from router.routing import NoWorkerError, UnknownWorkerError
+from router.tokenize import PromptEncoder
+from router.validation import GenerateArgs, ValidRequest, validate_generate
+from workers.sampling import InvalidRequestError
+
+_STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (UnknownWorkerError, grpc.StatusCode.INVALID_ARGUMENT),
+    (AuthError, grpc.StatusCode.UNAUTHENTICATED),
+    (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (NoWorkerError, grpc.StatusCode.UNAVAILABLE),
+    (StreamBrokenError, grpc.StatusCode.UNAVAILABLE),
+    (PinNotFoundError, grpc.StatusCode.NOT_FOUND),
+]
+
+
+def _status_of(exc: BaseException) -> grpc.StatusCode | None:
+    for cls, code in _STATUS:
+        if isinstance(exc, cls):
+            return code
+    return None
+
+
+def args_from_proto(req: pb.GenerateRequest) -> GenerateArgs:
+    s = req.sampling
+    return GenerateArgs(
+        request_id=req.request_id,
+        text=req.text,
+        token_ids=list(req.token_ids),
+        max_tokens=s.max_tokens if s.HasField("max_tokens") else None,
+        temperature=s.temperature,
+        top_p=s.top_p if s.HasField("top_p") else None,
+        top_k=s.top_k,
+        seed=s.seed if s.HasField("seed") else None,
+        stop=list(s.stop),
+        ignore_eos=s.ignore_eos,
+        cache_salt=req.cache_salt,
+        session_id=req.session_id,
+        target_worker=req.target_worker,
+    )
+
+
+def _usage_proto(delta: Delta) -> pb.Usage | None:
+    u = delta.usage
+    if u is None:
+        return None
+    return pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                    cached_tokens=u.cached_tokens, transferred_tokens=u.transferred_tokens,
+                    predicted_cached_tokens=u.predicted_cached_tokens)
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, encoder: PromptEncoder, dispatcher: Dispatcher, pins: PinManager,
+                 auth: TokenAuth | None = None) -> None:
+        self.encoder = encoder
+        self.dispatcher = dispatcher
+        self.pins = pins
+        self.auth = auth
+
+    # ---- shared edge logic ------------------------------------------------------------------------------
+    def _tenant_and_salt(self, context: grpc.aio.ServicerContext, client_salt: str) -> tuple[str, str]:
+        if self.auth is None:
+            return client_salt, client_salt
+        tenant = self.auth.authenticate(context.invocation_metadata())
+        return tenant, tenant_salt(tenant, client_salt)
+
+    def _prepare(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> tuple[ValidRequest, str]:
+        tenant = "unauthenticated"
+        try:
+            tenant, salt = self._tenant_and_salt(context, request.cache_salt)
+            req = validate_generate(args_from_proto(request), self.encoder)
+        except (AuthError, InvalidRequestError):
+            # Refused at the edge: counted (worker "none") so that error rates include bad requests.
+            self.dispatcher.metrics.record_failed("none", tenant, "error")
+            raise
+        req.cache_salt = salt
+        return req, tenant
+
+    @staticmethod
+    async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        code = _status_of(exc)
+        if code is None:
+            raise exc
+        await context.abort(code, str(exc))
+
+    async def _guard(self, context: grpc.aio.ServicerContext, fn: Callable):
+        try:
+            return await fn()
+        except Exception as exc:  # noqa: BLE001 - mapped to a status, or re-raised (INTERNAL)
+            await self._abort(context, exc)
+
+    # ---- RPCs -------------------------------------------------------------------------------------------
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        started = time.perf_counter()
+
+        async def go() -> pb.GenerateResponse:
+            req, tenant = self._prepare(request, context)
+            with request_context(req.request_id):
+                token_ids: list[int] = []
+                text: list[str] = []
+                last = Delta()
+                async for delta in self.dispatcher.stream(req, tenant, started, restartable=True):
+                    if delta.restart:
+                        token_ids.clear()
+                        text.clear()
+                        continue
+                    token_ids.extend(delta.token_ids)
+                    text.append(delta.text)
+                    last = delta
+                return pb.GenerateResponse(request_id=req.request_id, token_ids=token_ids, text="".join(text),
+                                           finish_reason=last.finish_reason, usage=_usage_proto(last),
+                                           worker_id=last.worker_id)
+
+        return await self._guard(context, go)
+
+    async def GenerateStream(self, request: pb.GenerateRequest,
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        started = time.perf_counter()
+        try:
+            req, tenant = self._prepare(request, context)
+            with request_context(req.request_id):
+                async for delta in self.dispatcher.stream(req, tenant, started, restartable=False):
+                    yield pb.GenerateResponse(request_id=req.request_id, token_ids=delta.token_ids, text=delta.text,
+                                              finish_reason=delta.finish_reason, usage=_usage_proto(delta),
+                                              worker_id=delta.worker_id)
+        except Exception as exc:  # noqa: BLE001 - mapped to a status, or re-raised (INTERNAL)
+            await self._abort(context, exc)
+
+    async def Pin(self, request: pb.PinRequest, context: grpc.aio.ServicerContext) -> pb.PinResponse:
+        async def go() -> pb.PinResponse:
+            _, salt = self._tenant_and_salt(context, request.cache_salt)
+            r = await self.pins.pin(request.text, list(request.token_ids), request.replicas, request.ttl_seconds, salt)
+            return pb.PinResponse(pin_id=r.pin_id, workers=r.workers, pinned_tokens=r.pinned_tokens,
+                                  num_blocks=r.num_blocks)
+
+        return await self._guard(context, go)
+
+    async def Unpin(self, request: pb.PinRequest, context: grpc.aio.ServicerContext) -> pb.PinResponse:
+        async def go() -> pb.PinResponse:
+            _, salt = self._tenant_and_salt(context, request.cache_salt)
+            r = await self.pins.unpin(request.text, list(request.token_ids), salt)
+            return pb.PinResponse(pin_id=r.pin_id, workers=r.workers, pinned_tokens=r.pinned_tokens,
+                                  num_blocks=r.num_blocks)
+
+        return await self._guard(context, go)

@@ -1,0 +1,82 @@
+"""Worker placement (pure) and the metrics -> stats table of `prefixcache stats`."""
+
+from __future__ import annotations
+
+import pytest
+
+from deploy.stack import plan_workers
+from deploy.stats import format_table, parse_metrics, to_json
+
+
+def node(node_id: str, head: bool = False, gpus: int = 0, alive: bool = True) -> dict:
+    res = {"CPU": 2.0, f"node:{node_id}": 1.0}
+    if head:
+        res["node:__internal_head__"] = 1.0
+    if gpus:
+        res["GPU"] = float(gpus)
+    return {"NodeID": node_id, "Alive": alive, "Resources": res}
+
+
+def test_cpu_workers_go_round_robin_over_alive_nodes_head_first():
+    nodes = [node("b"), node("a", head=True), node("c", alive=False)]
+    plan = plan_workers(nodes, 3)
+    assert [(p.worker_id, p.node_id, p.num_gpus) for p in plan] == [
+        ("worker-0", "a", 0.0), ("worker-1", "b", 0.0), ("worker-2", "a", 0.0)]
+    assert len(plan_workers(nodes, None)) == 2
+    assert [p.node_id for p in plan_workers(nodes, 2, node_ids=["b", "a"])] == ["b", "a"]
+    # Two CPUs per node: a fifth worker of one CPU has no room.
+    assert [p.node_id for p in plan_workers(nodes, 4)] == ["a", "b", "a", "b"]
+    with pytest.raises(ValueError, match="5 CPU workers of 1 CPU each do not fit"):
+        plan_workers(nodes, 5)
+    assert [p.node_id for p in plan_workers(nodes, 2, cpus_per_worker=2.0)] == ["a", "b"]
+    with pytest.raises(ValueError, match="3 CPU workers of 2 CPU each"):
+        plan_workers(nodes, 3, cpus_per_worker=2.0)
+
+
+def test_gpu_clusters_get_one_worker_per_gpu():
+    nodes = [node("a", head=True, gpus=2), node("b", gpus=1)]
+    plan = plan_workers(nodes, None)
+    assert [(p.worker_id, p.node_id, p.num_gpus) for p in plan] == [
+        ("worker-0", None, 1.0), ("worker-1", None, 1.0), ("worker-2", None, 1.0)]
+    with pytest.raises(ValueError, match="more GPU workers than the cluster's 3 GPUs"):
+        plan_workers(nodes, 4)
+    with pytest.raises(RuntimeError, match="no alive node"):
+        plan_workers([node("a", alive=False)], 1)
+
+
+METRICS = """
+# TYPE prefixcache_requests_total counter
+prefixcache_requests_total{status="ok",tenant="alpha",worker="worker-0"} 3.0
+prefixcache_requests_total{status="ok",tenant="beta",worker="worker-1"} 1.0
+prefixcache_requests_total{status="error",tenant="beta",worker="worker-1"} 2.0
+prefixcache_requests_total{status="error",tenant="beta",worker="none"} 1.0
+# TYPE prefixcache_prefix_cache_queries_tokens_total counter
+prefixcache_prefix_cache_queries_tokens_total{tenant="alpha",worker="worker-0"} 300.0
+prefixcache_prefix_cache_queries_tokens_total{tenant="beta",worker="worker-1"} 100.0
+# TYPE prefixcache_prefix_cache_hits_tokens_total counter
+prefixcache_prefix_cache_hits_tokens_total{tenant="alpha",worker="worker-0"} 240.0
+prefixcache_prefix_cache_hits_tokens_total{tenant="beta",worker="worker-1"} 0.0
+# TYPE prefixcache_router_predicted_cached_tokens_total counter
+prefixcache_router_predicted_cached_tokens_total{worker="worker-0"} 256.0
+# TYPE prefixcache_transfers_total counter
+prefixcache_transfers_total{outcome="ok",worker="worker-1"} 2.0
+prefixcache_transfers_total{outcome="fallback",worker="worker-1"} 1.0
+# TYPE prefixcache_worker_up gauge
+prefixcache_worker_up{worker="worker-0"} 1.0
+prefixcache_worker_up{worker="worker-1"} 0.0
+"""
+
+
+def test_stats_sum_per_worker_per_tenant_and_in_total():
+    s = parse_metrics(METRICS)
+    assert sorted(s.workers) == ["worker-0", "worker-1"]
+    w0, w1 = s.workers["worker-0"], s.workers["worker-1"]
+    assert (w0.requests, w0.prompt_tokens, w0.cached_tokens, w0.hit_rate, w0.predicted_tokens, w0.up) == \
+        (3, 300, 240, 0.8, 256, 1)
+    assert (w1.requests, w1.errors, w1.transfers_ok, w1.transfers_fallback, w1.up) == (1, 2, 2, 1, 0)
+    assert (s.total.requests, s.total.errors, s.total.prompt_tokens, s.total.cached_tokens) == (4, 3, 400, 240)
+    assert s.total.hit_rate == 0.6
+    assert s.tenants["alpha"].hit_rate == 0.8 and s.tenants["beta"].errors == 3
+    table = format_table(s)
+    assert "worker-0" in table and "60.0%" in table and "per tenant" in table
+    assert to_json(s)["total"]["hit_rate"] == 0.6

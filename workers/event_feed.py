@@ -1,0 +1,59 @@
+"""The block-event feed a worker keeps for routers: sequence-numbered, bounded, snapshot on overflow.
+
+The engine loop pushes every block event it drains (as ``(op, hash)``); each router polls with the
+feed epoch and the last sequence number it applied and gets what came after. A router that fell
+behind the buffer, or that knows another epoch (the worker restarted), gets ``None`` and asks for a
+full snapshot instead. Several routers can read one feed: it keeps no per-reader state.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import deque
+from typing import Sequence
+
+from workers.block_pool import AllBlocksCleared, BlockEvent, BlockRemoved, BlockStored
+
+OP_STORED, OP_REMOVED, OP_CLEARED = 0, 1, 2  # router/index_mirror.py uses the same codes
+FeedEvent = tuple[int, bytes]
+
+
+class EventFeed:
+    """A bounded, sequence-numbered buffer of block events.
+
+    Event ``k`` (1-based) has seq ``k``; a reader at ``seq`` gets events ``seq+1 ..``. When the reader
+    fell behind the buffer (or knows another epoch: this worker restarted) it must take a snapshot.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.epoch = uuid.uuid4().hex
+        self.seq = 0
+        self._buf: deque[FeedEvent] = deque(maxlen=capacity)
+        self._lock = threading.Lock()
+
+    def push(self, events: Sequence[FeedEvent]) -> None:
+        with self._lock:
+            self._buf.extend(events)
+            self.seq += len(events)
+
+    def read(self, epoch: str, seq: int) -> tuple[int, list[FeedEvent]] | None:
+        """(current seq, events after ``seq``), or None when a snapshot is needed."""
+        with self._lock:
+            oldest = self.seq - len(self._buf)  # seq of the event just before the buffer's first
+            if epoch != self.epoch or not oldest <= seq <= self.seq:
+                return None
+            n = self.seq - seq
+            return self.seq, (list(self._buf)[len(self._buf) - n:] if n else [])
+
+
+def feed_events(events: Sequence[BlockEvent]) -> list[FeedEvent]:
+    out: list[FeedEvent] = []
+    for ev in events:
+        if isinstance(ev, BlockStored):
+            out.append((OP_STORED, bytes(ev.block_hash)))
+        elif isinstance(ev, BlockRemoved):
+            out.append((OP_REMOVED, bytes(ev.block_hash)))
+        elif isinstance(ev, AllBlocksCleared):
+            out.append((OP_CLEARED, b""))
+    return out
