@@ -49,6 +49,9 @@ class CacheNodeConfig:
     transfer_port: int = 0
     advertise_host: str | None = None  # what peers dial (default: transfer_host)
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    # Serve and use the raw block stream beside gRPC (cache_service/raw_transfer.py): one more port
+    # per worker, on the same host; off, every transfer streams through gRPC.
+    raw_stream: bool = True
     mirror_ttl_s: float = 60.0
 
 
@@ -81,10 +84,11 @@ class CacheNode:
         self.cache_address = cache_address
         self.mirror = ReplicaMirror(ttl_s=cfg.mirror_ttl_s)
         self.policy = TransferPolicy()
-        self.transfer_client = TransferClient(requester=node_id, max_chunk_bytes=cfg.max_chunk_bytes)
+        self.transfer_client = TransferClient(requester=node_id, max_chunk_bytes=cfg.max_chunk_bytes,
+                                              raw_stream=cfg.raw_stream)
         self.servicer = BlockTransferServicer(self._export, model_id, on_export=self._on_export, faults=faults)
         self.transfer_server = TransferServer(self.servicer, cfg.transfer_host, cfg.transfer_port,
-                                              advertise_host=cfg.advertise_host)
+                                              advertise_host=cfg.advertise_host, raw_stream=cfg.raw_stream)
         self.info = NodeInfo(node_id=node_id, model_id=model_id, block_size=block_size,
                              capacity_blocks=num_blocks, block_nbytes=block_nbytes, ray_node_id=ray_node_id)
         self.client: CacheClient | None = None

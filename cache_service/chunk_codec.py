@@ -13,6 +13,7 @@ its payloads are received as ``memoryview`` slices.
     field 2 block_hash   bytes       field 6 token_ids   packed varints
     field 3 chunk_index  varint      field 7 bundled     BlockChunk (repeated):
     field 4 num_chunks   varint                          the chunks that follow, same message
+                                     field 8 raw_stream_address  string (the raw stream's answer)
 
 Zero-valued scalars and empty fields are omitted (proto3 canonical form);
 the decoder accepts any field order and skips unknown fields.
@@ -32,6 +33,7 @@ class ChunkView(NamedTuple):
     num_chunks: int
     data: memoryview | bytes
     token_ids: tuple[int, ...]
+    raw_stream_address: str = ""  # field 8: only in the answer that hands the fetch to the raw stream
 
 
 class ChunkDecodeError(ValueError):
@@ -114,6 +116,7 @@ def _decode(buf: memoryview, pos: int, end: int, out: list[ChunkView], depth: in
     data: memoryview = buf[0:0]
     tokens: list[int] = []
     nested: list[tuple[int, int]] = []
+    raw_address = ""
     while pos < end:
         key, pos = _read_varint(buf, pos, end)
         num, wire = key >> 3, key & 7
@@ -139,6 +142,11 @@ def _decode(buf: memoryview, pos: int, end: int, out: list[ChunkView], depth: in
                     tokens.append(value)
             elif num == 7:
                 nested.append((pos, stop))
+            elif num == 8:
+                try:
+                    raw_address = str(buf[pos:stop], "utf-8")
+                except UnicodeDecodeError:
+                    raise ChunkDecodeError("raw_stream_address is not UTF-8") from None
             pos = stop
         elif wire == 5:
             pos += 4
@@ -148,7 +156,7 @@ def _decode(buf: memoryview, pos: int, end: int, out: list[ChunkView], depth: in
             raise ChunkDecodeError(f"unsupported wire type {wire} for field {num}")
     if pos != end:
         raise ChunkDecodeError("message ends inside a field")
-    out.append(ChunkView(scalars[1], block_hash, scalars[3], scalars[4], data, tuple(tokens)))
+    out.append(ChunkView(scalars[1], block_hash, scalars[3], scalars[4], data, tuple(tokens), raw_address))
     if nested and depth > 0:
         raise ChunkDecodeError("a bundled chunk carries bundled chunks itself")
     for start, stop in nested:

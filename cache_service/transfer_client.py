@@ -17,6 +17,7 @@ import grpc
 
 from cache_service.block_hash import BlockHash
 from cache_service.chunk_codec import ChunkDecodeError, ChunkView, decode_chunks
+from cache_service.raw_transfer import RawConnectError, RawStreamError, RawStreamPool, raw_handoff
 from cache_service.transfer_server import (
     DEFAULT_CHUNK_BYTES,
     FETCH_METHOD,
@@ -26,6 +27,9 @@ from cache_service.transfer_server import (
 )
 from protos.prefixcache.v1 import cache_pb2 as pb
 from workers.block_io import ExportedBlock
+
+
+RAW_RETRY_AFTER_S = 30.0  # after a raw stream could not be reached, use gRPC for this long
 
 
 class TransferError(RuntimeError):
@@ -83,10 +87,18 @@ class _Assembler:
 class TransferClient:
     """Fetches from peers; keeps one channel per peer address (on the current event loop)."""
 
-    def __init__(self, requester: str = "", max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+    def __init__(self, requester: str = "", max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 raw_stream: bool = True) -> None:
         self.requester = requester
         self.max_chunk_bytes = max_chunk_bytes
+        self.raw_stream = raw_stream  # ask peers for their raw block stream (raw_transfer)
         self._channels: dict[str, grpc.aio.Channel] = {}
+        # Per peer (its gRPC address): its raw stream address, "" when it has none. Learnt on the first fetch.
+        self._raw_addresses: dict[str, str] = {}
+        self._raw_down_until: dict[str, float] = {}  # raw stream unreachable: gRPC until then
+        self._raw = RawStreamPool()
+        self.num_raw_fetches = 0
+        self.num_grpc_fetches = 0
 
     def _fetch_method(self, address: str) -> grpc.aio.UnaryStreamMultiCallable:
         channel = self._channels.get(address)
@@ -110,7 +122,14 @@ class TransferClient:
         return channel.unary_stream(FETCH_METHOD, request_serializer=pb.FetchBlocksRequest.SerializeToString,
                                     response_deserializer=None)
 
+    def raw_address(self, address: str) -> str | None:
+        """The raw stream learnt for the peer at ``address`` ("" = it has none; None = not asked yet)."""
+        return self._raw_addresses.get(address)
+
     async def forget(self, address: str) -> None:
+        raw = self._raw_addresses.pop(address, "")
+        if raw:
+            self._raw.forget(raw)
         channel = self._channels.pop(address, None)
         if channel is not None:
             await channel.close()
@@ -118,21 +137,68 @@ class TransferClient:
     async def fetch_blocks(
         self, address: str, block_hashes: Sequence[BlockHash], *, model_id: str = "", timeout_s: float = 5.0
     ) -> tuple[list[ExportedBlock], int]:
-        """(blocks, bytes received) for the leading blocks of ``block_hashes`` the peer holds."""
+        """(blocks, bytes received) for the leading blocks of ``block_hashes`` the peer holds.
+
+        Over the peer's raw block stream when it has one (learnt from its first gRPC answer), else over
+        the gRPC stream; a raw stream that cannot be reached sends this fetch, and the next ones for a
+        while, through gRPC.
+        """
         if not block_hashes:
             return [], 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         request = pb.FetchBlocksRequest(
             block_hashes=[bytes(h) for h in block_hashes], model_id=model_id,
             max_chunk_bytes=self.max_chunk_bytes, requester=self.requester, accept_bundles=True,
         )
+        raw = self._raw_addresses.get(address, "") if self.raw_stream else ""
+        if raw and self._raw_down_until.get(raw, 0.0) <= loop.time():
+            try:
+                return await self._fetch_raw(address, raw, request, block_hashes, timeout_s)
+            except RawConnectError:
+                self._raw_down_until[raw] = loop.time() + RAW_RETRY_AFTER_S  # gRPC meanwhile
+        request.accept_raw_stream = self.raw_stream and address not in self._raw_addresses
+        blocks = await self._fetch_grpc(address, request, block_hashes, max(0.0, deadline - loop.time()))
+        if blocks is None:  # handed over to the raw stream: send the request again there
+            return await self.fetch_blocks(address, block_hashes, model_id=model_id,
+                                           timeout_s=max(0.0, deadline - loop.time()))
+        return blocks
+
+    async def _fetch_raw(self, address: str, raw: str, request: pb.FetchBlocksRequest,
+                         block_hashes: Sequence[BlockHash], timeout_s: float) -> tuple[list[ExportedBlock], int]:
         assembler = _Assembler(block_hashes)
+        self.num_raw_fetches += 1
+        try:
+            num_bytes = await asyncio.wait_for(self._raw.fetch(raw, request, assembler.add), timeout_s)
+        except asyncio.TimeoutError:
+            raise TransferError(f"fetch from {address} (raw stream {raw}) exceeded its {timeout_s:.2f} s "
+                                f"deadline after {len(assembler.blocks)} blocks") from None
+        except RawConnectError:
+            raise
+        except RawStreamError as exc:
+            raise TransferError(f"fetch from {address} failed: {exc}") from exc
+        return assembler.finish(), num_bytes
+
+    async def _fetch_grpc(self, address: str, request: pb.FetchBlocksRequest, block_hashes: Sequence[BlockHash],
+                          timeout_s: float) -> tuple[list[ExportedBlock], int] | None:
+        """The fetch over the gRPC stream; None when the peer hands it to its raw stream."""
+        assembler = _Assembler(block_hashes)
+        self.num_grpc_fetches += 1
         call = self._fetch_method(address)(request, timeout=timeout_s, wait_for_ready=False)
+        first = request.accept_raw_stream
         try:
             async for raw in call:
                 try:
                     chunks = decode_chunks(raw)
                 except ChunkDecodeError as exc:
                     raise TransferError(f"malformed chunk from {address}: {exc}") from exc
+                if first:
+                    first = False
+                    handoff = raw_handoff(chunks)
+                    self._raw_addresses[address] = handoff
+                    if handoff:
+                        call.cancel()
+                        return None
                 for chunk in chunks:
                     assembler.add(chunk)
         except TransferError:
@@ -152,6 +218,7 @@ class TransferClient:
         return assembler.finish(), assembler.num_bytes
 
     async def close(self) -> None:
+        self._raw.close()
         channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
             await channel.close()

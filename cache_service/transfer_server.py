@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from contextlib import aclosing
 import logging
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
@@ -31,6 +32,7 @@ import grpc
 from cache_service import validation as v
 from cache_service.block_hash import BlockHash
 from cache_service.chunk_codec import Part, bundle, chunk_parts
+from cache_service.raw_transfer import RawStreamListener
 from protos.prefixcache.v1 import cache_pb2 as pb
 from workers.block_io import ExportedBlock
 
@@ -67,6 +69,7 @@ class TransferServerStats:
     num_blocks: int = 0
     num_bytes: int = 0
     num_rejected: int = 0
+    num_raw_requests: int = 0  # of num_requests, those served on the raw block stream
 
 
 def block_chunk_parts(index: int, block: ExportedBlock, chunk_bytes: int) -> list[tuple[list[Part], int]]:
@@ -101,12 +104,49 @@ class BlockTransferServicer:
         self.on_export = on_export
         self.faults = faults or TransferFaults()
         self.stats = TransferServerStats()
+        self.raw_stream_address = ""  # set by TransferServer when its raw block stream listens
 
     async def _export(self, hashes: Sequence[BlockHash]) -> list[ExportedBlock]:
         out = self.export(hashes)
         if inspect.isawaitable(out):
             out = await out
         return list(out)  # type: ignore[arg-type]
+
+    def check(self, request: pb.FetchBlocksRequest) -> list[BlockHash]:
+        """The request's hashes, or ``InvalidRequest`` naming what is wrong (both data paths)."""
+        hashes = v.check_hashes(request.block_hashes, "block_hashes", MAX_FETCH_BLOCKS)
+        if request.model_id and request.model_id != self.model_id:
+            raise v.InvalidRequest(f"model_id {request.model_id!r} does not match this worker's "
+                                   f"model {self.model_id!r}")
+        return [BlockHash(h) for h in hashes]
+
+    async def exported(self, hashes: Sequence[BlockHash]) -> AsyncIterator[ExportedBlock]:
+        """The leading blocks of ``hashes`` this worker holds, in order (both data paths).
+
+        Exported in groups: the next group is read (on the engine's thread) while this one is sent.
+        """
+        self.stats.num_requests += 1
+        groups = [hashes[i : i + EXPORT_GROUP_BLOCKS] for i in range(0, len(hashes), EXPORT_GROUP_BLOCKS)]
+        next_export = asyncio.ensure_future(self._export(groups[0])) if groups else None
+        try:
+            for g, group in enumerate(groups):
+                assert next_export is not None
+                blocks = await next_export
+                complete = len(blocks) == len(group)
+                next_export = (asyncio.ensure_future(self._export(groups[g + 1]))
+                               if complete and g + 1 < len(groups) else None)
+                for block in blocks:
+                    yield block
+                    self.stats.num_blocks += 1
+                if not complete:
+                    break  # the chain ends here on this worker
+        finally:
+            if next_export is not None and not next_export.done():
+                next_export.cancel()  # the requester went away (deadline, cancel)
+
+    def finish(self, requester: str, sent: Sequence[BlockHash]) -> None:
+        if sent and self.on_export is not None:
+            self.on_export(requester, sent)
 
     async def _emit(self, chunks: list[tuple[list[Part], int]]) -> bytes:
         message = bundle(chunks)
@@ -121,49 +161,32 @@ class BlockTransferServicer:
     async def FetchBlocks(self, request: pb.FetchBlocksRequest, context: grpc.aio.ServicerContext
                           ) -> AsyncIterator[bytes]:
         try:
-            hashes = v.check_hashes(request.block_hashes, "block_hashes", MAX_FETCH_BLOCKS)
-            if request.model_id and request.model_id != self.model_id:
-                raise v.InvalidRequest(f"model_id {request.model_id!r} does not match this worker's "
-                                       f"model {self.model_id!r}")
+            hashes = self.check(request)
         except v.InvalidRequest as exc:
             self.stats.num_rejected += 1
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if request.accept_raw_stream and self.raw_stream_address:
+            # Hand the fetch to the raw stream: the requester sends this request again there.
+            yield pb.BlockChunk(raw_stream_address=self.raw_stream_address).SerializeToString()
+            return
         chunk_bytes = request.max_chunk_bytes or DEFAULT_CHUNK_BYTES
         chunk_bytes = min(max(chunk_bytes, MIN_CHUNK_BYTES), MAX_CHUNK_BYTES)
-        self.stats.num_requests += 1
         sent: list[BlockHash] = []
         # Chunks waiting to go out in one message (bundling: see BlockChunk.bundled).
         pending: list[tuple[list[Part], int]] = []
         pending_bytes = 0
-        groups = [[BlockHash(h) for h in hashes[i : i + EXPORT_GROUP_BLOCKS]]
-                  for i in range(0, len(hashes), EXPORT_GROUP_BLOCKS)]
-        # The next group is exported (on the engine's thread) while this one is sent.
-        next_export = asyncio.ensure_future(self._export(groups[0])) if groups else None
-        try:
-            for g, group in enumerate(groups):
-                assert next_export is not None
-                blocks = await next_export
-                complete = len(blocks) == len(group)
-                next_export = (asyncio.ensure_future(self._export(groups[g + 1]))
-                               if complete and g + 1 < len(groups) else None)
-                for offset, block in enumerate(blocks):
-                    for chunk in block_chunk_parts(g * EXPORT_GROUP_BLOCKS + offset, block, chunk_bytes):
-                        if pending and (not request.accept_bundles or pending_bytes + chunk[1] > chunk_bytes):
-                            yield await self._emit(pending)
-                            pending, pending_bytes = [], 0
-                        pending.append(chunk)
-                        pending_bytes += chunk[1]
-                    sent.append(block.block_hash)
-                    self.stats.num_blocks += 1
-                if not complete:
-                    break  # the chain ends here on this worker
-        finally:
-            if next_export is not None and not next_export.done():
-                next_export.cancel()  # the requester went away (deadline, cancel)
+        async with aclosing(self.exported(hashes)) as blocks:
+            async for block in blocks:
+                for chunk in block_chunk_parts(len(sent), block, chunk_bytes):
+                    if pending and (not request.accept_bundles or pending_bytes + chunk[1] > chunk_bytes):
+                        yield await self._emit(pending)
+                        pending, pending_bytes = [], 0
+                    pending.append(chunk)
+                    pending_bytes += chunk[1]
+                sent.append(block.block_hash)
         if pending:
             yield await self._emit(pending)
-        if sent and self.on_export is not None:
-            self.on_export(request.requester, sent)
+        self.finish(request.requester, sent)
 
 
 def add_transfer_servicer(servicer: BlockTransferServicer, server: grpc.aio.Server) -> None:
@@ -189,6 +212,7 @@ class TransferServer:
         *,
         advertise_host: str | None = None,
         max_concurrent_rpcs: int = 16,
+        raw_stream: bool = True,
     ) -> None:
         self.servicer = servicer
         self.host = host
@@ -196,6 +220,10 @@ class TransferServer:
         self.advertise_host = advertise_host or host
         self.max_concurrent_rpcs = max_concurrent_rpcs
         self._server: grpc.aio.Server | None = None
+        # The bulk path beside gRPC (raw_transfer); off, every fetch streams through gRPC.
+        self.raw: RawStreamListener | None = (
+            RawStreamListener(servicer, host, advertise_host=self.advertise_host, max_concurrent=max_concurrent_rpcs)
+            if raw_stream else None)
 
     @property
     def address(self) -> str:
@@ -220,11 +248,17 @@ class TransferServer:
             raise OSError(f"cannot bind BlockTransfer to {self.host}:{self.port}")
         await server.start()
         self._server, self.port = server, port
-        log.info("BlockTransfer listening on %s", self.address)
+        if self.raw is not None:
+            self.servicer.raw_stream_address = await self.raw.start()
+        log.info("BlockTransfer listening on %s (raw block stream: %s)", self.address,
+                 self.servicer.raw_stream_address or "off")
         return self.address
 
     async def stop(self, grace_s: float = 0.5) -> None:
         server, self._server = self._server, None
+        if self.raw is not None:
+            self.servicer.raw_stream_address = ""
+            await self.raw.stop()
         if server is not None:
             await server.stop(grace_s)
 

@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transfer-aware", action="store_true",
                         help="let cache_aware route to a worker that pulls the prefix from a peer (cost "
                              "transfer_cost_ratio per block) instead of only to holders")
+    parser.add_argument("--transfer-stream", default="raw", choices=("raw", "grpc"),
+                        help="how workers move KV blocks between them: 'raw' (gRPC hands each fetch to a plain TCP "
+                             "stream, one more port per worker) or 'grpc' (the gRPC stream only)")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker (default: by memory)")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch per worker")
@@ -85,7 +88,7 @@ def config_from_args(args: argparse.Namespace):
         policy_weights=parse_weights(args.policy_weight, args.transfer_aware), block_size=args.block_size,
         num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs, cache_service_port=args.cache_service_port,
         auth_tokens_file=args.auth_tokens, index_source=args.index_source, max_in_flight=args.max_in_flight,
-        elastic=args.elastic,
+        elastic=args.elastic, raw_transfer_stream=args.transfer_stream == "raw",
     )
 
 

@@ -68,6 +68,7 @@ class StackConfig:
     unresponsive_after_s: float = 3.0
     heartbeat_interval_s: float = 1.0
     always_transfer: bool = False  # workers pull from a peer whenever one holds more (tests, benchmarks)
+    raw_transfer_stream: bool = True  # blocks move over the raw TCP stream (False: the gRPC stream only)
     elastic: bool | None = None  # workers for joining nodes; None: on with ray_address, off for a local Ray
     elastic_interval_s: float = 2.0  # how often the node watcher looks at the cluster
     worker_start_timeout_s: float = 300.0  # actor placement + model load, per batch of workers
@@ -133,8 +134,8 @@ class Stack:
             else:
                 num_cpus = max(os.cpu_count() or 1, int((cfg.num_workers or 2) * cfg.worker_num_cpus) + 1)
                 # "local": a new Ray of our own, never whatever cluster /tmp/ray/ray_current_cluster names.
-                ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
                 self._owns_ray = True
+                _init_local_ray(num_cpus)
         nodes = ray.nodes()
         plan = self._start_workers(nodes)
         endpoints = [
@@ -206,7 +207,7 @@ class Stack:
                 worker_id=p.worker_id, model=cfg.model, block_size=cfg.block_size, num_blocks=cfg.num_blocks,
                 max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
                 cache_service_address=self.cache_service_address, heartbeat_interval_s=cfg.heartbeat_interval_s,
-                always_transfer=cfg.always_transfer,
+                always_transfer=cfg.always_transfer, raw_transfer_stream=cfg.raw_transfer_stream,
                 torch_threads=None if p.num_gpus else max(1, int(cfg.worker_num_cpus)),
             )
             handle = actor_cls.options(**options).remote(wc)
@@ -321,6 +322,22 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _init_local_ray(num_cpus: int, attempts: int = 2) -> None:
+    """Start a Ray of our own. The first start on a cold machine can outlast Ray's own raylet wait
+    ("timed out during startup"); that failure is retried once, after cleaning up what it started."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            return
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if "timed out during startup" not in str(exc) or attempt == attempts:
+                raise
+            log.warning("local Ray timed out during startup; retrying once", extra={"error": str(exc)})
+            ray.shutdown()
 
 
 def _reachable(address: str) -> str:

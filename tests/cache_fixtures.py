@@ -37,8 +37,9 @@ def cache_service(valkey_module) -> Iterator[CacheServiceThread]:
     svc.stop()
 
 
-def node_config(**fetcher: object) -> CacheNodeConfig:
+def node_config(raw_stream: bool = True, **fetcher: object) -> CacheNodeConfig:
     return CacheNodeConfig(
+        raw_stream=raw_stream,
         client=CacheClientConfig(ttl_s=1, heartbeat_interval_s=0.2, publish_interval_s=0.02,
                                  backoff_initial_s=0.05, backoff_max_s=0.3, rpc_timeout_s=1.0),
         # Generous deadlines: this machine is shared; the slow-peer test sets its own.
@@ -56,10 +57,10 @@ def make_node(demo_model, cache_service, valkey_module) -> Iterator[Callable[...
     nodes: list[LocalCacheNode] = []
 
     def make(node_id: str, num_blocks: int = 64, cache_address: str | None = "default",
-             wait_registered_s: float = 10.0, **fetcher: object):
+             wait_registered_s: float = 10.0, raw_stream: bool = True, **fetcher: object):
         engine = Engine(EngineConfig(model="demo", num_blocks=num_blocks), loaded=demo_model)
         address = cache_service.address if cache_address == "default" else cache_address
-        node = LocalCacheNode(engine, node_id, cache_address=address, config=node_config(**fetcher))
+        node = LocalCacheNode(engine, node_id, cache_address=address, config=node_config(raw_stream, **fetcher))
         nodes.append(node)
         return node.start(wait_registered_s)
 

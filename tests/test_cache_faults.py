@@ -4,6 +4,7 @@ or a wrong answer. Real engines (shared demo model), real Valkey, real gRPC on l
 from __future__ import annotations
 
 import grpc
+import pytest
 from cache_fixtures import (  # noqa: F401  (pytest fixtures)
     PARAMS,
     cache_service,
@@ -108,8 +109,14 @@ def test_partly_stale_entry_keeps_what_arrived(make_node, demo_model):
     assert (out.cached_tokens, out.new_token_ids) == (48, cold_output(demo_model, prompt))
 
 
-def test_dead_peer_falls_back_to_recompute(make_node, demo_model):
-    a, b = make_node("A"), make_node("B")
+@pytest.mark.parametrize("raw_stream", [True, False], ids=["raw_stream", "grpc_stream"])
+def test_dead_peer_falls_back_to_recompute(make_node, demo_model, raw_stream):
+    a, b = make_node("A", raw_stream=raw_stream), make_node("B", raw_stream=raw_stream)
+    warm = prompt_of(16 * 2 + 1, seed=25)  # a first transfer: B learns A's streams and keeps a connection
+    a.generate([warm], PARAMS)
+    assert a.flush()
+    assert b.generate([warm], PARAMS)[1][0].outcome == FetchOutcome.TRANSFERRED
+    assert a.node.servicer.stats.num_raw_requests == (1 if raw_stream else 0)
     prompt = prompt_of(16 * 4 + 1, seed=15)
     a.generate([prompt], PARAMS)
     assert a.flush()
@@ -119,8 +126,9 @@ def test_dead_peer_falls_back_to_recompute(make_node, demo_model):
     assert (out.cached_tokens, out.new_token_ids) == (0, cold_output(demo_model, prompt))
 
 
-def test_corrupted_chunk_is_detected_and_recomputed(make_node, demo_model):
-    a, b = make_node("A"), make_node("B")
+@pytest.mark.parametrize("raw_stream", [True, False], ids=["raw_stream", "grpc_stream"])
+def test_corrupted_chunk_is_detected_and_recomputed(make_node, demo_model, raw_stream):
+    a, b = make_node("A", raw_stream=raw_stream), make_node("B", raw_stream=raw_stream)
     prompt = prompt_of(16 * 5 + 1, seed=16)
     expected = cold_output(demo_model, prompt)
     a.generate([prompt], PARAMS)
@@ -131,16 +139,18 @@ def test_corrupted_chunk_is_detected_and_recomputed(make_node, demo_model):
     assert (out.cached_tokens, out.new_token_ids) == (0, expected)
     b.engine.check_integrity()
     # A flipped byte in a later block: the good leading blocks are kept.
-    c = make_node("C")
+    c = make_node("C", raw_stream=raw_stream)
     a.faults.corrupt = flip_one_byte(block_index=2, offset=-100)
     (out,), (fetch,) = c.generate([prompt], PARAMS)
     assert (fetch.outcome, fetch.num_blocks) == (FetchOutcome.PARTIAL, 2) and "checksum" in fetch.error
     assert (out.cached_tokens, out.new_token_ids) == (32, expected)
+    assert a.node.servicer.stats.num_raw_requests == (2 if raw_stream else 0)
 
 
-def test_slow_peer_hits_the_deadline_and_the_request_completes(make_node, demo_model):
-    a = make_node("A")
-    b = make_node("B", min_deadline_s=0.3, max_deadline_s=0.3)
+@pytest.mark.parametrize("raw_stream", [True, False], ids=["raw_stream", "grpc_stream"])
+def test_slow_peer_hits_the_deadline_and_the_request_completes(make_node, demo_model, raw_stream):
+    a = make_node("A", raw_stream=raw_stream)
+    b = make_node("B", raw_stream=raw_stream, min_deadline_s=0.3, max_deadline_s=0.3)
     prompt = prompt_of(16 * 4 + 1, seed=17)
     a.generate([prompt], PARAMS)
     assert a.flush()

@@ -62,6 +62,9 @@ def test_prefix_held_by_a_is_transferred_to_b_and_output_is_identical(make_node,
     assert (counters["transfers"], counters.get("transfers_failed", 0)) == (1, 0)
     a.engine.check_integrity()
     b.engine.check_integrity()
+    # The bytes came over A's raw block stream, after one gRPC answer that named it.
+    assert a.node.servicer.stats.num_raw_requests == 1
+    assert b.node.transfer_client.raw_address(a.transfer_address) == a.node.servicer.raw_stream_address != ""
 
 
 def test_only_missing_blocks_are_fetched_after_a_local_hit(make_node, demo_model):
@@ -127,7 +130,8 @@ def test_chunked_stream_reassembles_exactly(make_node):
     a.generate([prompt], PARAMS)
     hashes = a.engine.block_hashes(prompt)
     exported = a.call(lambda e: e.export_blocks(hashes))
-    client = TransferClient("test", max_chunk_bytes=4096)  # payloads of ~64 KiB: 17 chunks each
+    # payloads of ~64 KiB: 17 chunks each, on the gRPC stream (the raw stream does not chunk)
+    client = TransferClient("test", max_chunk_bytes=4096, raw_stream=False)
 
     async def fetch():
         try:
@@ -137,7 +141,7 @@ def test_chunked_stream_reassembles_exactly(make_node):
 
     blocks, num_bytes = a.loop.run(fetch(), 30)  # any loop works; reuse A's
     assert blocks == exported and num_bytes == sum(len(b.payload) for b in exported)
-    assert a.node.servicer.stats.num_blocks == 3
+    assert a.node.servicer.stats.num_blocks == 3 and a.node.servicer.stats.num_raw_requests == 0
     # A plain protobuf client (no bundles): one message per chunk, in order, token ids on chunk 0 only.
     with grpc.insecure_channel(a.transfer_address) as channel:
         stub = cache_pb2_grpc.BlockTransferStub(channel)
@@ -154,6 +158,83 @@ def test_chunked_stream_reassembles_exactly(make_node):
         (message,) = list(stub.FetchBlocks(request, timeout=10))
         assert [(c.block_index, c.data) for c in [message, *message.bundled]] == \
             [(i, b.payload) for i, b in enumerate(exported)]
+
+
+def test_raw_stream_carries_the_blocks_and_grpc_is_the_fallback(make_node):
+    a = make_node("A", cache_address=None)
+    prompt = prompt_of(16 * 3 + 1, seed=8)
+    a.generate([prompt], PARAMS)
+    hashes = a.engine.block_hashes(prompt)
+    exported = a.call(lambda e: e.export_blocks(hashes))
+    stats, raw_address = a.node.servicer.stats, a.node.servicer.raw_stream_address
+    client = TransferClient("test")
+
+    def fetch(want=hashes, address=a.transfer_address):
+        return a.loop.run(client.fetch_blocks(address, want, model_id="demo"), 30)
+
+    # First contact: gRPC names the raw stream, the blocks come over it.
+    assert fetch() == (exported, sum(len(b.payload) for b in exported))
+    assert client.raw_address(a.transfer_address) == raw_address
+    assert (client.num_grpc_fetches, client.num_raw_fetches, stats.num_raw_requests) == (1, 1, 1)
+    # Then straight to the raw stream, on the same connection; a chain that ends early ends early.
+    blocks, _ = fetch(hashes[:2] + [b"\x01" * 16])
+    assert blocks == exported[:2]
+    assert (client.num_grpc_fetches, client.num_raw_fetches, stats.num_raw_requests) == (1, 2, 2)
+    # The raw stream goes away (its pooled connection with it): this fetch, and the next ones, use gRPC.
+    a.loop.run(a.node.transfer_server.raw.stop(), 10)
+    assert fetch()[0] == exported
+    assert fetch()[0] == exported
+    assert (client.num_grpc_fetches, client.num_raw_fetches, stats.num_raw_requests) == (3, 3, 2)
+    # A worker without a raw stream answers on gRPC, and the client remembers that.
+    c = make_node("C", cache_address=None, raw_stream=False)
+    c.generate([prompt], PARAMS)
+    assert fetch(address=c.transfer_address)[0] == exported
+    assert client.raw_address(c.transfer_address) == "" and c.node.servicer.raw_stream_address == ""
+    a.loop.run(client.close(), 10)
+
+
+def test_raw_stream_rejects_bad_frames_and_requests(make_node):
+    import socket
+    import struct
+
+    from cache_service.raw_transfer import HEADER, KIND_ERROR, KIND_REQUEST
+
+    a = make_node("A", cache_address=None)
+    host, port = a.node.servicer.raw_stream_address.rsplit(":", 1)
+
+    def exchange(frame: bytes) -> tuple[int, str, bytes]:
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(frame)
+            answer = b""
+            while chunk := sock.recv(65536):  # the worker closes the connection after an error
+                answer += chunk
+        kind, meta_len, _ = HEADER.unpack_from(answer)
+        return kind, answer[HEADER.size : HEADER.size + meta_len].decode(), answer[HEADER.size + meta_len :]
+
+    def request(req: pb.FetchBlocksRequest) -> bytes:
+        meta = req.SerializeToString()
+        return HEADER.pack(KIND_REQUEST, len(meta), 0) + meta
+
+    http = b"GET / HTTP/1.1\r\n\r\n"  # 18 bytes: a header that makes no sense, and 2 more
+    meta_len, data_len = struct.unpack_from("<IQ", http, 4)
+    assert exchange(http)[:2] == (
+        KIND_ERROR, f"INVALID_ARGUMENT: malformed request frame (kind 71, meta {meta_len} B, data {data_len} B)")
+    assert exchange(HEADER.pack(KIND_REQUEST, 3, 0) + b"\xff\xff\xff")[:2] == (
+        KIND_ERROR, "INVALID_ARGUMENT: the request is not a FetchBlocksRequest")
+    kind, message, rest = exchange(request(pb.FetchBlocksRequest(block_hashes=[b"\x00" * 16], model_id="llama")))
+    assert (kind, message, rest) == (
+        KIND_ERROR, "INVALID_ARGUMENT: model_id 'llama' does not match this worker's model 'demo'", b"")
+    kind, message, _ = exchange(request(pb.FetchBlocksRequest(block_hashes=[b"\x00" * 15])))
+    assert kind == KIND_ERROR and "block_hashes[0] is 15 bytes" in message
+    # Through the client: a clear TransferError; and the worker still serves good requests.
+    client = TransferClient("test")
+    with pytest.raises(TransferError, match="INVALID_ARGUMENT: model_id 'llama' does not match"):
+        a.loop.run(client.fetch_blocks(a.transfer_address, [b"\x00" * 16], model_id="llama"), 30)
+    prompt = prompt_of(16 * 2, seed=9)
+    a.generate([prompt], PARAMS)
+    blocks, _ = a.loop.run(client.fetch_blocks(a.transfer_address, a.engine.block_hashes(prompt)), 30)
+    assert len(blocks) == 2 and client.num_raw_fetches >= 1
+    a.loop.run(client.close(), 10)
 
 
 def test_fetch_blocks_rejects_bad_requests(make_node):

@@ -52,6 +52,7 @@ class WorkerConfig:
     transfer_host: str | None = None  # address peers reach our BlockTransfer on (None: the node's IP)
     enable_transfer_server: bool = True  # serve BlockTransfer even without a cache service
     always_transfer: bool = False  # pull from a peer whenever one holds more (skip the cost test)
+    raw_transfer_stream: bool = True  # serve and use the raw block stream beside gRPC (raw_transfer.py)
     heartbeat_interval_s: float = 1.0
     heartbeat_ttl_s: int = 10
     feed_capacity: int = 65536  # block events kept for the router between polls
@@ -200,7 +201,7 @@ class WorkerActor:
             config=CacheNodeConfig(
                 client=CacheClientConfig(ttl_s=cfg.heartbeat_ttl_s, heartbeat_interval_s=cfg.heartbeat_interval_s),
                 fetcher=FetcherConfig(always_transfer=cfg.always_transfer),
-                transfer_host=host, advertise_host=host,
+                transfer_host=host, advertise_host=host, raw_stream=cfg.raw_transfer_stream,
             ),
             ray_node_id=self.node_id,
         )

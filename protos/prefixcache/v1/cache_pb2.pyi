@@ -254,21 +254,23 @@ class GetStatsResponse(_message.Message):
     def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStats, _Mapping]]] = ..., num_blocks: _Optional[int] = ..., num_entries: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ..., pins: _Optional[_Iterable[_Union[PinInfo, _Mapping]]] = ..., redis_used_memory_bytes: _Optional[int] = ...) -> None: ...
 
 class FetchBlocksRequest(_message.Message):
-    __slots__ = ("block_hashes", "model_id", "max_chunk_bytes", "requester", "accept_bundles")
+    __slots__ = ("block_hashes", "model_id", "max_chunk_bytes", "requester", "accept_bundles", "accept_raw_stream")
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     REQUESTER_FIELD_NUMBER: _ClassVar[int]
     ACCEPT_BUNDLES_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_RAW_STREAM_FIELD_NUMBER: _ClassVar[int]
     block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     model_id: str
     max_chunk_bytes: int
     requester: str
     accept_bundles: bool
-    def __init__(self, block_hashes: _Optional[_Iterable[bytes]] = ..., model_id: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., requester: _Optional[str] = ..., accept_bundles: _Optional[bool] = ...) -> None: ...
+    accept_raw_stream: bool
+    def __init__(self, block_hashes: _Optional[_Iterable[bytes]] = ..., model_id: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., requester: _Optional[str] = ..., accept_bundles: _Optional[bool] = ..., accept_raw_stream: _Optional[bool] = ...) -> None: ...
 
 class BlockChunk(_message.Message):
-    __slots__ = ("block_index", "block_hash", "chunk_index", "num_chunks", "data", "token_ids", "bundled")
+    __slots__ = ("block_index", "block_hash", "chunk_index", "num_chunks", "data", "token_ids", "bundled", "raw_stream_address")
     BLOCK_INDEX_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
     CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -276,6 +278,7 @@ class BlockChunk(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     BUNDLED_FIELD_NUMBER: _ClassVar[int]
+    RAW_STREAM_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     block_index: int
     block_hash: bytes
     chunk_index: int
@@ -283,4 +286,5 @@ class BlockChunk(_message.Message):
     data: bytes
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     bundled: _containers.RepeatedCompositeFieldContainer[BlockChunk]
-    def __init__(self, block_index: _Optional[int] = ..., block_hash: _Optional[bytes] = ..., chunk_index: _Optional[int] = ..., num_chunks: _Optional[int] = ..., data: _Optional[bytes] = ..., token_ids: _Optional[_Iterable[int]] = ..., bundled: _Optional[_Iterable[_Union[BlockChunk, _Mapping]]] = ...) -> None: ...
+    raw_stream_address: str
+    def __init__(self, block_index: _Optional[int] = ..., block_hash: _Optional[bytes] = ..., chunk_index: _Optional[int] = ..., num_chunks: _Optional[int] = ..., data: _Optional[bytes] = ..., token_ids: _Optional[_Iterable[int]] = ..., bundled: _Optional[_Iterable[_Union[BlockChunk, _Mapping]]] = ..., raw_stream_address: _Optional[str] = ...) -> None: ...
