@@ -48,6 +48,8 @@ KIND_REQUEST, KIND_BLOCK, KIND_END, KIND_ERROR = b"RBEX"
 MAX_META_BYTES = 1 << 20  # a request of 8,192 hashes is ~150 KiB; a block's meta is its token ids
 MAX_BLOCK_BYTES = 256 << 20  # one block's payload (a 16-token block of a 70B model in fp16 is ~5 MiB)
 MAX_IDLE_PER_PEER = 4
+SEND_BATCH_BYTES = 1 << 20
+SEND_BATCH_PARTS = 64  # well under the kernel's 1,024 buffers per sendmsg
 # Socket buffers of both ends: a whole 128 KiB..4 MiB block fits in flight, so a send or a receive
 # of one block is one or two system calls rather than a wake-up of the event loop per 64 KiB.
 SOCKET_BUFFER_BYTES = 4 << 20
@@ -233,6 +235,10 @@ class RawStreamListener:
         servicer.stats.num_raw_requests += 1
         faults = servicer.faults
         sent = []
+        # Frames wait here and go out together: one sendmsg for up to SEND_BATCH_BYTES of blocks, not
+        # one system call and one trip through the loop per block.
+        parts: list = []
+        pending = 0
         try:
             async with aclosing(servicer.exported(hashes)) as blocks:
                 async for block in blocks:
@@ -245,13 +251,17 @@ class RawStreamListener:
                         index, block_hash = altered.block_index, altered.block_hash
                         token_ids, payload = tuple(altered.token_ids), altered.data
                     meta = block_meta(index, block_hash, token_ids)
-                    # The payload goes straight from the exported buffer.
-                    await _send_parts(loop, conn, (_frame(KIND_BLOCK, meta, len(payload)), payload))
+                    parts += (_frame(KIND_BLOCK, meta, len(payload)), payload)  # the payload is not copied
+                    pending += HEADER.size + len(meta) + len(payload)
                     servicer.stats.num_bytes += HEADER.size + len(meta) + len(payload)
                     sent.append(block.block_hash)
+                    if pending >= SEND_BATCH_BYTES or len(parts) >= SEND_BATCH_PARTS or faults.delay_s:
+                        await _send_parts(loop, conn, parts)
+                        parts, pending = [], 0
         finally:
             self.num_active -= 1
-        await loop.sock_sendall(conn, _frame(KIND_END))
+        parts.append(_frame(KIND_END))
+        await _send_parts(loop, conn, parts)
         servicer.finish(request.requester, sent)
         return True
 

@@ -381,3 +381,13 @@ def test_chunk_codec_matches_protobuf_byte_for_byte():
     for bad in [b"\x2a\x10abc", b"\x08", b"\x0f"]:
         with pytest.raises(ChunkDecodeError):
             decode_chunks(bad)
+
+
+def test_transfer_benchmark_moves_the_same_bytes_on_every_path():
+    """A smoke run of benchmarks/bench_cache.py's transfer section (its figures are not asserted: speed is
+    for benchmarks). It checks every byte of each path itself, and that each client took the path it names."""
+    from benchmarks.bench_cache import bench_transfer
+
+    out = bench_transfer(num_blocks=8, nbytes=64 << 10, reps=1, out_of_process=False)
+    assert out["bytes"] == 8 * (64 << 10)
+    assert all(out[k] > 0 for k in ("block_transfer_mb_s", "grpc_stream_mb_s", "raw_tcp_mb_s", "grpc_ceiling_mb_s"))
