@@ -124,11 +124,9 @@ class Stack:
 
         cfg = self.config
         auth = cfg.auth if cfg.auth is not None else TokenAuth.load(cfg.auth_tokens_file)
-        if cfg.enable_cache_service:
-            self._start_cache_service()
-        if cfg.ray_address and cfg.host in ("127.0.0.1", "localhost") and cfg.enable_cache_service:
-            log.warning("the cache service listens on 127.0.0.1: workers on other machines cannot reach it "
-                        "(use --host 0.0.0.0 on a multi-machine cluster)")
+        # Ray first: a local Ray forks its GCS and raylet, running Python in the child before exec (Ray's
+        # preexec_fn). Forked from a process whose gRPC server threads already run, that child can die or
+        # hang, and Ray then waits for a GCS that never comes. So no thread of ours exists yet at this point.
         if not ray.is_initialized():
             if cfg.ray_address:
                 ray.init(address=cfg.ray_address, log_to_driver=False)
@@ -137,6 +135,11 @@ class Stack:
                 # "local": a new Ray of our own, never whatever cluster /tmp/ray/ray_current_cluster names.
                 self._owns_ray = True
                 _init_local_ray(num_cpus)
+        if cfg.enable_cache_service:
+            self._start_cache_service()
+        if cfg.ray_address and cfg.host in ("127.0.0.1", "localhost") and cfg.enable_cache_service:
+            log.warning("the cache service listens on 127.0.0.1: workers on other machines cannot reach it "
+                        "(use --host 0.0.0.0 on a multi-machine cluster)")
         nodes = ray.nodes()
         plan = self._start_workers(nodes)
         endpoints = [
