@@ -332,12 +332,11 @@ _RAY_START_TIMEOUTS = ("timed out during startup", "Timed out waiting for file")
 
 
 def _init_local_ray(num_cpus: int, attempts: int = 2) -> None:
-    """Start a Ray of our own. The first start on a cold, busy machine can outlast Ray's own waits (30 s
-    for the GCS to write its port file, unless RAY_gcs_server_port_wait_time_s says otherwise; 30 s for the
-    raylet to register): that failure is retried once, after cleaning up what it started."""
+    """Start a Ray of our own. If its GCS or raylet does not come up within Ray's own waits (30 s each;
+    RAY_gcs_server_port_wait_time_s sets the first), the start is retried once, after killing what the
+    failed one left running."""
     import ray
 
-    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
     for attempt in range(1, attempts + 1):
         try:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
