@@ -31,6 +31,7 @@ from cache_service.block_hash import BlockHash, hash_prompt_blocks
 from cache_service.embedded_redis import EmbeddedRedis, connect
 from cache_service.index import ClusterIndex
 from cache_service.loop_thread import LoopThread
+from cache_service.raw_transfer import tune_socket
 from cache_service.transfer_client import TransferClient
 from cache_service.transfer_server import BlockTransferServicer, TransferServer
 from cache_service.types import IndexEvent, NodeInfo
@@ -148,14 +149,6 @@ def make_blocks(num_blocks: int, nbytes: int, seed: int = 0) -> list[Any]:
     return [ExportedBlock(h, tuple(range(16)), rng.randbytes(nbytes)) for h in hashes]
 
 
-def _tune(sock: socket.socket) -> None:
-    """The baseline gets the socket options the raw block stream uses (4 MiB buffers, no Nagle), so that
-    the comparison is against the best a plain socket does here, not against default buffers."""
-    from cache_service.raw_transfer import _tune as tune_like_the_raw_stream
-
-    tune_like_the_raw_stream(sock)
-
-
 class RawTcpSender:
     """The baseline's sending side: per request byte, the same payloads on a plain TCP socket, joined
     beforehand into one buffer and sent by one ``sendall`` (no per-block work at all: the socket's limit)."""
@@ -175,7 +168,7 @@ class RawTcpSender:
         except OSError:
             return
         with conn:
-            _tune(conn)
+            tune_socket(conn)  # the raw stream's options: compared with the best a plain socket does here
             while conn.recv(1) == b"x":  # one request byte per transfer; b"" on close
                 conn.sendall(self.payload)
 
@@ -190,7 +183,7 @@ class RawTcpReceiver:
     def __init__(self, address: tuple[str, int], total: int) -> None:
         self.total = total
         self._conn = socket.create_connection(address)
-        _tune(self._conn)
+        tune_socket(self._conn)
         self._buf = bytearray(total)
 
     def fetch_s(self) -> float:

@@ -1,9 +1,10 @@
 """The raw block stream: BlockTransfer's bulk path, FetchBlocks framed on a plain TCP socket.
 
-Why it exists: on loopback, grpcio's Python streaming path moves at most ~40% of what a plain socket
-moves (HTTP/2 framing, and copies into and out of gRPC's buffers for every message), so a prefix that
-crosses nodes through gRPC alone pays more than twice the wire time. Production data planes (Mooncake's
-transfer engine, NIXL) keep the control exchange and the bulk bytes apart for the same reason. Here gRPC
+Why it exists: on loopback, grpcio's Python streaming path often moves less than half of what a plain
+socket moves (HTTP/2 framing, and copies into and out of gRPC's buffers for every message; see the
+README's cache-service benchmarks), so a prefix that crosses nodes through gRPC alone pays that in wire
+time. Production data planes (Mooncake's transfer engine, NIXL) keep the control exchange and the bulk
+bytes apart for the same reason. Here gRPC
 ``FetchBlocks`` stays the entry point, the control path and the fallback: a requester that sets
 ``accept_raw_stream`` gets a one-message answer naming this stream (``BlockChunk.raw_stream_address``),
 and from then on sends the same ``FetchBlocksRequest`` over a persistent TCP connection to it:
@@ -16,9 +17,10 @@ and from then on sends the same ``FetchBlocksRequest`` over a persistent TCP con
 
     every frame starts with a 16-byte header (little endian):  kind u8 | 3 pad | meta_len u32 | data_len u64
 
-The requester reads each block's meta, payload and the next frame's header with one ``recv_into`` loop into
-one uninitialised buffer (the kernel's copy and nothing else; the payload is a view into it), and runs the same checks as on the gRPC stream (order, hashes, token ids: ``_Assembler``);
-the payload's own checksum is verified when the blocks are imported. A connection carries one fetch at a
+The requester reads each block's meta, payload and the next frame's header with one ``recv_into`` loop
+into one uninitialised buffer (the kernel's copy and nothing else; the payload is a view into it), and
+runs the same checks as on the gRPC stream (order, hashes, token ids: ``_Assembler``); the payload's own
+checksum is verified when the blocks are imported. A connection carries one fetch at a
 time; any error, deadline or cancel closes it, because its position in the stream is then unknown.
 """
 
@@ -63,7 +65,8 @@ class RawConnectError(RawStreamError):
     """No connection could be made (or a pooled one was found closed before any answer)."""
 
 
-def _tune(sock: socket.socket) -> None:
+def tune_socket(sock: socket.socket) -> None:
+    """The options of both ends of a raw stream (the transfer benchmark gives its baseline the same)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # an end frame must not wait for an ACK
     for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         try:
@@ -74,6 +77,10 @@ def _tune(sock: socket.socket) -> None:
 
 def _frame(kind: int, meta: bytes = b"", data_len: int = 0) -> bytes:
     return HEADER.pack(kind, len(meta), data_len) + meta
+
+
+def _error_frame(code: str, message: str) -> bytes:
+    return _frame(KIND_ERROR, f"{code}: {message}".encode())
 
 
 async def _recv_into(loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview) -> None:
@@ -184,7 +191,7 @@ class RawStreamListener:
                 await asyncio.sleep(0.1)
                 continue
             conn.setblocking(False)
-            _tune(conn)
+            tune_socket(conn)
             self._conns[conn] = asyncio.ensure_future(self._serve(conn))
 
     async def _serve(self, conn: socket.socket) -> None:
@@ -198,15 +205,15 @@ class RawStreamListener:
                 kind, meta_len, data_len = HEADER.unpack(head)
                 if kind != KIND_REQUEST or data_len or meta_len > MAX_META_BYTES:
                     problem = f"malformed request frame (kind {kind}, meta {meta_len} B, data {data_len} B)"
-                    await loop.sock_sendall(conn, _frame(KIND_ERROR, f"INVALID_ARGUMENT: {problem}".encode()))
+                    await loop.sock_sendall(conn, _error_frame("INVALID_ARGUMENT", problem))
                     return await _linger(loop, conn)
                 try:
                     request = pb.FetchBlocksRequest.FromString(bytes(await _recv_exactly(loop, conn, meta_len)))
                 except EOFError:
                     return
                 except Exception:  # protobuf's DecodeError
-                    await loop.sock_sendall(conn, _frame(KIND_ERROR, b"INVALID_ARGUMENT: the request is not a "
-                                                                     b"FetchBlocksRequest"))
+                    await loop.sock_sendall(conn, _error_frame("INVALID_ARGUMENT",
+                                                               "the request is not a FetchBlocksRequest"))
                     return await _linger(loop, conn)
                 if not await self._answer(loop, conn, request):
                     return await _linger(loop, conn)
@@ -224,12 +231,12 @@ class RawStreamListener:
             hashes = servicer.check(request)
         except v.InvalidRequest as exc:
             servicer.stats.num_rejected += 1
-            await loop.sock_sendall(conn, _frame(KIND_ERROR, f"INVALID_ARGUMENT: {exc}".encode()))
+            await loop.sock_sendall(conn, _error_frame("INVALID_ARGUMENT", str(exc)))
             return False
         if self.num_active >= self.max_concurrent:
             # As the gRPC server's cap: the requester recomputes instead of queueing behind us.
-            await loop.sock_sendall(conn, _frame(KIND_ERROR, f"RESOURCE_EXHAUSTED: {self.max_concurrent} fetches "
-                                                             f"in flight".encode()))
+            await loop.sock_sendall(conn, _error_frame("RESOURCE_EXHAUSTED",
+                                                       f"{self.max_concurrent} fetches in flight"))
             return False
         self.num_active += 1
         servicer.stats.num_raw_requests += 1
@@ -252,8 +259,9 @@ class RawStreamListener:
                         token_ids, payload = tuple(altered.token_ids), altered.data
                     meta = block_meta(index, block_hash, token_ids)
                     parts += (_frame(KIND_BLOCK, meta, len(payload)), payload)  # the payload is not copied
-                    pending += HEADER.size + len(meta) + len(payload)
-                    servicer.stats.num_bytes += HEADER.size + len(meta) + len(payload)
+                    size = HEADER.size + len(meta) + len(payload)
+                    pending += size
+                    servicer.stats.num_bytes += size
                     sent.append(block.block_hash)
                     if pending >= SEND_BATCH_BYTES or len(parts) >= SEND_BATCH_PARTS or faults.delay_s:
                         await _send_parts(loop, conn, parts)
@@ -289,7 +297,7 @@ class RawStreamPool:
         except OSError as exc:
             raise RawConnectError(f"cannot reach {address}: {exc}") from exc
         sock.setblocking(False)
-        _tune(sock)
+        tune_socket(sock)
         try:
             await loop.sock_connect(sock, sockaddr)
         except BaseException as exc:
