@@ -22,7 +22,7 @@ from pathlib import Path
 from deploy.bench_report import plot_compare, plot_timeline, summarize
 from deploy.bench_runner import RequestResult, run_requests
 from deploy.bench_workloads import WORKLOAD_NAMES, WorkloadSpec, build_requests
-from deploy.logging import get_logger
+from common.logs import get_logger
 
 log = get_logger("bench")
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
-from deploy.logging import get_logger
+from common.logs import get_logger
 from deploy.placement import lost_workers, node_views, plan_joins
 
 if TYPE_CHECKING:

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from deploy.logging import get_logger
+from common.logs import get_logger
 from deploy.placement import WorkerPlacement, elastic_enabled, plan_workers
 
 __all__ = ["DEFAULT_POLICY_WEIGHTS", "Stack", "StackConfig", "WorkerPlacement", "plan_workers"]

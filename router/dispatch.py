@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator
 
 import ray
 
-from deploy.logging import get_logger
+from common.logs import get_logger
 from router.metrics import RouterMetrics, tenant_label
 from router.registry import WorkerRegistry
 from router.routing import Decision, NoWorkerError, RoutingCore

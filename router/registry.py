@@ -28,7 +28,7 @@ from typing import Any
 
 import ray
 
-from deploy.logging import get_logger
+from common.logs import get_logger
 from router.index_mirror import IndexMirror
 from router.policies import WorkerLoad
 from workers.ray_worker import WorkerPoll, WorkerStats

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from deploy.logging import get_logger
+from common.logs import get_logger
 from protos.prefixcache.v1 import generation_pb2, generation_pb2_grpc
 from router.auth import TokenAuth
 from router.cache_link import CacheLink

@@ -16,7 +16,7 @@ from typing import AsyncIterator, Callable
 
 import grpc
 
-from deploy.logging import request_context
+from common.logs import request_context
 from protos.prefixcache.v1 import generation_pb2 as pb
 from protos.prefixcache.v1 import generation_pb2_grpc
 from router.auth import AuthError, TokenAuth, tenant_salt

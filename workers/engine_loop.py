@@ -22,7 +22,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from deploy.logging import get_logger
+from common.logs import get_logger
 from workers.block_pool import BlockEvent
 
 log = get_logger("worker.engine_loop")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Sequence
 
 from cache_service.prefix_fetcher import FetchOutcome, PeerHint
-from deploy.logging import get_logger, request_context
+from common.logs import get_logger, request_context
 from workers.block_pool import BlockEvent, BlockRemoved, BlockStored
 from workers.engine_loop import EngineLoop, LoadSnapshot
 from workers.event_feed import OP_CLEARED, OP_REMOVED, OP_STORED, EventFeed, FeedEvent, feed_events

@@ -1,4 +1,4 @@
-"""deploy/logging.py: JSON lines with component, request id (per asyncio task) and extra fields."""
+"""common/logs.py: JSON lines with component, request id (per asyncio task) and extra fields."""
 
 import asyncio
 import io
@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from deploy.logging import configure_logging, get_logger, request_context
+from common.logs import configure_logging, get_logger, request_context
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def test_request_id_crosses_a_grpc_hop(stream):
     """Client metadata from request_id_metadata() -> server interceptor -> bound in unary and streaming handlers."""
     import grpc
 
-    from deploy.logging import RequestIdInterceptor, current_request_id, request_id_metadata
+    from common.logs import RequestIdInterceptor, current_request_id, request_id_metadata
 
     log = get_logger("cache_service")
 
