@@ -142,7 +142,7 @@ def make_blocks(num_blocks: int, nbytes: int, seed: int = 0) -> list[Any]:
     """The same blocks in every process that asks with the same arguments (payloads from a seeded PRNG)."""
     import random
 
-    from workers.block_io import ExportedBlock
+    from cache_service.block_wire import ExportedBlock
 
     rng = random.Random(seed)
     hashes = hash_prompt_blocks(list(range(num_blocks * 16)), 16, "bench")

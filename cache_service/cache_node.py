@@ -36,7 +36,7 @@ from cache_service.transfer_server import (
     TransferServer,
 )
 from cache_service.types import NodeInfo, NodeLoad, PrefixMatch
-from workers.block_pool import BlockEvent
+from cache_service.records import BlockEvent
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from cache_service.types import NodeInfo, NodeLoad, PinAssignment, PrefixMatch, 
 from cache_service.validation import MAX_EVENTS_PER_PUBLISH, MAX_MESSAGE_BYTES
 from protos.prefixcache.v1 import cache_pb2 as pb
 from protos.prefixcache.v1 import cache_pb2_grpc
-from workers.block_pool import AllBlocksCleared, BlockEvent, BlockRemoved, BlockStored
+from cache_service.records import AllBlocksCleared, BlockEvent, BlockRemoved, BlockStored
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import threading
 from collections import deque
 from typing import Sequence
 
-from workers.block_pool import BlockEvent
+from cache_service.records import BlockEvent
 
 
 class EventQueue:

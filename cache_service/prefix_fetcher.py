@@ -31,7 +31,7 @@ from cache_service.replica_mirror import ReplicaMirror
 from cache_service.transfer_client import TransferClient, TransferError
 from cache_service.transfer_policy import TransferPolicy
 from cache_service.types import PrefixMatch
-from workers.block_io import BlockImportError
+from cache_service.block_wire import BlockImportError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

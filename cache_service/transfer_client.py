@@ -26,7 +26,7 @@ from cache_service.transfer_server import (
     TRANSFER_MESSAGE_BYTES,
 )
 from protos.prefixcache.v1 import cache_pb2 as pb
-from workers.block_io import ExportedBlock
+from cache_service.block_wire import ExportedBlock
 
 
 RAW_RETRY_AFTER_S = 30.0  # after a raw stream could not be reached, use gRPC for this long

@@ -34,7 +34,7 @@ from cache_service.block_hash import BlockHash
 from cache_service.chunk_codec import Part, bundle, chunk_parts
 from cache_service.raw_transfer import RawStreamListener
 from protos.prefixcache.v1 import cache_pb2 as pb
-from workers.block_io import ExportedBlock
+from cache_service.block_wire import ExportedBlock
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from cache_service.block_hash import hash_prompt_blocks
-from workers.block_io import MAGIC, BlockImportError, decode_block, encode_block, read_header
+from cache_service.block_wire import MAGIC, BlockImportError, read_header
+from workers.block_io import decode_block, encode_block
 
 SHAPE = (2, 2, 4, 2, 8)  # layers, K/V, block_size, kv_heads, head_dim
 H = hash_prompt_blocks([1, 2, 3, 4], 4, "m")[0]

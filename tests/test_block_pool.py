@@ -5,7 +5,8 @@ import random
 import pytest
 
 from cache_service.block_hash import hash_prompt_blocks
-from workers.block_pool import AllBlocksCleared, BlockPool, BlockRemoved, BlockStored
+from cache_service.records import AllBlocksCleared, BlockRemoved, BlockStored
+from workers.block_pool import BlockPool
 
 BS = 4
 

@@ -7,8 +7,8 @@ import pytest
 
 from cache_service.block_hash import hash_prompt_blocks
 from tests.model_fixtures import ARCHITECTURES, build_tiny_checkpoint, hf_greedy
-from workers.block_io import BlockImportError
-from workers.block_pool import BlockRemoved, BlockStored
+from cache_service.block_wire import BlockImportError
+from cache_service.records import BlockRemoved, BlockStored
 from workers.engine import Engine, EngineConfig
 from workers.model import load_model
 from workers.sampling import SamplingParams

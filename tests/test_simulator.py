@@ -10,7 +10,7 @@ from benchmarks.simulator.cluster import unbounded_capacity_blocks
 from benchmarks.simulator.cluster_index import ClusterIndex
 from benchmarks.workloads import load_mooncake, mooncake_requests, multi_turn, sgl_shared_prefix
 from deploy.cli import main as cli_main
-from workers.block_pool import BlockRemoved, BlockStored
+from cache_service.records import BlockRemoved, BlockStored
 
 MOONCAKE_DIR = Path(__file__).resolve().parents[2] / "shared" / "workloads" / "mooncake"
 

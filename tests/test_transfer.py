@@ -26,7 +26,8 @@ from cache_service.transfer_client import TransferClient, TransferError, _Assemb
 from cache_service.transfer_policy import TransferPolicy
 from protos.prefixcache.v1 import cache_pb2 as pb
 from protos.prefixcache.v1 import cache_pb2_grpc
-from workers.block_pool import BlockPool, BlockRemoved, BlockStored
+from cache_service.records import BlockRemoved, BlockStored
+from workers.block_pool import BlockPool
 
 
 def lookup(node, prompt, salt=""):

@@ -1,59 +1,20 @@
-"""KV blocks as bytes, for moving them between engines (and nodes).
+"""KV blocks between a block pool + KV cache and the wire format of ``cache_service/block_wire.py``.
 
-One exported block is a self-describing payload, all integers little-endian:
-
-    offset  size  field
-    0       4     magic b"PCKV"
-    4       2     format version (1)
-    6       2     len(model_id), then model_id (utf-8)
-    .       1     len(dtype), then dtype name (utf-8: "float32" | "bfloat16" | "float16")
-    .       1     ndim (5), then ndim x uint32: [layers, 2, block_size, kv_heads, head_dim]
-    .       16    block hash (cache_service.block_hash)
-    .       8     xxh3_64 of the data
-    .       8     len(data)
-    .       ...   data: the block's tensor, C-contiguous, native element bytes
-
-Decoding checks every field against what the importer expects and raises ``BlockImportError`` naming the
-first mismatch, so a block from another model, dtype or layout, a truncated or bit-flipped payload, or one
-filed under the wrong hash is never written into a cache.
+``export_blocks`` gathers a run of cached blocks into payloads; ``import_blocks`` checks each offered block
+(its hash-chain link, then its payload) and writes it into a free block. The tensor side of the format
+(``encode_block`` / ``decode_block``) is here because it needs torch; the format itself is the cache's.
 """
 
 from __future__ import annotations
 
-import struct
-from typing import NamedTuple
-
 import torch
-import xxhash
 
-from cache_service.block_hash import HASH_NBYTES, BlockHash, hash_block, root_hash
+from cache_service.block_hash import BlockHash, hash_block, root_hash
+from cache_service.block_wire import BlockImportError, ExportedBlock, check_payload, encode_payload
 from workers.block_pool import Block, BlockPool
 from workers.model import KVCache
 
-MAGIC = b"PCKV"
-VERSION = 1
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class BlockImportError(ValueError):
-    """An exported block cannot be imported; the message says what is wrong with it."""
-
-
-class ExportedBlock(NamedTuple):
-    block_hash: BlockHash
-    token_ids: tuple[int, ...]
-    # bytes, or a read-only memoryview into a received message (a fetch keeps it instead of copying it).
-    payload: bytes | memoryview
-
-
-class BlockHeader(NamedTuple):
-    model_id: str
-    dtype: str
-    shape: tuple[int, ...]
-    block_hash: BlockHash
-    checksum: int
-    data_offset: int
-    data_nbytes: int
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -65,61 +26,8 @@ def encode_block(model_id: str, block_hash: BlockHash, data: torch.Tensor) -> by
     name = dtype_name(data.dtype)
     if name not in _DTYPES:
         raise ValueError(f"cannot export a block of dtype {data.dtype}")
-    if len(block_hash) != HASH_NBYTES:
-        raise ValueError(f"block hash must be {HASH_NBYTES} bytes")
     raw = data.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
-    mid = model_id.encode("utf-8")
-    dt = name.encode("ascii")
-    header = b"".join(
-        [
-            MAGIC,
-            struct.pack("<HH", VERSION, len(mid)),
-            mid,
-            struct.pack("<B", len(dt)),
-            dt,
-            struct.pack("<B", data.dim()),
-            struct.pack(f"<{data.dim()}I", *data.shape),
-            bytes(block_hash),
-            struct.pack("<QQ", xxhash.xxh3_64_intdigest(raw), len(raw)),
-        ]
-    )
-    return header + raw
-
-
-class _Reader:
-    def __init__(self, buf: bytes | memoryview) -> None:
-        self.buf = memoryview(buf)
-        self.pos = 0
-
-    def take(self, n: int, what: str) -> bytes:
-        if self.pos + n > len(self.buf):
-            raise BlockImportError(f"block payload is truncated (reading {what} at byte {self.pos})")
-        out = bytes(self.buf[self.pos : self.pos + n])  # header fields only: a few bytes
-        self.pos += n
-        return out
-
-    def unpack(self, fmt: str, what: str) -> tuple:
-        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))
-
-
-def read_header(payload: bytes | memoryview) -> BlockHeader:
-    r = _Reader(payload)
-    if r.take(4, "magic") != MAGIC:
-        raise BlockImportError("not a prefixcache KV block (bad magic)")
-    version, mid_len = r.unpack("<HH", "version")
-    if version != VERSION:
-        raise BlockImportError(f"unsupported block format version {version} (this engine reads {VERSION})")
-    try:
-        model_id = r.take(mid_len, "model id").decode("utf-8")
-        (dt_len,) = r.unpack("<B", "dtype")
-        dtype = r.take(dt_len, "dtype").decode("ascii")
-    except UnicodeDecodeError:
-        raise BlockImportError("block header is corrupt (undecodable model id or dtype)") from None
-    (ndim,) = r.unpack("<B", "ndim")
-    shape = tuple(r.unpack(f"<{ndim}I", "shape"))
-    block_hash = BlockHash(r.take(HASH_NBYTES, "block hash"))
-    checksum, nbytes = r.unpack("<QQ", "checksum")
-    return BlockHeader(model_id, dtype, shape, block_hash, checksum, r.pos, nbytes)
+    return encode_payload(model_id, block_hash, name, tuple(data.shape), raw)
 
 
 def decode_block(
@@ -131,26 +39,7 @@ def decode_block(
     block_hash: BlockHash,
 ) -> torch.Tensor:
     """Check a payload against what this engine expects; return its tensor (CPU)."""
-    h = read_header(payload)
-    if h.model_id != model_id:
-        raise BlockImportError(f"block is for model {h.model_id!r}, this engine runs {model_id!r}")
-    if h.dtype != dtype_name(dtype):
-        raise BlockImportError(f"block has dtype {h.dtype}, this engine's KV cache is {dtype_name(dtype)}")
-    if h.shape != tuple(shape):
-        raise BlockImportError(f"block has shape {list(h.shape)}, this engine expects {list(shape)}")
-    if h.block_hash != block_hash:
-        raise BlockImportError(f"block payload is for hash {h.block_hash.hex()}, offered as {block_hash.hex()}")
-    elem = torch.empty((), dtype=dtype).element_size()
-    expected = elem
-    for d in shape:
-        expected *= d
-    if h.data_nbytes != expected or len(payload) - h.data_offset != expected:
-        raise BlockImportError(
-            f"block data is {len(payload) - h.data_offset} bytes (header says {h.data_nbytes}), expected {expected}"
-        )
-    raw = memoryview(payload)[h.data_offset :]  # no copy before the checksum
-    if xxhash.xxh3_64_intdigest(raw) != h.checksum:
-        raise BlockImportError(f"block {block_hash.hex()} failed its checksum (corrupted in transit)")
+    raw = check_payload(payload, model_id=model_id, dtype=dtype_name(dtype), shape=shape, block_hash=block_hash)
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
 
 

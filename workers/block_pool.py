@@ -30,9 +30,10 @@ Every change of the cached set becomes an event (``BlockStored`` /
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Protocol, Sequence
+from typing import Iterator, Protocol, Sequence
 
 from cache_service.block_hash import BlockHash
+from cache_service.records import AllBlocksCleared, BlockEvent, BlockRemoved, BlockStored
 
 
 @dataclass(slots=True, eq=False)
@@ -49,24 +50,6 @@ class Block:
     def __repr__(self) -> str:
         h = self.block_hash.hex()[:8] if self.block_hash else None
         return f"Block(id={self.block_id}, ref={self.ref_count}, hash={h})"
-
-
-class BlockStored(NamedTuple):
-    block_hash: BlockHash
-    parent_hash: BlockHash | None
-    token_ids: tuple[int, ...]
-    block_id: int
-
-
-class BlockRemoved(NamedTuple):
-    block_hash: BlockHash
-
-
-class AllBlocksCleared(NamedTuple):
-    pass
-
-
-BlockEvent = BlockStored | BlockRemoved | AllBlocksCleared
 
 
 class EvictionAdvisor(Protocol):

@@ -25,8 +25,10 @@ from typing import Sequence as Seq
 import torch
 
 from cache_service.block_hash import BlockHash, hash_prompt_blocks
-from workers.block_io import BlockImportError, ExportedBlock, export_blocks, import_blocks
-from workers.block_pool import Block, BlockEvent, BlockPool
+from cache_service.block_wire import BlockImportError, ExportedBlock
+from workers.block_io import export_blocks, import_blocks
+from cache_service.records import BlockEvent
+from workers.block_pool import Block, BlockPool
 from workers.detokenizer import take_delta, update_text
 from workers.kv_manager import KVManager, cdiv
 from workers.model import KVCache, LoadedModel, load_model

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from common.logs import get_logger
-from workers.block_pool import BlockEvent
+from cache_service.records import BlockEvent
 
 log = get_logger("worker.engine_loop")
 

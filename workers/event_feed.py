@@ -13,7 +13,7 @@ import uuid
 from collections import deque
 from typing import Sequence
 
-from workers.block_pool import AllBlocksCleared, BlockEvent, BlockRemoved, BlockStored
+from cache_service.records import AllBlocksCleared, BlockEvent, BlockRemoved, BlockStored
 
 OP_STORED, OP_REMOVED, OP_CLEARED = 0, 1, 2  # router/index_mirror.py uses the same codes
 FeedEvent = tuple[int, bytes]

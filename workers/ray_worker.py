@@ -26,7 +26,7 @@ from typing import Any, AsyncIterator, Sequence
 
 from cache_service.prefix_fetcher import FetchOutcome, PeerHint
 from common.logs import get_logger, request_context
-from workers.block_pool import BlockEvent, BlockRemoved, BlockStored
+from cache_service.records import BlockEvent, BlockRemoved, BlockStored
 from workers.engine_loop import EngineLoop, LoadSnapshot
 from workers.event_feed import OP_CLEARED, OP_REMOVED, OP_STORED, EventFeed, FeedEvent, feed_events
 from workers.sampling import InvalidRequestError, SamplingParams

@@ -18,7 +18,7 @@ import itertools
 from typing import Iterable, Sequence
 
 from cache_service.block_hash import BlockHash
-from workers.block_pool import AllBlocksCleared, BlockEvent, BlockRemoved, BlockStored
+from cache_service.records import AllBlocksCleared, BlockEvent, BlockRemoved, BlockStored
 
 
 class ClusterIndex:

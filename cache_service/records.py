@@ -1,0 +1,260 @@
+"""The records that cross a process boundary, one per concept, torch-free (router <-> worker <-> cache).
+
+    router --GenerateCall(params: SamplingParams, peer: PeerHint | None)--> worker
+    worker --Delta(token_ids, text, finish_reason, usage: Usage, failure: EngineFailure | None)--> router
+    worker --WorkerPoll(load: WorkerLoad, counters: WorkerCounters, events: [BlockEvent] | snapshot)--> router
+    engine --BlockEvent (BlockStored | BlockRemoved | AllBlocksCleared)--> feed, cache client, index, mirror
+
+They live in ``cache_service`` (the lowest runtime layer) because block events are the cache's concept and
+every layer above must speak the same records: workers produce them, the router and the simulator consume
+them. Proto messages are converted to and from these at the gRPC edges only. Nothing here imports torch,
+Ray or gRPC, so the router can use them without pulling in the engine.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from cache_service.block_hash import BlockHash
+
+__all__ = [
+    "AllBlocksCleared", "BlockEvent", "BlockRemoved", "BlockStored", "Delta", "EngineFailure", "FailureKind",
+    "GenerateCall", "InvalidRequestError", "PeerHint", "SamplingParams", "Usage", "WorkerCounters", "WorkerInfo",
+    "WorkerLoad", "WorkerPoll", "TRANSFER_BUCKETS",
+]
+
+
+# ---- block events: every change of an engine's cached set ---------------------------------------------
+class BlockStored(NamedTuple):
+    block_hash: BlockHash
+    parent_hash: BlockHash | None
+    token_ids: tuple[int, ...]
+    block_id: int
+
+
+class BlockRemoved(NamedTuple):
+    block_hash: BlockHash
+
+
+class AllBlocksCleared(NamedTuple):
+    pass
+
+
+BlockEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+# ---- errors ---------------------------------------------------------------------------------------------
+class InvalidRequestError(ValueError):
+    """A request that can never be served as given; the message names the offending field."""
+
+
+class FailureKind(str, enum.Enum):
+    INVALID = "invalid"  # the request's own fault (INVALID_ARGUMENT): retrying elsewhere cannot help
+    ENGINE = "engine"  # the worker could not serve it (a failed step, shutdown): another worker may
+
+
+@dataclass(frozen=True, slots=True)
+class EngineFailure:
+    """Why a worker ended a request without finishing it."""
+
+    kind: FailureKind
+    message: str
+
+    @property
+    def invalid(self) -> bool:
+        return self.kind is FailureKind.INVALID
+
+
+# ---- a request, router -> worker -------------------------------------------------------------------------
+@dataclass(slots=True)
+class SamplingParams:
+    max_tokens: int = 16
+    # 0 means greedy. Also the proto3 default, so an unset gRPC field and an unset JSONL field agree.
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = disabled
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        elif not isinstance(self.stop, tuple):
+            self.stop = tuple(self.stop)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> None:
+        """Checks that do not depend on the prompt or the model (raises ``InvalidRequestError``)."""
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            raise InvalidRequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidRequestError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**64):
+            raise InvalidRequestError(f"seed must be an integer in [0, 2^64), got {self.seed!r}")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise InvalidRequestError(f"stop must be a list of non-empty strings, got {list(self.stop)!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidRequestError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+class PeerHint(NamedTuple):
+    """A peer that holds a longer prefix of the prompt than the worker the request goes to."""
+
+    node_id: str
+    transfer_address: str
+    num_blocks: int
+
+
+@dataclass(slots=True)
+class GenerateCall:
+    """One attempt of a request on one worker."""
+
+    request_id: str  # unique per attempt
+    prompt_ids: list[int]
+    params: SamplingParams
+    cache_salt: str = ""
+    # The router's index knowledge: the peer to pull a longer prefix from, or None for "no peer holds more".
+    peer: PeerHint | None = None
+    # True when ``peer`` is the router's answer (the worker then skips its own Lookup); False: the worker
+    # asks the cache service itself.
+    peer_known: bool = False
+
+
+# ---- the answer, worker -> router -> client ------------------------------------------------------------
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    transferred_tokens: int = 0  # of cached_tokens, those pulled from a peer for this request
+    predicted_cached_tokens: int = 0  # what the router predicted (set by the router)
+
+
+@dataclass(slots=True)
+class Delta:
+    """Tokens since the previous delta of a stream; the last one has ``finish_reason`` and ``usage``.
+
+    A worker sends these; the router forwards them with ``worker_id`` set, and ``restart`` when a retry on
+    another worker replaces what the client saw before.
+    """
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    failure: EngineFailure | None = None
+    worker_id: str = ""
+    restart: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+# ---- a worker's state, worker -> router (polls) and -> cache service (heartbeats) -------------------------
+@dataclass(slots=True)
+class WorkerLoad:
+    """One engine's load and cache occupancy at an instant (the policies' input, the heartbeat's payload)."""
+
+    worker_id: str = ""
+    num_running: int = 0  # sequences running (prefill or decode)
+    num_waiting: int = 0  # queued, not started
+    num_active_blocks: int = 0  # KV blocks held by running sequences and pins (decode load)
+    num_free_blocks: int = 0  # allocatable: free + cached-unreferenced
+    capacity_blocks: int = 0
+    # Blocks still to prefill on this worker (queued + in progress). A caller that does not know it leaves 0
+    # and the policies' queue term drops out.
+    num_waiting_blocks: int = 0
+    num_cached_blocks: int = 0
+    num_pinned_blocks: int = 0
+    prefix_query_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    num_preemptions: int = 0
+    prefill_tokens_per_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+
+
+TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+@dataclass(slots=True)
+class WorkerCounters:
+    """Cumulative counters of one worker incarnation (reset when it restarts)."""
+
+    num_blocks_stored: int = 0
+    num_blocks_evicted: int = 0
+    num_transfers_ok: int = 0
+    num_transfers_fallback: int = 0
+    num_transfer_bytes: int = 0
+    num_transferred_blocks: int = 0
+    transfer_bucket_bounds: tuple[float, ...] = TRANSFER_BUCKETS
+    transfer_bucket_counts: list[int] = field(default_factory=lambda: [0] * len(TRANSFER_BUCKETS))
+    transfer_seconds_sum: float = 0.0
+    num_transfer_observations: int = 0
+
+    def observe_transfer(self, ok: bool, num_bytes: int, num_blocks: int, seconds: float) -> None:
+        if ok:
+            self.num_transfers_ok += 1
+        else:
+            self.num_transfers_fallback += 1
+        self.num_transfer_bytes += num_bytes
+        self.num_transferred_blocks += num_blocks
+        self.transfer_seconds_sum += seconds
+        self.num_transfer_observations += 1
+        for i, bound in enumerate(self.transfer_bucket_bounds):
+            if seconds <= bound:
+                self.transfer_bucket_counts[i] += 1
+                break
+
+    def observe_events(self, events: list[BlockEvent]) -> None:
+        for ev in events:
+            if isinstance(ev, BlockStored):
+                self.num_blocks_stored += 1
+            elif isinstance(ev, BlockRemoved):
+                self.num_blocks_evicted += 1
+
+
+@dataclass(slots=True)
+class WorkerInfo:
+    worker_id: str
+    node_id: str
+    model_id: str
+    device: str
+    block_size: int
+    num_blocks: int
+    transfer_address: str
+
+
+@dataclass(slots=True)
+class WorkerPoll:
+    """A worker's answer to the router's poll: load, counters, and the block events since the asked seq."""
+
+    feed_epoch: str
+    feed_seq: int
+    events: list[BlockEvent]  # since the asked seq (empty when snapshot is given)
+    snapshot: list[BlockHash] | None  # the whole cached set, when the feed could not continue
+    # The engine loop's latest load; num_waiting_blocks also counts requests still being admitted.
+    load: WorkerLoad = field(default_factory=WorkerLoad)
+    counters: WorkerCounters = field(default_factory=WorkerCounters)
+    pins: list[str] = field(default_factory=list)
+    # Seconds since the engine loop last went round (it does at least every 0.5 s when idle): a hung
+    # engine must leave rotation even though its actor still answers polls.
+    engine_stalled_s: float = 0.0
+    transfer_address: str = ""  # changes when Ray restarts the actor
