@@ -35,7 +35,7 @@ from cache_service.raw_transfer import tune_socket
 from cache_service.transfer_client import TransferClient
 from cache_service.transfer_server import BlockTransferServicer, TransferServer
 from cache_service.types import IndexEvent, NodeInfo
-from benchmarks.stats import percentile
+from loadgen.stats import percentile
 
 
 def summarize(latencies_s: list[float], wall_s: float) -> dict[str, float]:

@@ -36,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from benchmarks.workloads import sgl_shared_prefix  # noqa: E402
+from loadgen.workloads import sgl_shared_prefix  # noqa: E402
 from workers.engine import Engine, EngineConfig  # noqa: E402
 from workers.model import load_model  # noqa: E402
 from workers.sampling import SamplingParams  # noqa: E402
