@@ -20,7 +20,8 @@ from valkey_fixtures import valkey_module  # noqa: F401  (pytest fixtures)
 
 from cache_service.block_hash import hash_prompt_blocks
 from cache_service.event_queue import EventQueue
-from cache_service.prefix_fetcher import FetchOutcome, PeerHint
+from cache_service.prefix_fetcher import FetchOutcome
+from cache_service.records import PeerHint
 from cache_service.replica_mirror import ReplicaMirror
 from cache_service.transfer_client import TransferClient, TransferError, _Assembler
 from cache_service.transfer_policy import TransferPolicy
@@ -260,7 +261,7 @@ def test_router_hint_skips_the_lookup(make_node, demo_model):
     b = make_node("B", cache_address=None)  # no cache service at all: only the hint
     prompt = prompt_of(16 * 2 + 1, seed=7)
     a.generate([prompt], PARAMS)
-    f = b.fetch_prefix(prompt, hint=PeerHint("A", a.transfer_address, 2))
+    f = b.fetch_prefix(prompt, peer=PeerHint("A", a.transfer_address, 2), peer_known=True)
     assert (f.outcome, f.num_blocks) == (FetchOutcome.TRANSFERRED, 2), f
     out = b.call(lambda e: e.generate([prompt], PARAMS))[0]
     assert (out.cached_tokens, out.new_token_ids) == (32, cold_output(demo_model, prompt))
