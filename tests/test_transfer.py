@@ -198,7 +198,7 @@ def test_raw_stream_rejects_bad_frames_and_requests(make_node):
     import socket
     import struct
 
-    from cache_service.raw_transfer import HEADER, KIND_ERROR, KIND_REQUEST
+    from cache_service.raw_frames import HEADER, KIND_ERROR, KIND_REQUEST
 
     a = make_node("A", cache_address=None)
     host, port = a.node.servicer.raw_stream_address.rsplit(":", 1)
