@@ -15,7 +15,6 @@ closes the connection: after it, the requester cannot know where the stream stan
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 from contextlib import aclosing
 
@@ -33,9 +32,10 @@ from cache_service.raw_frames import (
 )
 from cache_service.raw_socket import recv_exactly, send_parts, tune_socket
 from cache_service.transfer_source import BlockSource
+from common.logs import get_logger
 from protos.prefixcache.v1 import cache_pb2 as pb
 
-log = logging.getLogger(__name__)
+log = get_logger("transfer")
 
 SEND_BATCH_BYTES = 1 << 20
 SEND_BATCH_PARTS = 64  # well under the kernel's 1,024 buffers per sendmsg
@@ -104,7 +104,7 @@ class RawStreamListener:
             try:
                 conn, _ = await loop.sock_accept(listener)
             except OSError as exc:  # e.g. out of file descriptors: keep serving the others
-                log.warning("raw block stream: accept failed: %s", exc)
+                log.warning("raw block stream: accept failed", extra={"address": self.address, "error": str(exc)})
                 await asyncio.sleep(0.1)
                 continue
             conn.setblocking(False)

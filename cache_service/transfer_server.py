@@ -18,16 +18,15 @@ The modules of the data plane, each importing only those below it:
 
 from __future__ import annotations
 
-import logging
-
 import grpc
 
 from cache_service.raw_listener import RawStreamListener
 from cache_service.transfer_servicer import BlockTransferServicer, add_transfer_servicer
 from cache_service.transfer_settings import DEFAULT_CHUNK_BYTES, HTTP2_MAX_FRAME_BYTES, TRANSFER_MESSAGE_BYTES
 from cache_service.transfer_source import TransferFaults
+from common.logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger("transfer")
 
 # Kept importable from here for cache_node.py and local_node.py (their home modules are named above).
 __all__ = ["BlockTransferServicer", "DEFAULT_CHUNK_BYTES", "TransferFaults", "TransferServer"]
@@ -82,8 +81,8 @@ class TransferServer:
         self._server, self.port = server, port
         if self.raw is not None:
             self.servicer.raw_stream_address = await self.raw.start()
-        log.info("BlockTransfer listening on %s (raw block stream: %s)", self.address,
-                 self.servicer.raw_stream_address or "off")
+        log.info("BlockTransfer listening", extra={"address": self.address,
+                                                   "raw_stream_address": self.servicer.raw_stream_address or "off"})
         return self.address
 
     async def stop(self, grace_s: float = 0.5) -> None:
