@@ -31,10 +31,11 @@ from cache_service.block_hash import BlockHash, hash_prompt_blocks
 from cache_service.embedded_redis import EmbeddedRedis, connect
 from cache_service.index import ClusterIndex
 from cache_service.loop_thread import LoopThread
-from cache_service.raw_transfer import tune_socket
+from cache_service.raw_socket import tune_socket
 from cache_service.transfer_client import TransferClient
-from cache_service.transfer_server import BlockTransferServicer, TransferServer
 from cache_service.records import BlockStored
+from cache_service.transfer_server import TransferServer
+from cache_service.transfer_servicer import BlockTransferServicer
 from cache_service.types import NodeInfo
 from benchmarks.stats import percentile
 
@@ -277,7 +278,7 @@ def bench_transfer(num_blocks: int, nbytes: int, reps: int, *, out_of_process: b
     either rate alone. ``out_of_process``: the serving side runs in a spawned process."""
     import multiprocessing
 
-    from cache_service.transfer_server import DEFAULT_CHUNK_BYTES
+    from cache_service.transfer_settings import DEFAULT_CHUNK_BYTES
 
     chunk_bytes = chunk_bytes or DEFAULT_CHUNK_BYTES
     expected = make_blocks(num_blocks, nbytes)

@@ -20,7 +20,7 @@ from valkey_fixtures import valkey, valkey_module  # noqa: F401  (pytest fixture
 from cache_service.local_node import LocalCacheNode
 from cache_service.prefix_fetcher import FetchOutcome
 from cache_service.server import CacheServiceConfig, CacheServiceThread
-from cache_service.transfer_server import flip_one_byte
+from cache_service.transfer_source import flip_one_byte
 from protos.prefixcache.v1 import cache_pb2 as pb
 from protos.prefixcache.v1 import cache_pb2_grpc
 from workers.engine import Engine, EngineConfig
