@@ -31,10 +31,12 @@ from cache_service.block_hash import BlockHash, hash_prompt_blocks
 from cache_service.embedded_redis import EmbeddedRedis, connect
 from cache_service.index import ClusterIndex
 from cache_service.loop_thread import LoopThread
-from cache_service.raw_transfer import tune_socket
+from cache_service.raw_socket import tune_socket
 from cache_service.transfer_client import TransferClient
-from cache_service.transfer_server import BlockTransferServicer, TransferServer
-from cache_service.types import IndexEvent, NodeInfo
+from cache_service.records import BlockStored
+from cache_service.transfer_server import TransferServer
+from cache_service.transfer_servicer import BlockTransferServicer
+from cache_service.types import NodeInfo
 from loadgen.stats import percentile
 
 
@@ -93,7 +95,7 @@ async def bench_index(iters: int, memory_blocks: int) -> dict[str, Any]:
         ids: dict[bytes, str] = {}
         for i, n in enumerate(lengths):
             reg = await index.register(NodeInfo(f"node-{i}", f"127.0.0.1:{7000 + i}", "bench"), 600)
-            await index.publish(reg.node_id, reg.epoch, [IndexEvent("stored", h) for h in hashes[:n]])
+            await index.publish(reg.node_id, reg.epoch, [BlockStored(h) for h in hashes[:n]])
             ids[await index.redis.hget("pc:ids", reg.node_id)] = reg.node_id
         expected = {f"node-{i}": n for i, n in enumerate(lengths)}
         got = {m.node_id: m.num_blocks for m in await index.lookup(hashes)}
@@ -124,7 +126,7 @@ async def bench_index(iters: int, memory_blocks: int) -> dict[str, Any]:
         for k, reg in enumerate(regs, start=1):
             for start in range(0, len(blocks), 50_000):
                 await index.publish(reg.node_id, reg.epoch,
-                                    [IndexEvent("stored", h) for h in blocks[start : start + 50_000]])
+                                    [BlockStored(h) for h in blocks[start : start + 50_000]])
             used = int((await r.info("memory"))["used_memory"])
             mem[f"bytes_per_entry_{k}_holders"] = (used - base) / (k * len(blocks))
         mem["memory_usage_block_key_4_holders"] = await r.memory_usage(b"pc:b:" + blocks[0])
@@ -276,7 +278,7 @@ def bench_transfer(num_blocks: int, nbytes: int, reps: int, *, out_of_process: b
     either rate alone. ``out_of_process``: the serving side runs in a spawned process."""
     import multiprocessing
 
-    from cache_service.transfer_server import DEFAULT_CHUNK_BYTES
+    from cache_service.transfer_settings import DEFAULT_CHUNK_BYTES
 
     chunk_bytes = chunk_bytes or DEFAULT_CHUNK_BYTES
     expected = make_blocks(num_blocks, nbytes)
@@ -385,11 +387,12 @@ def build_llama_50m(folder: Path) -> None:
 
 def bench_model(num_tokens: int, reps: int) -> dict[str, Any]:
     from cache_service.local_node import LocalCacheNode
-    from cache_service.prefix_fetcher import FetcherConfig, FetchOutcome, PeerHint
+    from cache_service.prefix_fetcher import FetcherConfig, FetchOutcome
+    from cache_service.records import PeerHint
     from cache_service.cache_node import CacheNodeConfig
     from workers.engine import Engine, EngineConfig
     from workers.model import load_model
-    from workers.sampling import SamplingParams
+    from cache_service.records import SamplingParams
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "llama-50m"
@@ -415,7 +418,7 @@ def bench_model(num_tokens: int, reps: int) -> dict[str, Any]:
             assert out.cached_tokens == 0
             assert b.call(lambda e: e.pool.reset_cache())
             t0 = time.perf_counter()
-            f = b.fetch_prefix(prompt, hint=hint)
+            f = b.fetch_prefix(prompt, peer=hint, peer_known=True)
             transfer.append(time.perf_counter() - t0)
             assert f.outcome == FetchOutcome.TRANSFERRED and f.num_tokens == num_tokens, f
             out2 = b.call(lambda e: e.generate([prompt], params))[0]

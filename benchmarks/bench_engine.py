@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from loadgen.workloads import sgl_shared_prefix  # noqa: E402
 from workers.engine import Engine, EngineConfig  # noqa: E402
 from workers.model import load_model  # noqa: E402
-from workers.sampling import SamplingParams  # noqa: E402
+from cache_service.records import SamplingParams  # noqa: E402
 
 
 @dataclass
@@ -133,7 +133,7 @@ def engine_shared_prefix(engine: Engine, prompts: list[list[int]], scale: Scale)
     clock = Clock()
     outs = engine.generate(prompts, greedy(scale.output_len))
     elapsed = clock.stop()
-    stats = engine.stats()
+    stats = engine.load()
     return elapsed, [o.new_token_ids for o in outs], {
         "prefix_hit_tokens": stats.prefix_hit_tokens, "prefix_query_tokens": stats.prefix_query_tokens,
         "num_preemptions": stats.num_preemptions,

@@ -33,9 +33,11 @@ from cache_service.block_hash import hash_prompt_blocks
 from cache_service.embedded_redis import EmbeddedRedis, connect
 from cache_service.index import ClusterIndex
 from cache_service.server import CacheServiceConfig, CacheServiceThread
-from cache_service.types import IndexEvent, NodeInfo
+from cache_service.types import NodeInfo
 from router.cache_link import CacheLink
-from router.index_mirror import OP_STORED, IndexMirror
+from cache_service.records import BlockStored
+from router.index_mirror import IndexMirror
+from router.worker_client import InProcessWorkerClient
 from router.metrics import RouterMetrics
 from router.policies import WorkerLoad, make_policy
 from router.registry import WorkerRegistry
@@ -82,10 +84,10 @@ async def run(num_requests: int, num_workers: int, prompt_tokens: int) -> dict[s
             reg = await index.register(NodeInfo(wid, f"127.0.0.1:{7000 + len(registry.workers)}", "demo",
                                                 block_size=BS), 3600)
             hashes = [h for d, n in held for h in doc_hashes[d][:n]]
-            await index.publish(reg.node_id, reg.epoch, [IndexEvent("stored", h) for h in hashes])
-            mirror.apply_events(wid, [(OP_STORED, h) for h in hashes])
+            await index.publish(reg.node_id, reg.epoch, [BlockStored(h) for h in hashes])
+            mirror.apply_events(wid, [BlockStored(h) for h in hashes])
             num_entries += len(hashes)
-            state = registry.add(wid, handle=None, transfer_address=f"127.0.0.1:{7000 + len(registry.workers)}")
+            state = registry.add(InProcessWorkerClient(wid, None), transfer_address=f"127.0.0.1:{7000 + len(registry.workers)}")
             state.live, state.feed_epoch = True, "bench"
             state.load = WorkerLoad(wid, num_running=rng.randrange(8), num_waiting=rng.randrange(4),
                                     num_active_blocks=rng.randrange(500), capacity_blocks=4096,

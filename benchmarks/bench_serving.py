@@ -92,11 +92,13 @@ def run_policy(stack, name: str, policy: str, transfer: bool, weights: dict, req
                concurrency: int, ideal: int) -> RunResult:
     import ray
 
+    from router.ray_client import RayWorkerClient
     from router.server import RouterConfig, RouterThread, WorkerEndpoint
 
     ok = ray.get([h.reset_cache.remote() for h in stack.workers.values()], timeout=60)
     assert all(ok), "a worker still holds blocks: cannot reset its cache"
-    endpoints = [WorkerEndpoint(w, h, stack.worker_infos[w].node_id, stack.worker_infos[w].transfer_address)
+    endpoints = [WorkerEndpoint(RayWorkerClient(w, h), stack.worker_infos[w].node_id,
+                                    stack.worker_infos[w].transfer_address)
                  for w, h in stack.workers.items()]
     router = RouterThread(RouterConfig(block_size=BS, port=0, metrics_port=None, policy=policy, policy_weights=weights,
                                        cache_service_address=stack.cache_service_address,

@@ -80,3 +80,13 @@ def hash_prompt_blocks(
         hashes.append(h)
     return hashes
 
+
+
+def num_reusable_blocks(num_prompt_tokens: int, block_size: int) -> int:
+    """How many leading blocks of a prompt may come from the cache: the full blocks, less the block that
+    holds the prompt's last token when the prompt ends on a block boundary.
+
+    The engine always computes the prompt's last token (its logits give the first output token), so the
+    block holding it is never a hit. Every component that predicts, fetches or counts hits uses this one cap.
+    """
+    return max(0, (num_prompt_tokens - 1) // block_size)

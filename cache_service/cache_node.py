@@ -1,11 +1,11 @@
 """One worker's whole cache side: BlockTransfer server, cache client, prefix fetcher, pins, replica mirror.
 
 The node never touches the engine itself: everything goes through
-``engine_call(fn) -> awaitable fn(engine)``, which the owner runs on the
-engine's thread (a Ray worker's engine loop, or ``LocalCacheNode``'s lock).
-The owner also hands over the events it drains after each step
-(``push_events``, never blocks) and installs ``advisor`` as the block
-pool's ``EvictionAdvisor``.
+``engine_call(fn) -> awaitable fn(port)``, which the owner runs on the
+engine's thread (a Ray worker's engine loop, or ``LocalCacheNode``'s lock),
+and uses only the engine port (``cache_service/engine_port.py``). The owner
+also hands over the events it drains after each step (``push_events``,
+never blocks) and installs ``advisor`` with ``set_eviction_advisor``.
 
 All coroutines run on the owner's event loop::
 
@@ -18,14 +18,14 @@ All coroutines run on the owner's event loop::
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 from cache_service.block_hash import BlockHash
 from cache_service.client import CacheClient, CacheClientConfig, PinsFn
 from cache_service.pin_keeper import PinKeeper
-from cache_service.prefix_fetcher import EngineCall, FetcherConfig, FetchOutcome, FetchResult, PeerHint, PrefixFetcher
+from cache_service.engine_port import EngineCall, EnginePort
+from cache_service.prefix_fetcher import FetcherConfig, FetchOutcome, FetchResult, PrefixFetcher
 from cache_service.replica_mirror import ReplicaMirror
 from cache_service.transfer_client import TransferClient
 from cache_service.transfer_policy import TransferPolicy
@@ -35,10 +35,11 @@ from cache_service.transfer_server import (
     TransferFaults,
     TransferServer,
 )
-from cache_service.types import NodeInfo, NodeLoad, PrefixMatch
-from cache_service.records import BlockEvent
+from cache_service.records import BlockEvent, PeerHint, WorkerLoad
+from cache_service.types import NodeInfo, PrefixMatch
+from common.logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger("cache_service")
 
 
 @dataclass(slots=True)
@@ -53,11 +54,6 @@ class CacheNodeConfig:
     # per worker, on the same host; off, every transfer streams through gRPC.
     raw_stream: bool = True
     mirror_ttl_s: float = 60.0
-
-
-def engine_load(engine: Any) -> NodeLoad:
-    s = engine.stats()
-    return NodeLoad(s.num_running, s.num_waiting, s.num_free_blocks, s.num_cached_blocks)
 
 
 class CacheNode:
@@ -97,20 +93,20 @@ class CacheNode:
             transfer=self.transfer_client, policy=self.policy, mirror=self.mirror, config=cfg.fetcher,
             on_transfer=self._on_transfer,
         )
-        self.pins = PinKeeper(engine_call, self.fetcher)
+        self.pins = PinKeeper(engine_call, self.fetch_pinned_prefix)
         self._on_pins = on_pins or self.pins.apply
 
     @classmethod
-    def for_engine(cls, engine: Any, node_id: str, *, engine_call: EngineCall, cache_address: str | None,
-                   **kwargs: Any) -> CacheNode:
+    def for_engine(cls, engine: EnginePort, node_id: str, *, engine_call: EngineCall, cache_address: str | None,
+                   **kwargs) -> CacheNode:
         """Read the engine's static facts (safe from any thread: they never change)."""
         return cls(node_id, engine_call=engine_call, model_id=engine.model_id, block_size=engine.block_size,
-                   num_blocks=engine.pool.num_blocks, block_nbytes=engine.kv_cache.block_nbytes(),
+                   num_blocks=engine.num_blocks, block_nbytes=engine.block_nbytes,
                    cache_address=cache_address, **kwargs)
 
     @property
     def advisor(self) -> ReplicaMirror:
-        """Install as ``engine.pool.eviction_advisor``."""
+        """Install with the engine's ``set_eviction_advisor``."""
         return self.mirror
 
     @property
@@ -140,14 +136,22 @@ class CacheNode:
             self.client.offer_events(events)
 
     # ---- requests --------------------------------------------------------------------
-    async def fetch_prefix(self, prompt_ids: Sequence[int], cache_salt: str = "",
-                           hint: PeerHint | None = None) -> FetchResult:
-        """Before adding a request: import a longer prefix from a peer when that is cheaper."""
+    async def fetch_prefix(self, prompt_ids: Sequence[int], cache_salt: str = "", peer: PeerHint | None = None,
+                           *, peer_known: bool = False) -> FetchResult:
+        """Before adding a request: import a longer prefix from a peer when that is cheaper.
+
+        ``peer_known``: ``peer`` is the router's answer (None: no peer holds more); else ask the index.
+        """
         try:
-            return await self.fetcher.fetch_prefix(prompt_ids, cache_salt, hint)
+            return await self.fetcher.fetch_prefix(prompt_ids, cache_salt, peer, peer_known=peer_known)
         except Exception as exc:  # noqa: BLE001 - admission must never fail because of the cache
-            log.warning("prefix fetch failed unexpectedly; recomputing: %s", exc)
+            log.warning("prefix fetch failed unexpectedly; recomputing", extra={"error": repr(exc)})
             return FetchResult(FetchOutcome.FAILED, error=f"{type(exc).__name__}: {exc}")
+
+    async def fetch_pinned_prefix(self, token_ids: Sequence[int], cache_salt: str = "") -> FetchResult:
+        """Before pinning ``token_ids``: pull its full blocks from a peer when cheaper. The fetcher leaves a
+        prompt's last token to prefill, so one extra token makes every full block of the prefix eligible."""
+        return await self.fetch_prefix([*token_ids, 0], cache_salt)
 
     async def lookup(self, block_hashes: Sequence[BlockHash]) -> list[PrefixMatch]:
         if self.client is None:
@@ -166,8 +170,8 @@ class CacheNode:
             self.client.record_transfer(result.ok, result.num_blocks, result.num_bytes)
 
     async def _snapshot(self) -> list[BlockHash]:
-        return await self.engine_call(lambda e: e.pool.cached_hashes())
+        return await self.engine_call(lambda e: e.cached_hashes())
 
-    async def _load(self) -> NodeLoad:
-        return await self.engine_call(engine_load)
+    async def _load(self) -> WorkerLoad:
+        return await self.engine_call(lambda e: e.load())
 

@@ -27,6 +27,8 @@ Part = bytes | bytearray | memoryview
 
 
 class ChunkView(NamedTuple):
+    """One chunk as either stream delivers it to the requester's checks (a raw-stream block is one chunk)."""
+
     block_index: int
     block_hash: bytes
     chunk_index: int

@@ -27,16 +27,16 @@ import grpc
 from cache_service.block_hash import BlockHash
 from cache_service.event_queue import EventQueue
 from cache_service.servicer import node_info_to_proto
-from cache_service.types import NodeInfo, NodeLoad, PinAssignment, PrefixMatch, TransferCounts
+from cache_service.types import NodeInfo, PinAssignment, PrefixMatch, TransferCounts
 from cache_service.validation import MAX_EVENTS_PER_PUBLISH, MAX_MESSAGE_BYTES
 from protos.prefixcache.v1 import cache_pb2 as pb
 from protos.prefixcache.v1 import cache_pb2_grpc
-from cache_service.records import AllBlocksCleared, BlockEvent, BlockRemoved, BlockStored
+from cache_service.records import AllBlocksCleared, BlockEvent, BlockRemoved, BlockStored, WorkerLoad
 
 log = logging.getLogger(__name__)
 
 SnapshotFn = Callable[[], "list[BlockHash] | Awaitable[list[BlockHash]]"]
-LoadFn = Callable[[], "NodeLoad | Awaitable[NodeLoad]"]
+LoadFn = Callable[[], "WorkerLoad | Awaitable[WorkerLoad]"]
 PinsFn = Callable[[list[PinAssignment]], "None | Awaitable[None]"]
 
 
@@ -100,7 +100,7 @@ class CacheClient:
         self.queue = EventQueue(self.config.queue_capacity)
         self.stats = CacheClientStats()
         self._snapshot = snapshot
-        self._load = load or NodeLoad
+        self._load = load or WorkerLoad
         self._on_pins = on_pins
         self._channel: grpc.aio.Channel | None = None
         self._stub: cache_pb2_grpc.CacheServiceStub | None = None

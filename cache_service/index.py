@@ -23,13 +23,12 @@ from redis import exceptions as rexc
 
 from cache_service import lua_scripts
 from cache_service.block_hash import HASH_NBYTES, BlockHash
+from cache_service.records import AllBlocksCleared, BlockEvent, BlockStored, WorkerLoad
 from cache_service.types import (
     HeartbeatResult,
-    IndexEvent,
     IndexStats,
     NodeId,
     NodeInfo,
-    NodeLoad,
     NodeStatus,
     PinAssignment,
     PinSpec,
@@ -93,11 +92,11 @@ def unpack_tokens(raw: bytes) -> tuple[int, ...]:
     return tuple(int(t) for t in np.frombuffer(raw, dtype="<u4"))
 
 
-def _encode_event(event: IndexEvent) -> bytes:
-    if event.kind == "cleared":
+def _encode_event(event: BlockEvent) -> bytes:
+    if isinstance(event, AllBlocksCleared):
         return b"C"
-    assert event.block_hash is not None and len(event.block_hash) == HASH_NBYTES
-    return (b"S" if event.kind == "stored" else b"R") + event.block_hash
+    assert len(event.block_hash) == HASH_NBYTES
+    return (b"S" if isinstance(event, BlockStored) else b"R") + event.block_hash
 
 
 class ClusterIndex:
@@ -145,7 +144,7 @@ class ClusterIndex:
         return Registration(info.node_id, int(epoch))
 
     async def heartbeat(
-        self, node_id: NodeId, epoch: int, load: NodeLoad, transfers: TransferCounts | None = None
+        self, node_id: NodeId, epoch: int, load: WorkerLoad, transfers: TransferCounts | None = None
     ) -> HeartbeatResult:
         t = transfers or TransferCounts()
         out = await self._run(
@@ -175,7 +174,7 @@ class ClusterIndex:
 
     # ---- block events ----------------------------------------------------------
     async def publish(
-        self, node_id: NodeId, epoch: int, events: Sequence[IndexEvent], *, full_snapshot: bool = False
+        self, node_id: NodeId, epoch: int, events: Sequence[BlockEvent], *, full_snapshot: bool = False
     ) -> int:
         """Apply a node's events (atomically up to PUBLISH_CHUNK); returns how many were applied."""
         ops = [_encode_event(e) for e in events]
@@ -273,8 +272,8 @@ class ClusterIndex:
             for attr, name, conv in _INFO_FIELDS:
                 if name in h:
                     setattr(info, attr, conv(h[name]))
-            load = NodeLoad(int(h.get("running", 0)), int(h.get("waiting", 0)),
-                            int(h.get("free", 0)), int(h.get("cached", 0)))
+            load = WorkerLoad(node_id, num_running=int(h.get("running", 0)), num_waiting=int(h.get("waiting", 0)),
+                              num_free_blocks=int(h.get("free", 0)), num_cached_blocks=int(h.get("cached", 0)))
             nodes.append(NodeStatus(info, load, int(res[3 * i + 2]), bool(res[3 * i + 1]), int(h.get("epoch", 0))))
         counters = {_s(k): int(v) for k, v in res[-3].items()}
         pins = []

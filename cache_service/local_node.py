@@ -20,7 +20,8 @@ from typing import Any, Callable, Sequence, TypeVar
 
 from cache_service.cache_node import CacheNode, CacheNodeConfig
 from cache_service.loop_thread import LoopThread
-from cache_service.prefix_fetcher import FetchResult, PeerHint
+from cache_service.prefix_fetcher import FetchResult
+from cache_service.records import PeerHint
 from cache_service.transfer_server import TransferFaults
 
 T = TypeVar("T")
@@ -42,7 +43,7 @@ class LocalCacheNode:
         self.loop = LoopThread(f"cache-node-{node_id}")
         self.node = CacheNode.for_engine(engine, node_id, engine_call=self._engine_call,
                                          cache_address=cache_address, config=config, faults=faults)
-        engine.pool.eviction_advisor = self.node.advisor
+        engine.set_eviction_advisor(self.node.advisor)
         self._started = False
 
     @property
@@ -81,14 +82,14 @@ class LocalCacheNode:
         return await asyncio.to_thread(self.call, fn)
 
     # ---- requests ---------------------------------------------------------------------
-    def fetch_prefix(self, prompt_ids: Sequence[int], cache_salt: str = "", hint: PeerHint | None = None,
-                     timeout_s: float = 60.0) -> FetchResult:
-        return self.loop.run(self.node.fetch_prefix(list(prompt_ids), cache_salt, hint), timeout_s)
+    def fetch_prefix(self, prompt_ids: Sequence[int], cache_salt: str = "", peer: PeerHint | None = None, *,
+                     peer_known: bool = False, timeout_s: float = 60.0) -> FetchResult:
+        return self.loop.run(self.node.fetch_prefix(list(prompt_ids), cache_salt, peer, peer_known=peer_known),
+                             timeout_s)
 
-    def add_request(self, request_id: str, prompt_ids: Sequence[int], params: Any, cache_salt: str = "",
-                    hint: PeerHint | None = None) -> FetchResult:
+    def add_request(self, request_id: str, prompt_ids: Sequence[int], params: Any, cache_salt: str = "") -> FetchResult:
         """Admission with transfer: fetch what a peer can give cheaper, then queue the request."""
-        result = self.fetch_prefix(prompt_ids, cache_salt, hint)
+        result = self.fetch_prefix(prompt_ids, cache_salt)
         self.call(lambda e: e.add_request(request_id, prompt_ids, params, cache_salt))
         return result
 

@@ -10,50 +10,43 @@ is how a pinned prefix is re-warmed on a replacement node when a holder dies.
 
 from __future__ import annotations
 
-import logging
-from typing import Any
+from typing import Awaitable, Callable, Sequence
 
-from cache_service.prefix_fetcher import EngineCall, PrefixFetcher
-from cache_service.types import PinAssignment, PinId
+from cache_service.engine_port import EngineCall
+from cache_service.types import PinAssignment
+from common.logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger("cache_service")
 
-PinKey = tuple[tuple[int, ...], str]  # (token ids, cache salt): what the engine pins by
+# Pulls a prefix to be pinned from a peer that holds it, when cheaper (CacheNode.fetch_pinned_prefix).
+WarmFn = Callable[[Sequence[int], str], Awaitable[object]]
 
 
 class PinKeeper:
-    def __init__(self, engine_call: EngineCall, fetcher: PrefixFetcher | None = None) -> None:
+    """Converges the engine's pin table (the one table, keyed by pin id) on the service's assignments."""
+
+    def __init__(self, engine_call: EngineCall, warm: WarmFn | None = None) -> None:
         self.engine_call = engine_call
-        self.fetcher = fetcher
-        self.held: dict[PinId, PinKey] = {}
-        self.num_pinned_blocks: dict[PinId, int] = {}
+        self.warm = warm
 
     async def apply(self, assignments: list[PinAssignment]) -> None:
         """Converge on ``assignments``; raises (after trying them all) if a pin could not be warmed."""
-        wanted: dict[PinId, PinKey] = {p.pin_id: (tuple(p.token_ids), p.cache_salt) for p in assignments}
-        for pin_id in [p for p in self.held if wanted.get(p) != self.held[p]]:
-            key = self.held.pop(pin_id)
-            self.num_pinned_blocks.pop(pin_id, None)
-            if key not in self.held.values():  # another pin id may hold the same prefix
-                await self.engine_call(lambda e, k=key: e.unpin(list(k[0]), k[1]))
-                log.info("released pin %s", pin_id)
+        wanted = {p.pin_id: p for p in assignments}
+        held = await self.engine_call(lambda e: e.pinned())
+        for pin_id in [p for p in held if p not in wanted]:
+            await self.engine_call(lambda e, p=pin_id: e.unpin(p))
+            log.info("released pin", extra={"pin_id": pin_id})
         errors = []
-        for pin_id, key in wanted.items():
-            if pin_id in self.held:
+        for pin_id, p in wanted.items():
+            if pin_id in held:
                 continue
-            tokens, salt = key
             try:
-                if self.fetcher is not None:
-                    await self.fetcher.fetch_prefix(tokens, salt)
-                num = await self.engine_call(lambda e: e.pin(list(tokens), salt))
+                if self.warm is not None:
+                    await self.warm(p.token_ids, p.cache_salt)
+                num = await self.engine_call(lambda e, p=p: e.pin(p.pin_id, list(p.token_ids), p.cache_salt))
             except Exception as exc:  # noqa: BLE001 - one bad pin must not block the others
                 errors.append(f"{pin_id}: {exc}")
                 continue
-            self.held[pin_id] = key
-            self.num_pinned_blocks[pin_id] = num
-            log.info("holding pin %s (%d blocks)", pin_id, num)
+            log.info("holding pin", extra={"pin_id": pin_id, "num_blocks": num})
         if errors:
             raise RuntimeError("could not warm pins: " + "; ".join(errors))
-
-    def pinned(self) -> dict[PinId, Any]:
-        return dict(self.num_pinned_blocks)

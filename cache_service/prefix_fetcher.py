@@ -2,9 +2,9 @@
 
 For a prompt arriving on this node:
 
-    hashes  = the prompt's full blocks, capped like the engine's hit: (len - 1) // block_size
+    hashes  = the prompt's full blocks, capped like the engine's hit: num_reusable_blocks(len)
     local   = leading blocks this engine holds
-    peer    = the live node with the longest prefix (a hint from the router, else Lookup)
+    peer    = the live node with the longest prefix (the router's answer when it gave one, else Lookup)
     missing = hashes[local:peer.num_blocks]
     if predicted transfer(missing bytes) beats recompute(missing tokens):
         fetch missing from the peer (deadline), import them, report
@@ -21,23 +21,23 @@ token-checked by the block pool.
 from __future__ import annotations
 
 import enum
-import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, NamedTuple, Sequence, TypeVar
+from typing import Awaitable, Callable, Sequence
 
-from cache_service.block_hash import BlockHash, hash_prompt_blocks
+from cache_service.block_hash import BlockHash, hash_prompt_blocks, num_reusable_blocks
+from cache_service.block_wire import BlockImportError
+from cache_service.engine_port import EngineCall, EnginePort
+from cache_service.peers import best_peer
+from cache_service.records import PeerHint
 from cache_service.replica_mirror import ReplicaMirror
 from cache_service.transfer_client import TransferClient, TransferError
 from cache_service.transfer_policy import TransferPolicy
 from cache_service.types import PrefixMatch
-from cache_service.block_wire import BlockImportError
+from common.logs import get_logger
 
-log = logging.getLogger(__name__)
-T = TypeVar("T")
+log = get_logger("cache_service")
 
-# Runs fn(engine) on the engine's thread and returns its result.
-EngineCall = Callable[[Callable[[Any], T]], Awaitable[T]]
 LookupFn = Callable[[Sequence[BlockHash]], Awaitable[list[PrefixMatch]]]
 
 
@@ -48,14 +48,6 @@ class FetchOutcome(str, enum.Enum):
     TRANSFERRED = "transferred"  # every missing block was fetched and imported
     PARTIAL = "partial"  # some leading blocks were imported, then the peer ran out (stale entry)
     FAILED = "failed"  # nothing usable arrived: the engine recomputes
-
-
-class PeerHint(NamedTuple):
-    """The router's routing-time knowledge: saves a Lookup round trip."""
-
-    node_id: str
-    transfer_address: str
-    num_blocks: int
 
 
 @dataclass(slots=True)
@@ -79,6 +71,11 @@ class FetchResult:
     @property
     def ok(self) -> bool:
         return self.outcome is FetchOutcome.TRANSFERRED
+
+    @property
+    def imported(self) -> bool:
+        """Some blocks were imported (all, or a leading part)."""
+        return self.outcome in (FetchOutcome.TRANSFERRED, FetchOutcome.PARTIAL)
 
 
 @dataclass(slots=True)
@@ -119,47 +116,47 @@ class PrefixFetcher:
         self.config = config or FetcherConfig()
         self.on_transfer = on_transfer
 
-    def _best_peer(self, matches: Sequence[PrefixMatch], num_local: int) -> PrefixMatch | None:
-        for m in matches:  # longest first
-            if m.node_id != self.node_id and m.transfer_address and m.num_blocks > num_local:
-                return m
-        return None
-
     async def fetch_prefix(
-        self, prompt_ids: Sequence[int], cache_salt: str = "", hint: PeerHint | None = None
+        self, prompt_ids: Sequence[int], cache_salt: str = "", peer: PeerHint | None = None, *,
+        peer_known: bool = False,
     ) -> FetchResult:
+        """``peer_known``: ``peer`` is the router's answer (None: no peer holds more), so no Lookup is made."""
         started = time.perf_counter()
-        max_blocks = max(0, (len(prompt_ids) - 1) // self.block_size)
+        max_blocks = num_reusable_blocks(len(prompt_ids), self.block_size)
         hashes = hash_prompt_blocks(prompt_ids[: max_blocks * self.block_size], self.block_size,
                                     self.model_id, cache_salt)
         if not hashes:
             return FetchResult(FetchOutcome.LOCAL)
         num_local, rate = await self.engine_call(
-            lambda e: (e.num_cached_prefix_blocks(hashes), e.stats().prefill_tokens_per_s)
+            lambda e: (e.num_cached_prefix_blocks(hashes), e.load().prefill_tokens_per_s)
         )
         self.policy.observe_prefill_rate(rate)
         if num_local >= len(hashes):
             return FetchResult(FetchOutcome.LOCAL, num_local_blocks=num_local)
-        if hint is not None and hint.node_id != self.node_id:
-            matches = [PrefixMatch(hint.node_id, min(hint.num_blocks, len(hashes)), hint.transfer_address)]
+        if peer_known:
+            matches = [] if peer is None or peer.node_id == self.node_id else [
+                PrefixMatch(peer.node_id, min(peer.num_blocks, len(hashes)), peer.transfer_address)]
         else:
             matches = await self.lookup(hashes)
         if self.mirror is not None:
             for m in matches:
                 if m.node_id != self.node_id:
                     self.mirror.mark_replicated(hashes[: m.num_blocks])
-        peer = self._best_peer(matches, num_local)
-        if peer is None:
+        by_node = {m.node_id: m for m in matches if m.transfer_address}
+        best = best_peer({m.node_id: m.num_blocks for m in by_node.values()}, exclude=self.node_id,
+                         more_than=num_local)
+        if best is None:
             return FetchResult(FetchOutcome.NO_PEER, num_local_blocks=num_local)
-        num_missing = peer.num_blocks - num_local
+        source = by_node[best[0]]
+        num_missing = source.num_blocks - num_local
         decision = self.policy.decide(num_missing * self.block_size, num_missing * self.block_nbytes)
         result = FetchResult(
-            FetchOutcome.RECOMPUTE, num_local_blocks=num_local, num_peer_blocks=peer.num_blocks, peer=peer.node_id,
+            FetchOutcome.RECOMPUTE, num_local_blocks=num_local, num_peer_blocks=source.num_blocks, peer=source.node_id,
             predicted_transfer_s=decision.predicted_transfer_s, predicted_recompute_s=decision.predicted_recompute_s,
         )
         if not (decision.transfer or self.config.always_transfer):
             return result
-        await self._fetch(result, peer, hashes, num_local, cache_salt)
+        await self._fetch(result, source, hashes, num_local, cache_salt)
         result.seconds = time.perf_counter() - started
         if self.on_transfer is not None:
             self.on_transfer(result)
@@ -177,7 +174,7 @@ class PrefixFetcher:
             )
         except TransferError as exc:
             result.outcome, result.error = FetchOutcome.FAILED, str(exc)
-            log.info("fetch from %s failed, recomputing: %s", peer.node_id, exc)
+            log.info("fetch failed, recomputing", extra={"peer": peer.node_id, "error": str(exc)})
             return
         elapsed = time.perf_counter() - t0
         result.num_bytes = num_bytes
@@ -187,7 +184,7 @@ class PrefixFetcher:
             return
         parent = hashes[num_local - 1] if num_local else None
 
-        def do_import(engine: Any) -> tuple[int, str | None]:
+        def do_import(engine: EnginePort) -> tuple[int, str | None]:
             try:
                 engine.import_blocks(blocks, parent_hash=parent, cache_salt=cache_salt)
                 error = None
@@ -207,6 +204,6 @@ class PrefixFetcher:
             result.outcome = FetchOutcome.PARTIAL if num_imported else FetchOutcome.FAILED
             result.error = error or (f"peer {peer.node_id} sent {len(blocks)} of {len(wanted)} blocks "
                                      f"(stale index entry)")
-            log.info("partial fetch from %s: %s", peer.node_id, result.error)
+            log.info("partial fetch", extra={"peer": peer.node_id, "error": result.error})
         if self.mirror is not None and num_imported:
             self.mirror.mark_replicated(hashes[num_local : num_local + num_imported])

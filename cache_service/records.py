@@ -30,9 +30,11 @@ __all__ = [
 # ---- block events: every change of an engine's cached set ---------------------------------------------
 class BlockStored(NamedTuple):
     block_hash: BlockHash
-    parent_hash: BlockHash | None
-    token_ids: tuple[int, ...]
-    block_id: int
+    # What the engine knows beyond the hash; an index that only learns hashes (the cache service, a
+    # snapshot) leaves them at their defaults.
+    parent_hash: BlockHash | None = None
+    token_ids: tuple[int, ...] = ()
+    block_id: int | None = None
 
 
 class BlockRemoved(NamedTuple):

@@ -19,7 +19,8 @@ import grpc
 from cache_service import validation as v
 from cache_service.block_hash import BlockHash
 from cache_service.index import ClusterIndex, IndexUnavailable, NodeExpired, NodeNotFound, StaleEpoch
-from cache_service.types import IndexEvent, NodeInfo, NodeLoad, PinSpec, TransferCounts
+from cache_service.records import AllBlocksCleared, BlockEvent, BlockRemoved, BlockStored, WorkerLoad
+from cache_service.types import NodeInfo, PinSpec, TransferCounts
 from protos.prefixcache.v1 import cache_pb2 as pb
 from protos.prefixcache.v1 import cache_pb2_grpc
 
@@ -50,20 +51,20 @@ def node_info_to_proto(i: NodeInfo) -> pb.NodeInfo:
     )
 
 
-def _events_from_proto(events: Any) -> list[IndexEvent]:
-    out: list[IndexEvent] = []
+def _events_from_proto(events: Any) -> list[BlockEvent]:
+    out: list[BlockEvent] = []
     for i, e in enumerate(events):
         kind = e.WhichOneof("kind")
         if kind == "stored":
             v.check_hashes([e.stored.block_hash], f"events[{i}].stored.block_hash", 1)
             if e.stored.parent_hash:
                 v.check_hashes([e.stored.parent_hash], f"events[{i}].stored.parent_hash", 1)
-            out.append(IndexEvent("stored", BlockHash(e.stored.block_hash)))
+            out.append(BlockStored(BlockHash(e.stored.block_hash), BlockHash(e.stored.parent_hash) or None))
         elif kind == "removed":
             v.check_hashes([e.removed.block_hash], f"events[{i}].removed.block_hash", 1)
-            out.append(IndexEvent("removed", BlockHash(e.removed.block_hash)))
+            out.append(BlockRemoved(BlockHash(e.removed.block_hash)))
         elif kind == "cleared":
-            out.append(IndexEvent("cleared"))
+            out.append(AllBlocksCleared())
         else:
             raise v.InvalidRequest(f"events[{i}] has no kind (stored, removed or cleared)")
     return out
@@ -109,7 +110,8 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             ld, t = request.load, request.transfers
             res = await self.index.heartbeat(
                 request.node_id, request.epoch,
-                NodeLoad(ld.num_running, ld.num_waiting, ld.num_free_blocks, ld.num_cached_blocks),
+                WorkerLoad(request.node_id, num_running=ld.num_running, num_waiting=ld.num_waiting,
+                           num_free_blocks=ld.num_free_blocks, num_cached_blocks=ld.num_cached_blocks),
                 TransferCounts(t.num_transfers, t.num_failed, t.num_blocks, t.num_bytes),
             )
             return pb.HeartbeatResponse(

@@ -6,6 +6,13 @@ raises ``TransferError`` saying what went wrong: deadline exceeded, peer
 unreachable, or a stream that breaks the protocol (blocks out of order, a
 hash that was not asked for, missing chunks, no token ids). The payload
 checksum is verified when the blocks are imported.
+
+    first fetch from a peer:  gRPC FetchBlocks (accept_raw_stream) --> chunks, or one answer naming
+                              its raw block stream --> the same request again there (raw_client)
+    later fetches:            the raw stream while it answers; gRPC for a while after it cannot be reached
+
+Both streams deliver ``ChunkView``s (``chunk_codec``) to one ``_Assembler``, so one set of protocol
+checks and one reassembly serve both.
 """
 
 from __future__ import annotations
@@ -16,9 +23,10 @@ from typing import Sequence
 import grpc
 
 from cache_service.block_hash import BlockHash
+from cache_service.block_wire import ExportedBlock
 from cache_service.chunk_codec import ChunkDecodeError, ChunkView, decode_chunks
-from cache_service.raw_transfer import RawConnectError, RawStreamError, RawStreamPool, raw_handoff
-from cache_service.transfer_server import (
+from cache_service.raw_client import RawConnectError, RawStreamError, RawStreamPool
+from cache_service.transfer_settings import (
     DEFAULT_CHUNK_BYTES,
     FETCH_METHOD,
     HTTP2_MAX_FRAME_BYTES,
@@ -26,14 +34,17 @@ from cache_service.transfer_server import (
     TRANSFER_MESSAGE_BYTES,
 )
 from protos.prefixcache.v1 import cache_pb2 as pb
-from cache_service.block_wire import ExportedBlock
-
 
 RAW_RETRY_AFTER_S = 30.0  # after a raw stream could not be reached, use gRPC for this long
 
 
 class TransferError(RuntimeError):
     """A fetch from a peer failed; the caller recomputes instead."""
+
+
+def _raw_handoff(chunks: Sequence[ChunkView]) -> str:
+    """The raw stream address of a FetchBlocks answer that hands the fetch over, else ''."""
+    return chunks[0].raw_stream_address if len(chunks) == 1 and not chunks[0].data else ""
 
 
 class _Assembler:
@@ -91,7 +102,7 @@ class TransferClient:
                  raw_stream: bool = True) -> None:
         self.requester = requester
         self.max_chunk_bytes = max_chunk_bytes
-        self.raw_stream = raw_stream  # ask peers for their raw block stream (raw_transfer)
+        self.raw_stream = raw_stream  # ask peers for their raw block stream (raw_client)
         self._channels: dict[str, grpc.aio.Channel] = {}
         # Per peer (its gRPC address): its raw stream address, "" when it has none. Learnt on the first fetch.
         self._raw_addresses: dict[str, str] = {}
@@ -112,7 +123,7 @@ class TransferClient:
                 ("grpc.initial_reconnect_backoff_ms", 100),
                 ("grpc.min_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 1000),
-                # Throughput (see transfer_server): big frames, and a stream window that keeps the
+                # Throughput (see transfer_settings): big frames, and a stream window that keeps the
                 # sender from waiting for window updates between 1 MiB messages.
                 ("grpc.http2.max_frame_size", HTTP2_MAX_FRAME_BYTES),
                 ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
@@ -194,7 +205,7 @@ class TransferClient:
                     raise TransferError(f"malformed chunk from {address}: {exc}") from exc
                 if first:
                     first = False
-                    handoff = raw_handoff(chunks)
+                    handoff = _raw_handoff(chunks)
                     self._raw_addresses[address] = handoff
                     if handoff:
                         call.cancel()

@@ -7,9 +7,10 @@ Proto messages stop at the servicer / client edges; everything in between
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 from cache_service.block_hash import BlockHash
+from cache_service.records import WorkerLoad
 
 NodeId = str
 PinId = str
@@ -29,14 +30,6 @@ class NodeInfo:
 
 
 @dataclass(slots=True)
-class NodeLoad:
-    num_running: int = 0
-    num_waiting: int = 0
-    num_free_blocks: int = 0
-    num_cached_blocks: int = 0
-
-
-@dataclass(slots=True)
 class TransferCounts:
     """Transfers a node made since its last heartbeat (deltas)."""
 
@@ -49,16 +42,6 @@ class TransferCounts:
 class Registration(NamedTuple):
     node_id: NodeId
     epoch: int
-
-
-EventKind = Literal["stored", "removed", "cleared"]
-
-
-class IndexEvent(NamedTuple):
-    """One change of a node's cached set, as the index applies it."""
-
-    kind: EventKind
-    block_hash: BlockHash | None = None  # None only for "cleared"
 
 
 class PrefixMatch(NamedTuple):
@@ -108,7 +91,7 @@ class PinStatus:
 @dataclass(slots=True)
 class NodeStatus:
     info: NodeInfo
-    load: NodeLoad
+    load: WorkerLoad
     num_indexed_blocks: int
     alive: bool
     epoch: int

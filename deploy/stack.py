@@ -120,6 +120,7 @@ class Stack:
         import ray
 
         from router.auth import TokenAuth
+        from router.ray_client import RayWorkerClient
         from router.server import RouterConfig, RouterThread, WorkerEndpoint
 
         cfg = self.config
@@ -143,7 +144,8 @@ class Stack:
         nodes = ray.nodes()
         plan = self._start_workers(nodes)
         endpoints = [
-            WorkerEndpoint(wid, handle, self.worker_infos[wid].node_id, self.worker_infos[wid].transfer_address)
+            WorkerEndpoint(RayWorkerClient(wid, handle), self.worker_infos[wid].node_id,
+                           self.worker_infos[wid].transfer_address)
             for wid, handle in self.workers.items()
         ]
         self.router = RouterThread(RouterConfig(
@@ -261,13 +263,15 @@ class Stack:
         router = self.router
         if router is None or router.server is None:
             raise RuntimeError("the router is not running")
+        from router.ray_client import RayWorkerClient
+
         registry = router.server.registry
         with self._lock:
             joining = [(w, self.workers[w], i) for w, i in infos.items() if w in self.workers]
 
         async def add() -> None:  # on the router's loop: the registry is not thread-safe
             for worker_id, handle, info in joining:
-                registry.add(worker_id, handle, info.node_id, info.transfer_address)
+                registry.add(RayWorkerClient(worker_id, handle), info.node_id, info.transfer_address)
 
         router.call(add(), timeout_s=10)
 

@@ -1,11 +1,11 @@
 """Sending a request to its worker, streaming the tokens back, and failing over.
 
-    admit (in-flight cap) -> route -> worker.generate (Ray streaming generator) -> deltas
-                                  ^                                                  |
-                                  +-- worker lost before any token reached the client+
+    admit (in-flight cap) -> route -> client.generate(GenerateCall) -> deltas
+                                  ^                                           |
+                                  +-- worker lost before any token reached the client
 
-A worker that dies (``ActorDiedError``), becomes unreachable, or leaves rotation (the registry's
-``down`` event: it stopped answering polls) while serving a request fails the *attempt*: the worker
+A worker whose call fails (``WorkerCallError``: dead, restarting, unreachable) or that leaves rotation
+(the registry's ``down`` event: it stopped answering polls) while serving a request fails the *attempt*: the worker
 is taken out of rotation and, if the client has seen no token yet, the request is routed again
 among the remaining workers. Once tokens reached a streaming client the request cannot be replayed
 invisibly, so it ends with ``StreamBrokenError`` (UNAVAILABLE). A unary ``Generate`` client sees
@@ -15,20 +15,18 @@ nothing before the end, so it is always restartable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
-import ray
-
+from cache_service.records import Delta, GenerateCall, InvalidRequestError, Usage
 from common.logs import get_logger
 from router.metrics import RouterMetrics, tenant_label
-from router.registry import WorkerRegistry
+from router.registry import WorkerRegistry, WorkerState
 from router.routing import Decision, NoWorkerError, RoutingCore
 from router.validation import ValidRequest
-from workers.ray_worker import StreamChunk
-from workers.sampling import InvalidRequestError
+from router.worker_client import WorkerCallError
 
 log = get_logger("router.dispatch")
 
@@ -43,27 +41,6 @@ class StreamBrokenError(Exception):
 
 class WorkerLostError(Exception):
     """One attempt failed because its worker died, hung or left rotation."""
-
-
-@dataclass(slots=True)
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    transferred_tokens: int = 0
-    predicted_cached_tokens: int = 0
-
-
-@dataclass(slots=True)
-class Delta:
-    """What the servicer turns into one GenerateResponse (``restart``: drop what came before)."""
-
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str = ""
-    usage: Usage | None = None
-    worker_id: str = ""
-    restart: bool = False
 
 
 class Dispatcher:
@@ -144,63 +121,64 @@ class Dispatcher:
         w = self.registry.get(decision.worker_id)
         assert w is not None
         # Unique per attempt: a client may reuse request ids, and a retried attempt must not collide.
-        engine_id = f"{req.request_id}#{uuid.uuid4().hex[:8]}"
-        now = time.monotonic()
-        self.routing.mirror.note_routed(w.worker_id, hashes, now)
+        call = GenerateCall(f"{req.request_id}#{uuid.uuid4().hex[:8]}", req.prompt_ids, req.params, req.cache_salt,
+                            peer=decision.peer, peer_known=True)
+        self.routing.mirror.note_routed(w.worker_id, hashes, self.registry.clock())
         self.registry.note_routed(w.worker_id, decision.num_prompt_blocks - decision.num_cached_blocks)
-        down = w.down
         w.num_in_flight += 1
         finished = False
         first_token_at: float | None = None
         last_token_at = 0.0
-        down_wait = asyncio.ensure_future(down.wait())
+        down_wait = asyncio.ensure_future(w.down.wait())
+        deltas = w.client.generate(call)
         try:
-            gen = w.handle.generate.options(num_returns="streaming").remote(
-                engine_id, req.prompt_ids, req.params, req.cache_salt, decision.hint)
-            it = gen.__aiter__()
             while True:
-                chunk = await self._next_chunk(it, down_wait, w.worker_id)
-                if chunk is None:
+                delta = await self._next_delta(deltas, down_wait, w)
+                if delta is None:
                     raise WorkerLostError("the worker ended the stream without a final message")
-                if chunk.error is not None:
-                    if chunk.invalid:
+                if delta.failure is not None:
+                    if delta.failure.invalid:
                         finished = True
                         self.metrics.record_failed(w.worker_id, tenant, "error")
-                        raise InvalidRequestError(chunk.error)
-                    raise WorkerLostError(f"the worker failed the request: {chunk.error}")
+                        raise InvalidRequestError(delta.failure.message)
+                    raise WorkerLostError(f"the worker failed the request: {delta.failure.message}")
                 now_p = time.perf_counter()
-                if chunk.token_ids:
+                if delta.token_ids:
                     if first_token_at is None:
                         first_token_at = now_p
                         self.metrics.ttft.labels(w.worker_id, tenant_label(tenant)).observe(now_p - started)
                     else:
-                        per_token = (now_p - last_token_at) / len(chunk.token_ids)
+                        per_token = (now_p - last_token_at) / len(delta.token_ids)
                         itl = self.metrics.itl.labels(w.worker_id)
-                        for _ in chunk.token_ids:
+                        for _ in delta.token_ids:
                             itl.observe(per_token)
                     last_token_at = now_p
-                delta = Delta(token_ids=chunk.token_ids, text=chunk.text, worker_id=w.worker_id)
-                if chunk.finished:
+                delta.worker_id = w.worker_id
+                if delta.finished:
                     finished = True
-                    delta.finish_reason = chunk.finish_reason or "stop"
-                    delta.usage = Usage(chunk.prompt_tokens, chunk.completion_tokens, chunk.cached_tokens,
-                                        chunk.transferred_tokens, decision.predicted_cached_tokens)
-                    self._record(req, tenant, decision, chunk)
+                    usage = delta.usage or Usage()
+                    usage.predicted_cached_tokens = decision.predicted_cached_tokens
+                    delta.usage = usage
+                    self._record(req, tenant, decision, usage, delta.finish_reason)
                     yield delta
                     return
                 yield delta
         except BaseException as exc:
             if not finished:
-                self._abort(w.handle, engine_id)
+                w.client.abort(call.request_id)
                 if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
                     self.metrics.record_failed(w.worker_id, tenant, "aborted")
             raise
         finally:
             down_wait.cancel()
             w.num_in_flight -= 1
+            with contextlib.suppress(RuntimeError):  # still running: a cancelled __anext__ is unwinding it
+                await deltas.aclose()
 
-    async def _next_chunk(self, it: Any, down_wait: asyncio.Future, worker_id: str) -> StreamChunk | None:
-        nxt = asyncio.ensure_future(self._await_next(it))
+    async def _next_delta(self, deltas: AsyncIterator[Delta], down_wait: asyncio.Future,
+                          w: WorkerState) -> Delta | None:
+        """The next delta, or None at the end; ``WorkerLostError`` when the worker fails or leaves rotation."""
+        nxt = asyncio.ensure_future(deltas.__anext__())
         try:
             await asyncio.wait({nxt, down_wait}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
@@ -208,40 +186,22 @@ class Dispatcher:
             raise
         if not nxt.done():
             nxt.cancel()
-            raise WorkerLostError(f"{worker_id} left rotation ({self._why_down(worker_id)})")
+            await asyncio.wait({nxt})  # let the generator unwind before it is closed
+            raise WorkerLostError(f"{w.worker_id} left rotation ({w.last_error or 'out of rotation'})")
         try:
             return nxt.result()
         except StopAsyncIteration:
             return None
-        except ray.exceptions.ActorDiedError as exc:
-            self.registry.take_out(worker_id, f"actor died: {type(exc).__name__}", dead=True)
-            raise WorkerLostError(f"the worker process died ({type(exc).__name__})") from None
-        except ray.exceptions.RayError as exc:
-            self.registry.take_out(worker_id, f"call failed: {type(exc).__name__}")
-            raise WorkerLostError(f"the worker is unreachable ({type(exc).__name__})") from None
+        except WorkerCallError as exc:
+            self.registry.take_out(w.worker_id, f"call failed: {exc}", dead=exc.dead)
+            raise WorkerLostError(str(exc)) from None
 
-    @staticmethod
-    async def _await_next(it: Any) -> StreamChunk:
-        ref = await it.__anext__()
-        return await ref
-
-    def _why_down(self, worker_id: str) -> str:
-        w = self.registry.get(worker_id)
-        return (w.last_error if w is not None else "") or "out of rotation"
-
-    @staticmethod
-    def _abort(handle: Any, engine_id: str) -> None:
-        try:
-            handle.abort.remote(engine_id)  # fire and forget: the worker frees the request's blocks
-        except Exception:  # noqa: BLE001 - the worker may be gone; nothing to free then
-            pass
-
-    def _record(self, req: ValidRequest, tenant: str, decision: Decision, chunk: StreamChunk) -> None:
-        self.metrics.record_finished(decision.worker_id, tenant, chunk.prompt_tokens, chunk.cached_tokens,
+    def _record(self, req: ValidRequest, tenant: str, decision: Decision, usage: Usage, finish_reason: str) -> None:
+        self.metrics.record_finished(decision.worker_id, tenant, usage.prompt_tokens, usage.cached_tokens,
                                      decision.predicted_cached_tokens)
         log.debug("finished", extra={
-            "request_id": req.request_id, "worker": decision.worker_id, "prompt_tokens": chunk.prompt_tokens,
-            "cached_tokens": chunk.cached_tokens, "transferred_tokens": chunk.transferred_tokens,
+            "request_id": req.request_id, "worker": decision.worker_id, "prompt_tokens": usage.prompt_tokens,
+            "cached_tokens": usage.cached_tokens, "transferred_tokens": usage.transferred_tokens,
             "predicted_cached_tokens": decision.predicted_cached_tokens, "lookup": decision.lookup_source,
-            "finish_reason": chunk.finish_reason,
+            "finish_reason": finish_reason,
         })

@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from cache_service.block_hash import BlockHash
-from workers.event_feed import OP_CLEARED, OP_REMOVED, OP_STORED, FeedEvent  # (OP_*, hash; b"" for cleared)
+from cache_service.records import AllBlocksCleared, BlockEvent, BlockRemoved, BlockStored
 
 WorkerId = str
-__all__ = ["OP_CLEARED", "OP_REMOVED", "OP_STORED", "FeedEvent", "IndexMirror"]
 
 
 @dataclass(slots=True)
@@ -49,28 +48,30 @@ class IndexMirror:
         return 1 << slot
 
     # ---- updates from worker feeds -----------------------------------------
-    def apply_events(self, worker: WorkerId, events: Iterable[FeedEvent]) -> None:
+    def apply_events(self, worker: WorkerId, events: Iterable[BlockEvent]) -> None:
         held = self.by_worker.setdefault(worker, set())
         bit = self._bit(worker)
         holders = self.holders
-        for op, h in events:
-            if op == OP_STORED:
+        for ev in events:
+            if isinstance(ev, BlockStored):
+                h = ev.block_hash
                 if h not in held:
                     held.add(h)
                     holders[h] = holders.get(h, 0) | bit
                 if h in self.pending:
                     self._drop_pending(h, worker)
-            elif op == OP_REMOVED:
+            elif isinstance(ev, BlockRemoved):
+                h = ev.block_hash
                 if h in held:
                     held.discard(h)
                     self._drop_holder(h, bit)
                 if h in self.pending:
                     self._drop_pending(h, worker)
-            elif op == OP_CLEARED:
+            elif isinstance(ev, AllBlocksCleared):
                 self.drop_worker(worker)
                 held = self.by_worker.setdefault(worker, set())
             else:
-                raise ValueError(f"unknown feed event op {op}")
+                raise ValueError(f"not a block event: {ev!r}")
 
     def replace_worker(self, worker: WorkerId, hashes: Iterable[BlockHash]) -> None:
         """A full snapshot of the worker's cached blocks replaces what we knew."""

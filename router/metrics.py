@@ -114,7 +114,7 @@ class _WorkerCollector:
             depth.add_metric([wid], w.load.num_waiting)
             running.add_metric([wid], w.load.num_running)
             free.add_metric([wid], w.load.num_free_blocks)
-            s = w.stats
+            s = w.counters
             stored.add_metric([wid], s.num_blocks_stored)
             evicted.add_metric([wid], s.num_blocks_evicted)
             transfers.add_metric([wid, "ok"], s.num_transfers_ok)

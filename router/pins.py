@@ -18,7 +18,7 @@ from router.cache_link import CacheLink
 from router.registry import WorkerRegistry
 from router.tokenize import PromptEncoder
 from router.validation import encode_prompt
-from workers.sampling import InvalidRequestError
+from cache_service.records import InvalidRequestError
 
 MAX_TTL_S = 30 * 24 * 3600
 
@@ -81,7 +81,7 @@ class PinManager:
         for wid in holders:
             w = self.registry.get(wid)
             if w is not None and w.live:
-                calls.append(w.handle.pin.remote(pin_id, full, cache_salt))
+                calls.append(w.client.pin(pin_id, full, cache_salt))
         if calls:
             results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), self.warm_timeout_s)
             errors = [r for r in results if isinstance(r, BaseException)]
@@ -104,7 +104,7 @@ class PinManager:
         states = [w for w in map(self.registry.get, holders) if w is not None]
         for w in states:
             w.pins = w.pins - {pin_id}  # the next poll confirms; until then, do not report it as held
-        calls = [w.handle.unpin.remote(pin_id) for w in states if w.live]
+        calls = [w.client.unpin(pin_id) for w in states if w.live]
         if calls:
             await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), self.warm_timeout_s)
         return PinResult(pin_id, sorted(holders), len(full), len(hashes))

@@ -41,24 +41,14 @@ from typing import Mapping, Protocol, Sequence
 
 import xxhash
 
+from cache_service.peers import best_peer
+from cache_service.records import WorkerLoad
+
 _MASK64 = (1 << 64) - 1
 
 
 class RoutingError(ValueError):
     """A query or worker list the policy cannot route (no workers, bad matches)."""
-
-
-@dataclass(slots=True)
-class WorkerLoad:
-    worker_id: str
-    num_running: int = 0  # sequences running (prefill or decode)
-    num_waiting: int = 0  # queued, not started
-    num_active_blocks: int = 0  # KV blocks held by running sequences (decode load)
-    num_free_blocks: int = 0
-    capacity_blocks: int = 0
-    # Blocks still to prefill on this worker (queued + in progress). Optional: a
-    # caller that does not know it leaves 0 and the queue term drops out.
-    num_waiting_blocks: int = 0
 
 
 @dataclass(slots=True)
@@ -139,18 +129,9 @@ def _check(query: RouteQuery, workers: Sequence[WorkerLoad]) -> None:
 
 def _best_peer(query: RouteQuery, live: set[str] | None) -> tuple[str | None, int]:
     """The live worker holding the longest prefix (ties: request_key hash), and its length."""
-    matches = query.matches
-    if not matches:
-        return None, 0
-    # Longest first; usually the first length tried has a live holder.
-    for length in sorted(set(matches.values()), reverse=True):
-        if length <= 0:
-            break
-        tied = [wid for wid, n in matches.items() if n == length and (live is None or wid in live)]
-        if tied:
-            key = query.request_key
-            return min(tied, key=lambda wid: _mix(key, worker_hash(wid))), length
-    return None, 0
+    key = query.request_key
+    found = best_peer(query.matches, eligible=live, tie_key=lambda wid: _mix(key, worker_hash(wid)))
+    return found if found is not None else (None, 0)
 
 
 def plan_transfer(

@@ -1,17 +1,18 @@
-"""The live workers: their Ray handles, health, load, and the block events that feed the index mirror.
+"""The live workers: their clients, health, load, and the block events that feed the index mirror.
 
 One asyncio task polls every worker concurrently each ``poll_interval_s``::
 
     poll(feed_epoch, feed_seq) -> WorkerPoll(load, stats, events since feed_seq | full snapshot)
 
-A poll that fails because the actor is dead takes the worker out of rotation at once, for good. An
-actor that Ray is restarting on the same node (its process died: ``ActorUnavailableError``; the stack
-creates workers with ``max_restarts``) leaves rotation at once too but keeps being polled: the new
+A poll that fails because the worker is dead (``WorkerCallError.dead``) takes it out of rotation at once,
+for good. A worker whose process is being restarted (``WorkerCallError.restarting``; the stack creates Ray
+workers with ``max_restarts``) leaves rotation at once too but keeps being polled: the new
 incarnation (fresh engine, new feed epoch) comes back with its first answer, through the same path
 as a hung worker. A worker that has not answered for ``unresponsive_after_s`` (hung, partitioned) is
 taken out too and comes back when it answers again (with a full resync of its blocks, since what it
 did meanwhile is unknown). Leaving rotation sets the worker's ``down`` event, which wakes every stream
-waiting on it, and drops its entries from the mirror. No ``ray.get`` anywhere: every call is awaited.
+waiting on it, and drops its entries from the mirror. Every call is awaited through the worker's
+``WorkerClient`` (router/worker_client.py): no Ray here, so this is unit-tested with in-process workers.
 
 Membership changes while serving (``deploy/elastic.py``): a worker started on a node that joined is
 ``add``-ed and enters rotation with its first answered poll; a worker whose node is gone is taken out
@@ -22,33 +23,29 @@ Both run on the router's event loop (the registry is not thread-safe).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Callable
 
-import ray
-
+from cache_service.records import WorkerCounters, WorkerLoad, WorkerPoll
 from common.logs import get_logger
 from router.index_mirror import IndexMirror
-from router.policies import WorkerLoad
-from workers.ray_worker import WorkerPoll, WorkerStats
+from router.worker_client import WorkerCallError, WorkerClient
 
 log = get_logger("router.registry")
-
-# Errors that mean the actor process is gone for good (its handle will never answer again).
-_DEAD_ERRORS: tuple[type[BaseException], ...] = (ray.exceptions.ActorDiedError,)
 
 
 @dataclass(slots=True)
 class WorkerState:
     worker_id: str
-    handle: Any  # ray.actor.ActorHandle
+    client: WorkerClient
     node_id: str = ""
     transfer_address: str = ""  # host:port of its BlockTransfer endpoint ("" when none)
     live: bool = False  # in rotation
     dead: bool = False  # the actor is gone: never polled again
-    load: WorkerLoad = field(default_factory=lambda: WorkerLoad(""))
-    stats: WorkerStats = field(default_factory=WorkerStats)
+    load: WorkerLoad = field(default_factory=WorkerLoad)
+    counters: WorkerCounters = field(default_factory=WorkerCounters)
     pins: frozenset[str] = frozenset()
     feed_epoch: str = ""
     feed_seq: int = 0
@@ -68,11 +65,7 @@ class WorkerState:
         load = self.load
         if not self.num_routed_blocks:
             return load
-        return WorkerLoad(
-            worker_id=load.worker_id, num_running=load.num_running, num_waiting=load.num_waiting,
-            num_active_blocks=load.num_active_blocks, num_free_blocks=load.num_free_blocks,
-            capacity_blocks=load.capacity_blocks, num_waiting_blocks=load.num_waiting_blocks + self.num_routed_blocks,
-        )
+        return dataclasses.replace(load, num_waiting_blocks=load.num_waiting_blocks + self.num_routed_blocks)
 
 
 class WorkerRegistry:
@@ -84,8 +77,10 @@ class WorkerRegistry:
         poll_timeout_s: float = 2.0,
         unresponsive_after_s: float = 3.0,
         stall_after_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.mirror = mirror
+        self.clock = clock  # monotonic seconds; tests pass their own to expire a worker without sleeping
         self.poll_interval_s = poll_interval_s
         self.poll_timeout_s = poll_timeout_s
         self.unresponsive_after_s = unresponsive_after_s
@@ -97,10 +92,11 @@ class WorkerRegistry:
         self._first_poll = asyncio.Event()
 
     # ---- membership -------------------------------------------------------------------------------
-    def add(self, worker_id: str, handle: Any, node_id: str = "", transfer_address: str = "") -> WorkerState:
+    def add(self, client: WorkerClient, node_id: str = "", transfer_address: str = "") -> WorkerState:
+        worker_id = client.worker_id
         if worker_id in self.workers:
             raise ValueError(f"worker {worker_id!r} is already registered")
-        state = WorkerState(worker_id, handle, node_id, transfer_address)
+        state = WorkerState(worker_id, client, node_id, transfer_address)
         state.down.set()  # not in rotation until its first poll answers
         self.workers[worker_id] = state
         return state
@@ -153,10 +149,10 @@ class WorkerRegistry:
 
     async def _run(self) -> None:
         while True:
-            started = time.monotonic()
+            started = self.clock()
             await self.poll_all()
-            self.mirror.expire(time.monotonic())
-            await asyncio.sleep(max(0.0, self.poll_interval_s - (time.monotonic() - started)))
+            self.mirror.expire(self.clock())
+            await asyncio.sleep(max(0.0, self.poll_interval_s - (self.clock() - started)))
 
     async def poll_all(self) -> None:
         targets = [w for w in self.workers.values() if not w.dead]
@@ -167,22 +163,27 @@ class WorkerRegistry:
         epoch, seq = w.feed_epoch, w.feed_seq
         w._routed_at_poll = w.num_routed_blocks
         try:
-            poll: WorkerPoll = await asyncio.wait_for(w.handle.poll.remote(epoch, seq), self.poll_timeout_s)
-        except _DEAD_ERRORS as exc:
-            self.take_out(w.worker_id, f"actor died: {type(exc).__name__}", dead=True)
+            poll: WorkerPoll = await asyncio.wait_for(w.client.poll(epoch, seq), self.poll_timeout_s)
+        except WorkerCallError as exc:
+            if exc.dead:
+                self.take_out(w.worker_id, f"poll: {exc}", dead=True)
+                return
+            if exc.restarting:
+                # Out now, and back with a full resync once it answers.
+                self.take_out(w.worker_id, f"poll: {exc}")
+                return
+            self._poll_failed(w, str(exc))
             return
-        except ray.exceptions.ActorUnavailableError:
-            # Its process died and Ray is restarting it (or it is briefly unreachable): out now, and back
-            # with a full resync once it answers.
-            self.take_out(w.worker_id, "actor unavailable (restarting)")
-            return
-        except (asyncio.TimeoutError, ray.exceptions.RayError) as exc:
-            # Unavailable (e.g. its node is restarting) or slow: give it until unresponsive_after_s.
-            w.last_error = f"poll failed: {type(exc).__name__}"
-            if w.live and time.monotonic() - w.last_ok > self.unresponsive_after_s:
-                self.take_out(w.worker_id, f"no answer for {self.unresponsive_after_s:.1f}s ({w.last_error})")
+        except asyncio.TimeoutError:
+            self._poll_failed(w, f"no answer within {self.poll_timeout_s:.1f}s")
             return
         self._apply(w, poll, epoch)
+
+    def _poll_failed(self, w: WorkerState, why: str) -> None:
+        """Unreachable (e.g. its node is restarting) or slow: give it until unresponsive_after_s."""
+        w.last_error = f"poll failed: {why}"
+        if w.live and self.clock() - w.last_ok > self.unresponsive_after_s:
+            self.take_out(w.worker_id, f"no answer for {self.unresponsive_after_s:.1f}s ({w.last_error})")
 
     def _apply(self, w: WorkerState, poll: WorkerPoll, asked_epoch: str) -> None:
         if w.dead:
@@ -194,20 +195,12 @@ class WorkerRegistry:
         else:
             return  # taken out (and reset) while this poll was in flight: the next one resyncs
         w.feed_epoch, w.feed_seq = poll.feed_epoch, poll.feed_seq
-        w.load = WorkerLoad(
-            worker_id=w.worker_id,
-            num_running=poll.load.num_running,
-            num_waiting=poll.load.num_waiting,
-            num_active_blocks=poll.load.num_used_blocks,
-            num_free_blocks=poll.load.num_free_blocks,
-            capacity_blocks=poll.load.num_blocks,
-            num_waiting_blocks=poll.load.num_waiting_blocks,
-        )
-        w.stats = poll.stats
+        w.load = dataclasses.replace(poll.load, worker_id=w.worker_id)
+        w.counters = poll.counters
         w.pins = frozenset(poll.pins)
         if poll.transfer_address:  # a restarted actor serves BlockTransfer on a new port
             w.transfer_address = poll.transfer_address
-        w.last_ok = time.monotonic()
+        w.last_ok = self.clock()
         if poll.engine_stalled_s > self.stall_after_s:
             self.take_out(w.worker_id, f"engine loop stalled for {poll.engine_stalled_s:.1f}s")
             return

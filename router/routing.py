@@ -3,7 +3,7 @@
     hashes  = encoder.block_hashes(prompt, salt)            (done by the caller, once per request)
     matches = mirror.lookup(hashes)   | CacheService.Lookup  worker -> longest held prefix (blocks)
     choice  = policy.select(RouteQuery(...), live loads)     or the request's target_worker
-    hint    = the peer holding a longer prefix, for the chosen worker to pull from (BlockTransfer)
+    peer    = the peer holding a longer prefix, for the chosen worker to pull from (BlockTransfer), or None
 
 The mirror answers in microseconds from memory; the service costs a network + Redis round trip, so
 it is used only when asked for (``index_source="service"``, benchmarks) or while the mirror is not
@@ -19,12 +19,13 @@ from typing import Awaitable, Callable, Sequence
 import xxhash
 
 from cache_service.block_hash import BlockHash
+from cache_service.peers import best_peer
+from cache_service.records import PeerHint
 from router.index_mirror import IndexMirror
 from router.metrics import RouterMetrics
 from router.policies import RouteDecision, RouteQuery, RoutingPolicy
 from router.registry import WorkerRegistry, WorkerState
 from router.tokenize import PromptEncoder
-from cache_service.prefix_fetcher import PeerHint
 
 ServiceLookup = Callable[[Sequence[BlockHash]], Awaitable[dict[str, int]]]
 INDEX_SOURCES = ("mirror", "service")
@@ -44,7 +45,9 @@ class Decision:
     predicted_cached_tokens: int
     num_prompt_blocks: int
     num_cached_blocks: int  # the policy's predicted_cached_blocks (local hit + transfer)
-    hint: PeerHint | None = None  # what the worker should know about peers (saves its own Lookup)
+    # The peer the worker should pull a longer prefix from; None: no peer holds more. The router always
+    # decides this, so the worker never pays a Lookup round trip of its own.
+    peer: PeerHint | None = None
     lookup_source: str = "mirror"
     matches: dict[str, int] = field(default_factory=dict)
     targeted: bool = False
@@ -154,46 +157,36 @@ class RoutingCore:
             )
             decision = self.policy.select(query, loads)
             targeted = False
-        hint, cached_blocks = self._peer_hint(decision, matches, live)
+        peer, cached_blocks = self._peer_hint(decision, matches, live)
         return Decision(
             worker_id=decision.worker_id,
             predicted_cached_tokens=self.encoder.cacheable_tokens(len(prompt_ids), cached_blocks),
             num_prompt_blocks=num_blocks,
             num_cached_blocks=cached_blocks,
-            hint=hint,
+            peer=peer,
             lookup_source=source,
             matches=matches,
             targeted=targeted,
         )
 
     def _peer_hint(self, decision: RouteDecision, matches: dict[str, int],
-                   live: dict[str, WorkerState]) -> tuple[PeerHint, int]:
-        """What the chosen worker should know about its peers, and the blocks it is predicted to reuse.
-
-        The router always passes its knowledge on, so the worker never pays a Lookup round trip of its
-        own: the peer holding the longest prefix when that is more than the worker's own (the worker
-        then decides transfer vs recompute on measured rates), else a hint naming no peer.
+                   live: dict[str, WorkerState]) -> tuple[PeerHint | None, int]:
+        """The peer the chosen worker should pull from (None: none holds more), and the blocks it is predicted
+        to reuse: the policy's transfer source, else the peer holding the longest prefix, when that is more
+        than the worker's own (the worker then decides transfer vs recompute on measured rates).
         """
         wid = decision.worker_id
         local = matches.get(wid, 0)
         if not self.transfer_hints:
-            return PeerHint(NO_PEER, "", 0), local
-        peer, peer_len = decision.transfer_from, decision.predicted_cached_blocks if decision.transfer_from else 0
-        if peer is None:
-            peer, peer_len = _best_peer(matches, exclude={wid})
-        state = live.get(peer) if peer is not None else None
+            return None, local
+        if decision.transfer_from is not None:
+            found: tuple[str, int] | None = (decision.transfer_from, decision.predicted_cached_blocks)
+        else:
+            found = best_peer(matches, exclude=wid)
+        if found is None:
+            return None, local
+        peer, peer_len = found
+        state = live.get(peer)
         if state is None or not state.transfer_address or peer_len <= local:
-            return PeerHint(NO_PEER, "", 0), local
+            return None, local
         return PeerHint(peer, state.transfer_address, peer_len), peer_len
-
-
-NO_PEER = "-"  # a hint naming no node: "no peer holds more than you" (the worker skips its Lookup)
-
-
-def _best_peer(matches: dict[str, int], exclude: set[str]) -> tuple[str | None, int]:
-    best, best_len = None, 0
-    for wid in sorted(matches):
-        n = matches[wid]
-        if wid not in exclude and n > best_len:
-            best, best_len = wid, n
-    return best, best_len

@@ -33,6 +33,7 @@ from router.registry import WorkerRegistry
 from router.routing import RoutingCore
 from router.servicer import GenerationServicer
 from router.tokenize import PromptEncoder
+from router.worker_client import WorkerClient
 
 log = get_logger("router")
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
@@ -40,10 +41,13 @@ SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_nam
 
 @dataclass(slots=True)
 class WorkerEndpoint:
-    worker_id: str
-    handle: Any  # Ray actor handle of a workers.ray_worker.WorkerActor
+    client: WorkerClient  # router/worker_client.py: a RayWorkerClient in a stack, in-process in unit tests
     node_id: str = ""
     transfer_address: str = ""
+
+    @property
+    def worker_id(self) -> str:
+        return self.client.worker_id
 
 
 @dataclass(slots=True)
@@ -78,7 +82,7 @@ class RouterServer:
                                        unresponsive_after_s=config.unresponsive_after_s,
                                        stall_after_s=config.stall_after_s)
         for w in workers:
-            self.registry.add(w.worker_id, w.handle, w.node_id, w.transfer_address)
+            self.registry.add(w.client, w.node_id, w.transfer_address)
         self.metrics.attach_registry(self.registry)
         self.link = (CacheLink(config.cache_service_address, self.encoder.model_id)
                      if config.cache_service_address else None)

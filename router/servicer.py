@@ -20,12 +20,12 @@ from common.logs import request_context
 from protos.prefixcache.v1 import generation_pb2 as pb
 from protos.prefixcache.v1 import generation_pb2_grpc
 from router.auth import AuthError, TokenAuth, tenant_salt
-from router.dispatch import Delta, Dispatcher, OverloadedError, StreamBrokenError
+from router.dispatch import Dispatcher, OverloadedError, StreamBrokenError
 from router.pins import PinManager, PinNotFoundError
 from router.routing import NoWorkerError, UnknownWorkerError
 from router.tokenize import PromptEncoder
 from router.validation import GenerateArgs, ValidRequest, validate_generate
-from workers.sampling import InvalidRequestError
+from cache_service.records import Delta, InvalidRequestError
 
 _STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -132,7 +132,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     text.append(delta.text)
                     last = delta
                 return pb.GenerateResponse(request_id=req.request_id, token_ids=token_ids, text="".join(text),
-                                           finish_reason=last.finish_reason, usage=_usage_proto(last),
+                                           finish_reason=last.finish_reason or "", usage=_usage_proto(last),
                                            worker_id=last.worker_id)
 
         return await self._guard(context, go)
@@ -145,7 +145,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             with request_context(req.request_id):
                 async for delta in self.dispatcher.stream(req, tenant, started, restartable=False):
                     yield pb.GenerateResponse(request_id=req.request_id, token_ids=delta.token_ids, text=delta.text,
-                                              finish_reason=delta.finish_reason, usage=_usage_proto(delta),
+                                              finish_reason=delta.finish_reason or "", usage=_usage_proto(delta),
                                               worker_id=delta.worker_id)
         except Exception as exc:  # noqa: BLE001 - mapped to a status, or re-raised (INTERNAL)
             await self._abort(context, exc)

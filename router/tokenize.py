@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from cache_service.block_hash import BlockHash, hash_prompt_blocks
+from cache_service.block_hash import BlockHash, hash_prompt_blocks, num_reusable_blocks
 from workers.model import DEMO_MODEL_ID, Tokenizer, checkpoint_model_id, load_tokenizer
 from workers.model.config import ModelConfig, load_model_config
 from workers.model.demo import demo_config
@@ -65,5 +65,5 @@ class PromptEncoder:
         prompt whose every block is cached still prefills its last block's final position: that block
         cannot count as a hit.
         """
-        max_blocks = max(0, (num_prompt_tokens - 1) // self.block_size)
+        max_blocks = num_reusable_blocks(num_prompt_tokens, self.block_size)
         return min(num_cached_blocks, max_blocks) * self.block_size

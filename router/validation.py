@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from router.tokenize import PromptEncoder
-from workers.sampling import InvalidRequestError, SamplingParams
+from cache_service.records import InvalidRequestError, SamplingParams
 
 DEFAULT_MAX_TOKENS = 16
 MAX_ID_CHARS = 256  # request_id, session_id, cache_salt, target_worker

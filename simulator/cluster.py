@@ -26,14 +26,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
-from router.policies import (
-    POLICY_NAMES,
-    CostWeights,
-    RouteQuery,
-    RoutingPolicy,
-    WorkerLoad,
-    make_policy,
-)
+from cache_service.records import WorkerLoad
+from router.policies import POLICY_NAMES, CostWeights, RouteQuery, RoutingPolicy, make_policy
 from workers.block_pool import BlockPool
 
 from .node import SimNode

@@ -17,7 +17,7 @@ from cache_service.local_node import LocalCacheNode
 from cache_service.prefix_fetcher import FetcherConfig
 from cache_service.server import CacheServiceConfig, CacheServiceThread
 from workers.engine import Engine, EngineConfig
-from workers.sampling import SamplingParams
+from cache_service.records import SamplingParams
 
 PARAMS = SamplingParams(max_tokens=6, temperature=0.0)
 

@@ -20,7 +20,7 @@ from valkey_fixtures import valkey, valkey_module  # noqa: F401  (pytest fixture
 from cache_service.local_node import LocalCacheNode
 from cache_service.prefix_fetcher import FetchOutcome
 from cache_service.server import CacheServiceConfig, CacheServiceThread
-from cache_service.transfer_server import flip_one_byte
+from cache_service.transfer_source import flip_one_byte
 from protos.prefixcache.v1 import cache_pb2 as pb
 from protos.prefixcache.v1 import cache_pb2_grpc
 from workers.engine import Engine, EngineConfig
@@ -185,17 +185,17 @@ def test_pins_are_held_on_n_nodes_and_rewarmed_when_a_holder_dies(make_node, cac
     assert holders[0] == "A" and len(holders) == 2
     nodes = {"A": a, "B": b, "C": c}
     for name in holders:
-        wait_until(lambda n=nodes[name]: n.engine.stats().num_pinned_blocks == 3, what=f"{name} to pin")
+        wait_until(lambda n=nodes[name]: n.engine.load().num_pinned_blocks == 3, what=f"{name} to pin")
     (spare,) = set(nodes) - set(holders)
-    assert nodes[spare].engine.stats().num_pinned_blocks == 0
+    assert nodes[spare].engine.load().num_pinned_blocks == 0
     a.stop()  # a holder dies: after its TTL the spare's next heartbeat is assigned the pin
-    wait_until(lambda: nodes[spare].engine.stats().num_pinned_blocks == 3, what="the pin to be re-warmed")
+    wait_until(lambda: nodes[spare].engine.load().num_pinned_blocks == 3, what="the pin to be re-warmed")
     stats = stub.GetStats(pb.GetStatsRequest(), timeout=5)
     assert [sorted(p.node_ids) for p in stats.pins] == [sorted(set(holders) - {"A"} | {spare})]
     # Unpinning releases it everywhere (the next heartbeats carry an empty set).
     stub.Unpin(pb.PinBlocksRequest(pin_id="system"), timeout=5)
     for name in set(nodes) - {"A"}:
-        wait_until(lambda n=nodes[name]: n.engine.stats().num_pinned_blocks == 0, what=f"{name} to unpin")
+        wait_until(lambda n=nodes[name]: n.engine.load().num_pinned_blocks == 0, what=f"{name} to unpin")
 
 
 def test_node_started_before_the_service_serves_then_registers(valkey_module, demo_model, make_node):

@@ -19,7 +19,8 @@ from cache_service.index import (
     NodeNotFound,
     StaleEpoch,
 )
-from cache_service.types import IndexEvent, NodeInfo, NodeLoad, PinSpec, PrefixMatch, TransferCounts
+from cache_service.records import AllBlocksCleared, BlockRemoved, BlockStored, WorkerLoad
+from cache_service.types import NodeInfo, PinSpec, PrefixMatch, TransferCounts
 
 MODEL = "m"
 HASHES = hash_prompt_blocks(list(range(16 * 8)), 16, MODEL)  # 8 blocks
@@ -34,11 +35,11 @@ def async_test(fn):
 
 
 def stored(hashes):
-    return [IndexEvent("stored", h) for h in hashes]
+    return [BlockStored(h) for h in hashes]
 
 
 def removed(hashes):
-    return [IndexEvent("removed", h) for h in hashes]
+    return [BlockRemoved(h) for h in hashes]
 
 
 async def make_index(server, flush: bool = True) -> ClusterIndex:
@@ -82,7 +83,7 @@ async def test_removals_clear_and_snapshot_update_prefix_lengths(valkey_module):
     await index.publish("B", eb, stored(HASHES[:3]))
     assert await index.publish("A", ea, removed([HASHES[4]])) == 1  # evicted in the middle
     assert [(m.node_id, m.num_blocks) for m in await index.lookup(HASHES)] == [("A", 4), ("B", 3)]
-    await index.publish("B", eb, [IndexEvent("cleared")])
+    await index.publish("B", eb, [AllBlocksCleared()])
     assert [(m.node_id, m.num_blocks) for m in await index.lookup(HASHES)] == [("A", 4)]
     # A full snapshot replaces everything the node had.
     await index.publish("A", ea, stored(HASHES[:2]), full_snapshot=True)
@@ -122,9 +123,10 @@ async def test_registration_epochs_and_rejections(valkey_module):
     with pytest.raises(NodeNotFound, match="'ghost' is not registered"):
         await index.publish("ghost", 1, stored(HASHES[:1]))
     assert await index.lookup(HASHES) == []
-    assert (await index.heartbeat("ghost", 1, NodeLoad())).known is False
-    assert (await index.heartbeat("A", e1, NodeLoad())).known is False  # stale epoch
-    assert (await index.heartbeat("A", e2, NodeLoad(1, 2, 3, 4), TransferCounts(2, 1, 5, 500))).known is True
+    assert (await index.heartbeat("ghost", 1, WorkerLoad())).known is False
+    assert (await index.heartbeat("A", e1, WorkerLoad())).known is False  # stale epoch
+    load = WorkerLoad("A", num_running=1, num_waiting=2, num_free_blocks=3, num_cached_blocks=4)
+    assert (await index.heartbeat("A", e2, load, TransferCounts(2, 1, 5, 500))).known is True
     stats = await index.stats()
     (node,) = stats.nodes
     assert (node.load.num_running, node.load.num_waiting, node.load.num_free_blocks, node.load.num_cached_blocks) \
@@ -155,7 +157,7 @@ async def test_dead_node_vanishes_from_lookup_then_from_redis(valkey_module):
     assert [(n.info.node_id, n.alive) for n in stats.nodes] == [("A", False), ("B", True)]
     with pytest.raises(NodeExpired):
         await index.publish("A", ea, stored(HASHES[:1]))
-    assert (await index.heartbeat("A", ea, NodeLoad())).known is False
+    assert (await index.heartbeat("A", ea, WorkerLoad())).known is False
     # A dead node is forgotten after forget_after_s.
     assert (await index.sweep(forget_after_s=0.0)).num_forgotten_nodes == 1
     assert [n.info.node_id for n in (await index.stats()).nodes] == ["B"]
@@ -173,14 +175,14 @@ async def test_pins_are_kept_on_replicas_and_reassigned_when_a_holder_dies(valke
     tokens = list(range(16 * 3))
     hashes = HASHES[:3]
     await index.publish("A", ea, stored(hashes))  # A holds the prefix: preferred
-    await index.heartbeat("B", eb, NodeLoad(num_running=5))  # B busier than C
+    await index.heartbeat("B", eb, WorkerLoad(num_running=5))  # B busier than C
     spec = PinSpec("sys", MODEL, hashes, tokens, "", replicas=2)
     assert await index.pin(spec) == ["A", "C"]
-    hb = await index.heartbeat("C", ec, NodeLoad())
+    hb = await index.heartbeat("C", ec, WorkerLoad())
     assert [(p.pin_id, p.token_ids, p.num_blocks) for p in hb.pins] == [("sys", tuple(tokens), 3)]
-    assert (await index.heartbeat("B", eb, NodeLoad(num_running=5))).pins == []  # not a holder, pin full
+    assert (await index.heartbeat("B", eb, WorkerLoad(num_running=5))).pins == []  # not a holder, pin full
     await asyncio.sleep(1.3)  # A dies
-    hb = await index.heartbeat("B", eb, NodeLoad())
+    hb = await index.heartbeat("B", eb, WorkerLoad())
     assert [p.pin_id for p in hb.pins] == ["sys"]  # B replaces A
     stats = await index.stats()
     assert [(p.pin_id, p.replicas, p.num_blocks, p.num_tokens, p.node_ids) for p in stats.pins] == \
@@ -188,7 +190,7 @@ async def test_pins_are_kept_on_replicas_and_reassigned_when_a_holder_dies(valke
     assert stats.counters["pin_assignments"] == 1
     assert await index.unpin("sys") == (True, ["B", "C"])
     assert await index.unpin("sys") == (False, [])
-    assert (await index.heartbeat("B", eb, NodeLoad())).pins == []
+    assert (await index.heartbeat("B", eb, WorkerLoad())).pins == []
     await index.close()
 
 
@@ -197,9 +199,9 @@ async def test_pin_ttl_expires(valkey_module):
     index = await make_index(valkey_module)
     ea = await register(index, "A")
     assert await index.pin(PinSpec("p", MODEL, HASHES[:1], list(range(16)), ttl_seconds=1)) == ["A"]
-    assert [p.pin_id for p in (await index.heartbeat("A", ea, NodeLoad())).pins] == ["p"]
+    assert [p.pin_id for p in (await index.heartbeat("A", ea, WorkerLoad())).pins] == ["p"]
     await asyncio.sleep(1.1)
-    assert (await index.heartbeat("A", ea, NodeLoad())).pins == []
+    assert (await index.heartbeat("A", ea, WorkerLoad())).pins == []
     assert (await index.stats()).pins == []
     await index.close()
 
@@ -214,10 +216,10 @@ async def test_redis_down_fails_fast_and_an_empty_restart_is_survived(valkey):
     with pytest.raises(IndexUnavailable, match="Redis"):
         await index.lookup(HASHES)
     with pytest.raises(IndexUnavailable):
-        await index.heartbeat("A", epoch, NodeLoad())
+        await index.heartbeat("A", epoch, WorkerLoad())
     assert time.monotonic() - t0 < 5.0  # fails, never hangs (the limit is generous on purpose)
     valkey.start()  # same port, empty dataset, no scripts loaded (NOSCRIPT -> reloaded)
-    assert (await index.heartbeat("A", epoch, NodeLoad())).known is False
+    assert (await index.heartbeat("A", epoch, WorkerLoad())).known is False
     epoch = await register(index, "A")
     await index.publish("A", epoch, stored(HASHES[:4]), full_snapshot=True)
     assert [(m.node_id, m.num_blocks) for m in await index.lookup(HASHES)] == [("A", 4)]

@@ -11,7 +11,7 @@ from cache_service.block_wire import BlockImportError
 from cache_service.records import BlockRemoved, BlockStored
 from workers.engine import Engine, EngineConfig
 from workers.model import load_model
-from workers.sampling import SamplingParams
+from cache_service.records import SamplingParams
 
 BS = 4
 MAX_NEW = 10
@@ -68,9 +68,9 @@ def test_greedy_matches_transformers_batched_chunked_and_cached(arch, checkpoint
     assert [o.cached_tokens for o in again] == [20, 24, 32]
     assert [o.new_token_ids for o in again[:2]] == want[:2]
     assert again[2].new_token_ids == hf_greedy(path, turn2, MAX_NEW)
-    stats = engine.stats()
+    stats = engine.load()
     assert stats.prefix_hit_tokens == 20 + 8 + 20 + 24 + 32
-    assert stats.num_used_blocks == 0
+    assert stats.num_active_blocks == 0
     engine.check_integrity()
 
 
@@ -98,7 +98,7 @@ def test_export_import_between_engines(checkpoints, loaded):
     [warm] = b.generate([prompt], GREEDY)
     assert warm.cached_tokens == 24
     assert warm.new_token_ids == cold.new_token_ids == hf_greedy(path, prompt, MAX_NEW)
-    assert b.stats().prefix_hit_tokens == 24
+    assert b.load().prefix_hit_tokens == 24
 
     # A salted tenant's chain is another chain: checked against its own root, never mixed.
     c = make_engine(lm)
@@ -139,11 +139,11 @@ def test_preemption_under_a_tiny_pool_keeps_outputs_exact(checkpoints, loaded):
     # Each sequence grows to 28 computed tokens = 7 blocks; four of them cannot run together in 16 blocks.
     engine = make_engine(lm, num_blocks=16, max_num_batched_tokens=64)
     outs = engine.generate(prompts, SamplingParams(max_tokens=max_new, ignore_eos=True))
-    assert engine.stats().num_preemptions > 0
+    assert engine.load().num_preemptions > 0
     assert [o.new_token_ids for o in outs] == [hf_greedy(path, p, max_new) for p in prompts]
     assert [o.completion_tokens for o in outs] == [max_new] * 4
     engine.check_integrity()
-    assert engine.stats().num_used_blocks == 0
+    assert engine.load().num_active_blocks == 0
 
 
 def test_exact_eviction_order_and_events(loaded):
@@ -190,17 +190,18 @@ def test_pin_survives_pressure_and_unpin_releases(loaded):
     engine = make_engine(lm, num_blocks=10, max_num_batched_tokens=64)
     system = [0] + list(range(100, 115))  # 16 tokens = 4 full blocks
     hashes = engine.block_hashes(system)
-    assert engine.pin(system) == 4
-    assert engine.pin(system) == 4  # idempotent: no second reference
-    assert engine.stats().num_pinned_blocks == 4 and engine.stats().num_used_blocks == 4
+    assert engine.pin("sys", system) == 4
+    assert engine.pin("sys", system) == 4  # idempotent per pin id: no second reference
+    assert engine.pinned() == {"sys": 4}
+    assert engine.load().num_pinned_blocks == 4 and engine.load().num_active_blocks == 4
     # Fill the rest of the pool twice over with other prompts: the pinned prefix must survive.
     for k in range(3):
         engine.generate([[0] + list(range(150 + 20 * k, 169 + 20 * k))], SamplingParams(max_tokens=4, ignore_eos=True))
     assert engine.num_cached_prefix_blocks(hashes) == 4
     [out] = engine.generate([system + [5, 6]], SamplingParams(max_tokens=2, ignore_eos=True))
     assert out.cached_tokens == 16
-    assert engine.unpin(system) == 4 and engine.unpin(system) == 0
-    assert engine.stats().num_used_blocks == 0
+    assert engine.unpin("sys") == 4 and engine.unpin("sys") == 0 and engine.pinned() == {}
+    assert engine.load().num_active_blocks == 0
     engine.check_integrity()
 
 
@@ -303,11 +304,11 @@ def test_abort_mid_generation_frees_blocks(loaded):
     engine.add_request("b", list(range(40, 50)), SamplingParams(max_tokens=3, ignore_eos=True))
     for _ in range(4):
         engine.step()
-    assert engine.stats().num_used_blocks > 0
+    assert engine.load().num_active_blocks > 0
     engine.abort_request("a")
     outs = []
     while engine.has_unfinished_requests():
         outs.extend(engine.step())
     assert ("a", "abort") in [(o.request_id, o.finish_reason) for o in outs if o.finished]
-    assert engine.stats().num_used_blocks == 0
+    assert engine.load().num_active_blocks == 0
     engine.check_integrity()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from cache_service.block_hash import hash_prompt_blocks
-from router.index_mirror import OP_CLEARED, OP_REMOVED, OP_STORED, IndexMirror
+from cache_service.records import AllBlocksCleared, BlockRemoved, BlockStored
+from router.index_mirror import IndexMirror
 
 BS = 4
 
@@ -17,7 +18,7 @@ B = chain(list(range(16)) + [99] * 24)  # shares 4 blocks with A
 
 
 def stored(hashes):
-    return [(OP_STORED, h) for h in hashes]
+    return [BlockStored(h) for h in hashes]
 
 
 def test_lookup_is_longest_prefix_per_worker():
@@ -35,7 +36,7 @@ def test_lookup_is_longest_prefix_per_worker():
 def test_a_hole_ends_the_prefix():
     m = IndexMirror()
     m.apply_events("w0", stored(A))
-    m.apply_events("w0", [(OP_REMOVED, A[2])])
+    m.apply_events("w0", [BlockRemoved(A[2])])
     assert m.lookup(A) == {"w0": 2}
     m.apply_events("w0", stored([A[2]]))
     assert m.lookup(A) == {"w0": 10}
@@ -53,7 +54,7 @@ def test_cleared_and_snapshot_replace_a_worker():
     m = IndexMirror()
     m.apply_events("w0", stored(A))
     m.apply_events("w1", stored(A[:5]))
-    m.apply_events("w0", [(OP_CLEARED, b""), *stored(A[:1])])
+    m.apply_events("w0", [AllBlocksCleared(), *stored(A[:1])])
     assert m.lookup(A) == {"w0": 1, "w1": 5}
     m.replace_worker("w1", B)
     assert m.lookup(A) == {"w0": 1, "w1": 4}

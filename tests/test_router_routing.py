@@ -6,11 +6,13 @@ import asyncio
 
 import pytest
 
-from router.index_mirror import OP_STORED, IndexMirror
+from cache_service.records import BlockStored
+from router.index_mirror import IndexMirror
 from router.metrics import RouterMetrics
 from router.policies import WorkerLoad, make_policy
 from router.registry import WorkerRegistry
-from router.routing import NO_PEER, NoWorkerError, RoutingCore, UnknownWorkerError
+from router.worker_client import InProcessWorkerClient
+from router.routing import NoWorkerError, RoutingCore, UnknownWorkerError
 from router.tokenize import PromptEncoder
 
 BS = 16
@@ -20,7 +22,7 @@ def make_core(policy: str = "cache_aware", index_source: str = "mirror", service
     mirror = IndexMirror()
     registry = WorkerRegistry(mirror)
     for i in range(3):
-        w = registry.add(f"worker-{i}", handle=None, transfer_address=f"10.0.0.{i}:7000")
+        w = registry.add(InProcessWorkerClient(f"worker-{i}", None), transfer_address=f"10.0.0.{i}:7000")
         w.live, w.feed_epoch = True, "e"
         w.load = WorkerLoad(f"worker-{i}", capacity_blocks=100, num_free_blocks=100)
     return RoutingCore(PromptEncoder("demo", BS), registry, mirror, make_policy(policy, **weights), RouterMetrics(),
@@ -32,7 +34,7 @@ def prompt(n: int, base: int = 0) -> list[int]:
 
 
 def hold(core: RoutingCore, worker: str, hashes) -> None:
-    core.mirror.apply_events(worker, [(OP_STORED, h) for h in hashes])
+    core.mirror.apply_events(worker, [BlockStored(h) for h in hashes])
 
 
 def decide(core: RoutingCore, ids, **kw):
@@ -50,7 +52,7 @@ def test_cache_aware_goes_to_the_holder_and_predicts_its_hit():
     assert d.worker_id == "worker-2"
     assert d.num_cached_blocks == 5 and d.predicted_cached_tokens == 5 * BS
     assert d.matches == {"worker-2": 5, "worker-0": 2}
-    assert d.hint.node_id == NO_PEER  # nobody holds more than the chosen worker
+    assert d.peer is None  # nobody holds more than the chosen worker
     assert d.lookup_source == "mirror" and not d.targeted
 
 
@@ -70,7 +72,7 @@ def test_target_worker_bypasses_the_policy_and_gets_the_best_peer_as_hint():
     hold(core, "worker-1", hashes[:3])
     d = decide(core, ids, target_worker="worker-0")
     assert d.worker_id == "worker-0" and d.targeted
-    assert (d.hint.node_id, d.hint.transfer_address, d.hint.num_blocks) == ("worker-2", "10.0.0.2:7000", 6)
+    assert (d.peer.node_id, d.peer.transfer_address, d.peer.num_blocks) == ("worker-2", "10.0.0.2:7000", 6)
     assert d.predicted_cached_tokens == 6 * BS  # 100 tokens: all 6 full blocks can be reused
     with pytest.raises(UnknownWorkerError, match="unknown target_worker 'worker-7'"):
         decide(core, ids, target_worker="worker-7")
@@ -85,7 +87,7 @@ def test_excluded_and_dead_workers_are_never_chosen_nor_hinted():
     hashes = core.encoder.block_hashes(ids)
     hold(core, "worker-1", hashes)
     d = decide(core, ids, exclude=frozenset({"worker-1"}))
-    assert d.worker_id != "worker-1" and d.hint.node_id == NO_PEER and d.matches == {}
+    assert d.worker_id != "worker-1" and d.peer is None and d.matches == {}
     core.registry.take_out("worker-1", "gone", dead=True)
     assert "worker-1" not in core.mirror.by_worker
     core.registry.take_out("worker-0", "gone")

@@ -7,7 +7,7 @@ import pytest
 from router.tokenize import PromptEncoder
 from router.validation import DEFAULT_MAX_TOKENS, GenerateArgs, validate_generate
 from workers.model.tokenizer import ByteTokenizer
-from workers.sampling import InvalidRequestError
+from cache_service.records import InvalidRequestError
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ import torch
 
 from workers.engine import Engine, EngineConfig
 from workers.model import load_model
-from workers.sampling import InvalidRequestError, SamplingParams, _filter_logits, make_generator, sample
+from cache_service.records import InvalidRequestError, SamplingParams
+from workers.sampling import _filter_logits, make_generator, sample
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from workers.block_pool import BlockPool
 from workers.kv_manager import KVManager
-from workers.sampling import SamplingParams
+from cache_service.records import SamplingParams
 from workers.scheduler import Scheduler
 from workers.sequence import Sequence, SequenceStatus
 

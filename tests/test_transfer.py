@@ -20,7 +20,8 @@ from valkey_fixtures import valkey_module  # noqa: F401  (pytest fixtures)
 
 from cache_service.block_hash import hash_prompt_blocks
 from cache_service.event_queue import EventQueue
-from cache_service.prefix_fetcher import FetchOutcome, PeerHint
+from cache_service.prefix_fetcher import FetchOutcome
+from cache_service.records import PeerHint
 from cache_service.replica_mirror import ReplicaMirror
 from cache_service.transfer_client import TransferClient, TransferError, _Assembler
 from cache_service.transfer_policy import TransferPolicy
@@ -198,7 +199,7 @@ def test_raw_stream_rejects_bad_frames_and_requests(make_node):
     import socket
     import struct
 
-    from cache_service.raw_transfer import HEADER, KIND_ERROR, KIND_REQUEST
+    from cache_service.raw_frames import HEADER, KIND_ERROR, KIND_REQUEST
 
     a = make_node("A", cache_address=None)
     host, port = a.node.servicer.raw_stream_address.rsplit(":", 1)
@@ -260,7 +261,7 @@ def test_router_hint_skips_the_lookup(make_node, demo_model):
     b = make_node("B", cache_address=None)  # no cache service at all: only the hint
     prompt = prompt_of(16 * 2 + 1, seed=7)
     a.generate([prompt], PARAMS)
-    f = b.fetch_prefix(prompt, hint=PeerHint("A", a.transfer_address, 2))
+    f = b.fetch_prefix(prompt, peer=PeerHint("A", a.transfer_address, 2), peer_known=True)
     assert (f.outcome, f.num_blocks) == (FetchOutcome.TRANSFERRED, 2), f
     out = b.call(lambda e: e.generate([prompt], PARAMS))[0]
     assert (out.cached_tokens, out.new_token_ids) == (32, cold_output(demo_model, prompt))
@@ -382,6 +383,51 @@ def test_chunk_codec_matches_protobuf_byte_for_byte():
     for bad in [b"\x2a\x10abc", b"\x08", b"\x0f"]:
         with pytest.raises(ChunkDecodeError):
             decode_chunks(bad)
+
+
+def test_raw_frames_round_trip_and_reject_what_breaks_the_format():
+    from cache_service.raw_frames import (
+        BLOCK_META,
+        HEADER,
+        KIND_BLOCK,
+        KIND_END,
+        KIND_ERROR,
+        KIND_REQUEST,
+        MAX_BLOCK_BYTES,
+        MAX_META_BYTES,
+        FrameError,
+        answer_header,
+        block_meta,
+        error_frame,
+        error_message,
+        frame,
+        read_block_meta,
+        request_header,
+    )
+
+    h = bytes(range(16))
+    meta = block_meta(3, h, (1, 2, 2**32 - 1))
+    raw = frame(KIND_BLOCK, meta, 100)
+    assert answer_header(raw[: HEADER.size]) == (KIND_BLOCK, len(meta), 100)
+    assert read_block_meta(memoryview(raw[HEADER.size :]), len(meta)) == (3, h, (1, 2, 2**32 - 1))
+    assert request_header(frame(KIND_REQUEST, b"abc")[: HEADER.size]) == 3
+    raw = error_frame("INVALID_ARGUMENT", "bad")
+    assert answer_header(raw[: HEADER.size]) == (KIND_ERROR, len(raw) - HEADER.size, 0)
+    assert error_message(raw[HEADER.size :]) == "INVALID_ARGUMENT: bad"
+    for head, message in [
+        (HEADER.pack(KIND_BLOCK, MAX_META_BYTES + 1, 0), "over the limits"),
+        (HEADER.pack(KIND_BLOCK, BLOCK_META.size, MAX_BLOCK_BYTES + 1), "over the limits"),
+        (HEADER.pack(ord("Q"), 0, 0), "unknown frame kind 81"),
+        (HEADER.pack(KIND_BLOCK, BLOCK_META.size - 1, 0), f"block header of {BLOCK_META.size - 1} bytes$"),
+    ]:
+        with pytest.raises(FrameError, match=message):
+            answer_header(head)
+    with pytest.raises(FrameError, match=f"block header of {len(meta) - 4} bytes for 3 tokens"):
+        read_block_meta(memoryview(meta), len(meta) - 4)
+    for head in [HEADER.pack(KIND_END, 0, 0), HEADER.pack(KIND_REQUEST, 0, 1),
+                 HEADER.pack(KIND_REQUEST, MAX_META_BYTES + 1, 0)]:
+        with pytest.raises(FrameError, match="malformed request frame"):
+            request_header(head)
 
 
 def test_transfer_benchmark_moves_the_same_bytes_on_every_path():

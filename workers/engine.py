@@ -24,29 +24,21 @@ from typing import Sequence as Seq
 
 import torch
 
-from cache_service.block_hash import BlockHash, hash_prompt_blocks
-from cache_service.block_wire import BlockImportError, ExportedBlock
+from cache_service.block_hash import BlockHash, hash_prompt_blocks, num_reusable_blocks
+from cache_service.block_wire import ExportedBlock
+from cache_service.engine_port import EvictionAdvisor, PinId
+from cache_service.records import BlockEvent, InvalidRequestError, SamplingParams, WorkerLoad
 from workers.block_io import export_blocks, import_blocks
-from cache_service.records import BlockEvent
 from workers.block_pool import Block, BlockPool
 from workers.detokenizer import take_delta, update_text
 from workers.kv_manager import KVManager, cdiv
 from workers.model import KVCache, LoadedModel, load_model
 from workers.model_runner import build_forward_batch
-from workers.sampling import InvalidRequestError, SamplingParams, make_generator, sample
+from workers.sampling import make_generator, sample
 from workers.scheduler import Scheduler
 from workers.sequence import RequestOutput, Sequence, SequenceStatus
 
-__all__ = [
-    "BlockImportError",
-    "Engine",
-    "EngineConfig",
-    "EngineStats",
-    "ExportedBlock",
-    "InvalidRequestError",
-    "RequestOutput",
-    "SamplingParams",
-]
+__all__ = ["Engine", "EngineConfig"]
 
 DEFAULT_KV_CACHE_BYTES = 256 << 20
 
@@ -63,22 +55,6 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kv_cache_memory_bytes: int = DEFAULT_KV_CACHE_BYTES
     seed: int = 0  # the shared generator of unseeded sampled requests
-
-
-@dataclass(slots=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_free_blocks: int  # allocatable: free + cached-unreferenced
-    num_cached_blocks: int
-    num_used_blocks: int
-    num_blocks: int
-    prefix_query_tokens: int
-    prefix_hit_tokens: int
-    num_preemptions: int
-    prefill_tokens_per_s: float
-    decode_tokens_per_s: float
-    num_pinned_blocks: int = 0
 
 
 class _Ema:
@@ -122,7 +98,7 @@ class Engine:
         self._generator = torch.Generator().manual_seed(config.seed)
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []  # outputs produced while generate()/pin() ran the loop
-        self._pins: dict[tuple[tuple[int, ...], str], list[Block]] = {}
+        self._pins: dict[PinId, list[Block]] = {}  # the one pin table: pin id -> the blocks it holds
         self._prefill_rate = _Ema()
         self._decode_rate = _Ema()
         self._next_internal_id = 0
@@ -337,14 +313,17 @@ class Engine:
     def num_cached_prefix_blocks(self, block_hashes: Seq[BlockHash]) -> int:
         return self.pool.count_cached_prefix(block_hashes)
 
-    def pin(self, token_ids: Seq[int], cache_salt: str = "") -> int:
-        """Cache the full blocks of ``token_ids`` (prefilling them if needed) and keep them from eviction."""
+    def pin(self, pin_id: PinId, token_ids: Seq[int], cache_salt: str = "") -> int:
+        """Cache the full blocks of ``token_ids`` (prefilling them if needed) and hold them until ``unpin``.
+
+        Idempotent per pin id. Two pin ids over the same prefix each hold their own reference, so releasing
+        one never releases the other.
+        """
+        if pin_id in self._pins:
+            return len(self._pins[pin_id])
         tokens = [int(t) for t in token_ids]
         num_full = len(tokens) // self.block_size
         full = tokens[: num_full * self.block_size]
-        key = (tuple(full), cache_salt)
-        if key in self._pins:
-            return len(self._pins[key])
         if num_full == 0:
             return 0
         hashes = self.block_hashes(full, cache_salt)
@@ -357,17 +336,18 @@ class Engine:
                 self._pending.extend(self._step())
         blocks = self.pool.find_cached_prefix(hashes, full)
         self.pool.touch(blocks)
-        self._pins[key] = blocks
+        self._pins[pin_id] = blocks
         return len(blocks)
 
-    def unpin(self, token_ids: Seq[int], cache_salt: str = "") -> int:
-        tokens = [int(t) for t in token_ids]
-        full = tokens[: len(tokens) // self.block_size * self.block_size]
-        blocks = self._pins.pop((tuple(full), cache_salt), None)
+    def unpin(self, pin_id: PinId) -> int:
+        blocks = self._pins.pop(pin_id, None)
         if blocks is None:
             return 0
         self.pool.free(blocks)
         return len(blocks)
+
+    def pinned(self) -> dict[PinId, int]:
+        return {pin_id: len(blocks) for pin_id, blocks in self._pins.items()}
 
     # ---- block transfer ---------------------------------------------------------------------------------
     def export_blocks(self, block_hashes: Seq[BlockHash]) -> list[ExportedBlock]:
@@ -388,22 +368,56 @@ class Engine:
     def drain_events(self) -> list[BlockEvent]:
         return self.pool.drain_events()
 
-    def stats(self) -> EngineStats:
+    def load(self) -> WorkerLoad:
         s = self.scheduler.stats
-        return EngineStats(
+        return WorkerLoad(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
+            num_active_blocks=self.pool.num_used_blocks,
             num_free_blocks=self.pool.num_free_blocks,
+            capacity_blocks=self.pool.num_blocks,
+            num_waiting_blocks=-(-self._prefill_backlog() // self.block_size),
             num_cached_blocks=self.pool.num_cached_blocks,
-            num_used_blocks=self.pool.num_used_blocks,
-            num_blocks=self.pool.num_blocks,
+            num_pinned_blocks=sum(len(b) for b in self._pins.values()),
             prefix_query_tokens=s.num_query_tokens,
             prefix_hit_tokens=s.num_hit_tokens,
             num_preemptions=s.num_preemptions,
             prefill_tokens_per_s=self._prefill_rate.value or 0.0,
             decode_tokens_per_s=self._decode_rate.value or 0.0,
-            num_pinned_blocks=sum(len(b) for b in self._pins.values()),
         )
+
+    def _prefill_backlog(self) -> int:
+        """Tokens still to prefill: waiting sequences net of their cached prefix, plus running prefills.
+
+        Net of the cache, or a worker whose queue holds followers of a prefix it already caches would look
+        as busy as if it had to compute them all, and the router would send the next follower elsewhere.
+        """
+        bs = self.block_size
+        total = 0
+        for seq in self.scheduler.waiting:
+            hashes = self.kv.update_block_hashes(seq)[: num_reusable_blocks(seq.num_tokens, bs)]
+            total += seq.num_tokens - self.pool.count_cached_prefix(hashes) * bs
+        for seq in self.scheduler.running:
+            total += max(0, seq.num_tokens - seq.num_computed_tokens - 1)  # a decode has 1 uncomputed token
+        return total
+
+    def cached_hashes(self) -> list[BlockHash]:
+        return self.pool.cached_hashes()
+
+    def set_eviction_advisor(self, advisor: EvictionAdvisor | None) -> None:
+        self.pool.eviction_advisor = advisor
+
+    def reset_cache(self) -> bool:
+        """Forget every cached block (benchmarks between runs); False while requests or pins hold blocks."""
+        return self.pool.reset_cache()
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def block_nbytes(self) -> int:
+        return self.kv_cache.block_nbytes()
 
     def check_integrity(self) -> None:
         self.pool.check_integrity()

@@ -19,26 +19,13 @@ import queue
 import threading
 import time
 import traceback
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from common.logs import get_logger
-from cache_service.records import BlockEvent
+from cache_service.records import BlockEvent, EngineFailure, FailureKind, WorkerLoad
+from workers.sequence import RequestOutput
 
 log = get_logger("worker.engine_loop")
-
-
-@dataclass(slots=True)
-class LoadSnapshot:
-    num_running: int = 0
-    num_waiting: int = 0
-    num_waiting_blocks: int = 0
-    num_used_blocks: int = 0
-    num_free_blocks: int = 0
-    num_cached_blocks: int = 0
-    num_blocks: int = 0
-    prefix_query_tokens: int = 0
-    prefix_hit_tokens: int = 0
 
 
 class EngineLoop:
@@ -50,7 +37,8 @@ class EngineLoop:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, Callable[[Any], None]] = {}
         self._stop = threading.Event()
-        self.load = LoadSnapshot()
+        self.load = WorkerLoad()  # refreshed before and after every step
+        self.pins: dict[str, int] = {}  # the engine pin table (pin id -> blocks), after every command
         self.last_beat = time.monotonic()  # start of the loop's latest iteration (liveness)
         self.fatal_error: str | None = None
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -78,7 +66,7 @@ class EngineLoop:
         return await asyncio.wrap_future(self.submit(fn))
 
     # Called in the loop thread only (from submitted functions).
-    def add_sink(self, request_id: str, sink: Callable[[Any], None]) -> None:
+    def add_sink(self, request_id: str, sink: Callable[[RequestOutput | EngineFailure], None]) -> None:
         self._sinks[request_id] = sink
 
     def drop_sink(self, request_id: str) -> None:
@@ -91,9 +79,15 @@ class EngineLoop:
         if not fut.set_running_or_notify_cancel():
             return
         try:
-            fut.set_result(fn(self.engine))
+            result = fn(self.engine)
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
+            self.pins = self.engine.pinned()
             fut.set_exception(exc)
+        else:
+            # Pins change only through commands: publish them before the caller resumes, so that a poll
+            # answered after ``await pin(...)`` already lists the pin.
+            self.pins = self.engine.pinned()
+            fut.set_result(result)
 
     def _run(self) -> None:
         engine = self.engine
@@ -135,16 +129,7 @@ class EngineLoop:
 
     def _refresh_load(self) -> None:
         engine = self.engine
-        s = engine.stats()
-        bs = engine.block_size
-        waiting_tokens = _prefill_backlog(engine)
-        self.load = LoadSnapshot(
-            num_running=s.num_running, num_waiting=s.num_waiting,
-            num_waiting_blocks=-(-waiting_tokens // bs),
-            num_used_blocks=s.num_used_blocks, num_free_blocks=s.num_free_blocks,
-            num_cached_blocks=s.num_cached_blocks, num_blocks=s.num_blocks,
-            prefix_query_tokens=s.prefix_query_tokens, prefix_hit_tokens=s.prefix_hit_tokens,
-        )
+        self.load = engine.load()
 
     def _fail_all(self, reason: str, log_error: bool = True) -> None:
         self.fatal_error = reason.strip().splitlines()[-1] if reason.strip() else "engine failure"
@@ -156,21 +141,5 @@ class EngineLoop:
                 self.engine.abort_request(request_id)
             except Exception:  # noqa: BLE001
                 pass
-            sink(self.fatal_error)
+            sink(EngineFailure(FailureKind.ENGINE, self.fatal_error))
 
-
-def _prefill_backlog(engine: Any) -> int:
-    """Tokens still to prefill: waiting sequences net of their cached prefix, plus running prefills.
-
-    Net of the cache, or a worker whose queue holds followers of a prefix it already caches would look
-    as busy as if it had to compute them all, and the router would send the next follower elsewhere.
-    """
-    kv, bs = engine.kv, engine.block_size
-    total = 0
-    for seq in engine.scheduler.waiting:
-        max_blocks = (seq.num_tokens - 1) // bs
-        hashes = kv.update_block_hashes(seq)[:max_blocks]
-        total += seq.num_tokens - engine.pool.count_cached_prefix(hashes) * bs
-    for seq in engine.scheduler.running:
-        total += max(0, seq.num_tokens - seq.num_computed_tokens - 1)  # a decode has 1 uncomputed token
-    return total

@@ -1,6 +1,6 @@
 """The block-event feed a worker keeps for routers: sequence-numbered, bounded, snapshot on overflow.
 
-The engine loop pushes every block event it drains (as ``(op, hash)``); each router polls with the
+The engine loop pushes every block event it drains (``cache_service.records`` block events); each router polls with the
 feed epoch and the last sequence number it applied and gets what came after. A router that fell
 behind the buffer, or that knows another epoch (the worker restarted), gets ``None`` and asks for a
 full snapshot instead. Several routers can read one feed: it keeps no per-reader state.
@@ -13,10 +13,7 @@ import uuid
 from collections import deque
 from typing import Sequence
 
-from cache_service.records import AllBlocksCleared, BlockEvent, BlockRemoved, BlockStored
-
-OP_STORED, OP_REMOVED, OP_CLEARED = 0, 1, 2  # router/index_mirror.py uses the same codes
-FeedEvent = tuple[int, bytes]
+from cache_service.records import BlockEvent
 
 
 class EventFeed:
@@ -29,15 +26,15 @@ class EventFeed:
     def __init__(self, capacity: int) -> None:
         self.epoch = uuid.uuid4().hex
         self.seq = 0
-        self._buf: deque[FeedEvent] = deque(maxlen=capacity)
+        self._buf: deque[BlockEvent] = deque(maxlen=capacity)
         self._lock = threading.Lock()
 
-    def push(self, events: Sequence[FeedEvent]) -> None:
+    def push(self, events: Sequence[BlockEvent]) -> None:
         with self._lock:
             self._buf.extend(events)
             self.seq += len(events)
 
-    def read(self, epoch: str, seq: int) -> tuple[int, list[FeedEvent]] | None:
+    def read(self, epoch: str, seq: int) -> tuple[int, list[BlockEvent]] | None:
         """(current seq, events after ``seq``), or None when a snapshot is needed."""
         with self._lock:
             oldest = self.seq - len(self._buf)  # seq of the event just before the buffer's first
@@ -45,15 +42,3 @@ class EventFeed:
                 return None
             n = self.seq - seq
             return self.seq, (list(self._buf)[len(self._buf) - n:] if n else [])
-
-
-def feed_events(events: Sequence[BlockEvent]) -> list[FeedEvent]:
-    out: list[FeedEvent] = []
-    for ev in events:
-        if isinstance(ev, BlockStored):
-            out.append((OP_STORED, bytes(ev.block_hash)))
-        elif isinstance(ev, BlockRemoved):
-            out.append((OP_REMOVED, bytes(ev.block_hash)))
-        elif isinstance(ev, AllBlocksCleared):
-            out.append((OP_CLEARED, b""))
-    return out

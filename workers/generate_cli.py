@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from workers.sampling import InvalidRequestError, SamplingParams
+from cache_service.records import InvalidRequestError, SamplingParams
 
 _FIELDS: dict[str, tuple[type, ...]] = {
     "token_ids": (list,),
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"prefixcache generate: cannot write --output {args.output}: {exc}", file=sys.stderr)
         return 2
-    stats = engine.stats()
+    stats = engine.load()
     elapsed = time.perf_counter() - started
     num_out = sum(o.completion_tokens for o in outputs)
     print(

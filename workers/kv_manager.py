@@ -8,12 +8,12 @@ The scheduler speaks only to this class; it never touches blocks itself. The lif
     end      free(seq)                                  cached blocks go to the LRU queue, others to its head
 
 The prefix hit never covers the whole sequence: at least its last token is computed so that the model
-produces the logits the next token is sampled from. Hence the cap ``(num_tokens - 1) // block_size``.
+produces the logits the next token is sampled from. Hence the cap ``num_reusable_blocks(num_tokens)`` (cache_service/block_hash.py).
 """
 
 from __future__ import annotations
 
-from cache_service.block_hash import BlockHash, hash_prompt_blocks
+from cache_service.block_hash import BlockHash, hash_prompt_blocks, num_reusable_blocks
 from workers.block_pool import Block, BlockPool
 from workers.sequence import Sequence
 
@@ -50,7 +50,7 @@ class KVManager:
         assert not seq.block_table and seq.num_computed_tokens == 0
         if not self.pool.enable_caching:
             return []
-        max_blocks = (seq.num_tokens - 1) // self.block_size
+        max_blocks = num_reusable_blocks(seq.num_tokens, self.block_size)
         hashes = self.update_block_hashes(seq)[:max_blocks]
         return self.pool.find_cached_prefix(hashes, seq.token_ids)
 

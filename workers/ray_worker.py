@@ -1,16 +1,15 @@
-"""The Ray worker actor: one engine, its cache-service client and BlockTransfer endpoint, in one actor.
+"""The Ray worker actor: one engine, its cache node (cache-service client + BlockTransfer), in one actor.
 
 Threads inside the actor process::
 
     asyncio loop (Ray's)   generate() streams, poll(), pin(), the cache node (heartbeats, publishing,
                            BlockTransfer server, prefix fetches)
-    engine loop thread     the only code that touches the Engine: runs commands, then engine.step()
+    engine loop thread     the only code that touches the Engine (workers/engine_loop.py)
 
-The engine is single-threaded by design, so everything else *submits* a function to the engine loop
-and awaits its future; the loop delivers each ``RequestOutput`` to the request's asyncio queue with
-``call_soon_threadsafe``. Block events drained after every step fan out to the cache node (which
-publishes them to the cache service) and to an ``EventFeed`` that the router reads with each poll to
-keep its local index mirror fresh.
+Everything else *submits* a function to the engine loop and awaits its future. Block events drained
+after every step fan out to the cache node (which publishes them to the cache service) and to an
+``EventFeed`` that the router reads with each poll to keep its local index mirror fresh. What crosses
+the Ray boundary is ``cache_service.records``: ``GenerateCall`` in, ``Delta`` and ``WorkerPoll`` out.
 
 ``generate`` is an async generator called with ``num_returns="streaming"``: the router iterates the
 returned ``ObjectRefGenerator`` with ``async for`` (no ``ray.get`` in async code).
@@ -19,25 +18,26 @@ returned ``ObjectRefGenerator`` with ``async for`` (no ``ray.get`` in async code
 from __future__ import annotations
 
 import asyncio
-import time
 import dataclasses
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Sequence
 
-from cache_service.prefix_fetcher import FetchOutcome, PeerHint
+from cache_service.block_hash import BlockHash
+from cache_service.engine_port import EnginePort
+from cache_service.records import (
+    BlockEvent, Delta, EngineFailure, FailureKind, GenerateCall, InvalidRequestError, WorkerCounters, WorkerInfo,
+    WorkerPoll,
+)
 from common.logs import get_logger, request_context
-from cache_service.records import BlockEvent, BlockRemoved, BlockStored
-from workers.engine_loop import EngineLoop, LoadSnapshot
-from workers.event_feed import OP_CLEARED, OP_REMOVED, OP_STORED, EventFeed, FeedEvent, feed_events
-from workers.sampling import InvalidRequestError, SamplingParams
+from workers import ray_env
+from workers.engine_loop import EngineLoop
+from workers.event_feed import EventFeed
+from workers.request_stream import RequestStream
 
 log = get_logger("worker")
-__all__ = ["OP_CLEARED", "OP_REMOVED", "OP_STORED", "EventFeed", "StreamChunk", "WorkerActor", "WorkerConfig",
-           "WorkerInfo", "WorkerPoll", "WorkerStats"]
-TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
-# ---- what crosses the Ray boundary (plain picklable records) ------------------------------------------
 @dataclass(slots=True)
 class WorkerConfig:
     worker_id: str
@@ -52,89 +52,13 @@ class WorkerConfig:
     transfer_host: str | None = None  # address peers reach our BlockTransfer on (None: the node's IP)
     enable_transfer_server: bool = True  # serve BlockTransfer even without a cache service
     always_transfer: bool = False  # pull from a peer whenever one holds more (skip the cost test)
-    raw_transfer_stream: bool = True  # serve and use the raw block stream beside gRPC (raw_transfer.py)
+    raw_transfer_stream: bool = True  # serve and use the raw block stream beside gRPC
     heartbeat_interval_s: float = 1.0
     heartbeat_ttl_s: int = 10
     feed_capacity: int = 65536  # block events kept for the router between polls
     torch_threads: int | None = None
 
 
-@dataclass(slots=True)
-class WorkerInfo:
-    worker_id: str
-    node_id: str
-    model_id: str
-    device: str
-    block_size: int
-    num_blocks: int
-    transfer_address: str
-
-
-@dataclass(slots=True)
-class StreamChunk:
-    """One message of a generate() stream: the tokens since the previous one; the last has usage."""
-
-    token_ids: list[int]
-    text: str = ""
-    finished: bool = False
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    transferred_tokens: int = 0
-    error: str | None = None
-    invalid: bool = False  # the error is the request's fault (INVALID_ARGUMENT), not the worker's
-
-
-@dataclass(slots=True)
-class WorkerStats:
-    """Cumulative counters (reset when the worker restarts)."""
-
-    num_blocks_stored: int = 0
-    num_blocks_evicted: int = 0
-    num_transfers_ok: int = 0
-    num_transfers_fallback: int = 0
-    num_transfer_bytes: int = 0
-    num_transferred_blocks: int = 0
-    transfer_bucket_bounds: tuple[float, ...] = TRANSFER_BUCKETS
-    transfer_bucket_counts: list[int] = field(default_factory=lambda: [0] * len(TRANSFER_BUCKETS))
-    transfer_seconds_sum: float = 0.0
-    num_transfer_observations: int = 0
-    prefix_query_tokens: int = 0
-    prefix_hit_tokens: int = 0
-
-    def observe_transfer(self, ok: bool, num_bytes: int, num_blocks: int, seconds: float) -> None:
-        if ok:
-            self.num_transfers_ok += 1
-        else:
-            self.num_transfers_fallback += 1
-        self.num_transfer_bytes += num_bytes
-        self.num_transferred_blocks += num_blocks
-        self.transfer_seconds_sum += seconds
-        self.num_transfer_observations += 1
-        for i, bound in enumerate(self.transfer_bucket_bounds):
-            if seconds <= bound:
-                self.transfer_bucket_counts[i] += 1
-                break
-
-
-@dataclass(slots=True)
-class WorkerPoll:
-    feed_epoch: str
-    feed_seq: int
-    events: list[FeedEvent]  # since the asked seq (empty when snapshot is given)
-    snapshot: list[bytes] | None  # the whole cached set, when the feed could not continue
-    # The engine loop's latest load; num_waiting_blocks also counts requests still being admitted.
-    load: LoadSnapshot = field(default_factory=LoadSnapshot)
-    stats: WorkerStats = field(default_factory=WorkerStats)
-    pins: list[str] = field(default_factory=list)
-    # Seconds since the engine loop last went round (it does at least every 0.5 s when idle): a hung
-    # engine must leave rotation even though this actor still answers polls.
-    engine_stalled_s: float = 0.0
-    transfer_address: str = ""  # changes when Ray restarts the actor
-
-
-# ---- the actor ----------------------------------------------------------------------------------------
 class WorkerActor:
     """Wrap with ``ray.remote(WorkerActor)`` (see ``deploy/stack.py`` for the options)."""
 
@@ -146,36 +70,30 @@ class WorkerActor:
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.config = config
-        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.engine = Engine(EngineConfig(
-            model=config.model, dtype=config.dtype, device=device, block_size=config.block_size,
+            model=config.model, dtype=config.dtype, device=self.device, block_size=config.block_size,
             num_blocks=config.num_blocks, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
         ))
-        self.device = device
         self.feed = EventFeed(config.feed_capacity)
-        self.stats = WorkerStats()
+        self.counters = WorkerCounters()
         self.loop = EngineLoop(self.engine, self._on_events)
         self.loop.start()
-        self.cache_node: Any = None  # cache_service's per-worker client + BlockTransfer server
-        self._pins: dict[str, tuple[tuple[int, ...], str]] = {}  # pin_id -> (tokens, salt), without a cache node
+        self.cache_node: Any = None  # cache_service.cache_node.CacheNode, once started
         self._admitting_blocks = 0  # prompt blocks of requests not yet handed to the engine
         self._snapshot_task: asyncio.Future | None = None
         self._started = False
         self._start_lock = asyncio.Lock()
-        self.node_id = _ray_node_id()
+        self.node_id = ray_env.ray_node_id()
         # Ray re-runs only this constructor when it restarts the actor (``max_restarts``): nobody calls
         # start() then, so the first poll does.
-        self._restarted = _was_restarted()
+        self._restarted = ray_env.was_restarted()
 
     def _on_events(self, events: list[BlockEvent]) -> None:
         # In the engine loop thread.
-        for ev in events:
-            if isinstance(ev, BlockStored):
-                self.stats.num_blocks_stored += 1
-            elif isinstance(ev, BlockRemoved):
-                self.stats.num_blocks_evicted += 1
-        self.feed.push(feed_events(events))
+        self.counters.observe_events(events)
+        self.feed.push(events)
         node = self.cache_node
         if node is not None:
             node.push_events(events)
@@ -195,7 +113,7 @@ class WorkerActor:
         from cache_service.prefix_fetcher import FetcherConfig
 
         cfg = self.config
-        host = cfg.transfer_host or _node_ip()
+        host = cfg.transfer_host or ray_env.node_ip()
         node = CacheNode.for_engine(
             self.engine, cfg.worker_id, engine_call=self.loop.call, cache_address=cfg.cache_service_address,
             config=CacheNodeConfig(
@@ -205,7 +123,7 @@ class WorkerActor:
             ),
             ray_node_id=self.node_id,
         )
-        await self.loop.call(lambda engine: setattr(engine.pool, "eviction_advisor", node.advisor))
+        await self.loop.call(lambda engine: engine.set_eviction_advisor(node.advisor))
         await node.start()
         return node
 
@@ -216,93 +134,70 @@ class WorkerActor:
             model_id=self.engine.model_id,
             device=self.device,
             block_size=self.engine.block_size,
-            num_blocks=self.engine.pool.num_blocks,
-            transfer_address=getattr(self.cache_node, "transfer_address", "") or "",
+            num_blocks=self.engine.num_blocks,
+            transfer_address=self._transfer_address(),
         )
 
+    def _transfer_address(self) -> str:
+        return self.cache_node.transfer_address if self.cache_node is not None else ""
+
     # ---- generation -------------------------------------------------------------------------------------
-    async def generate(
-        self,
-        request_id: str,
-        prompt_ids: list[int],
-        params: SamplingParams,
-        cache_salt: str = "",
-        hint: PeerHint | None = None,
-    ) -> AsyncIterator[StreamChunk]:
-        with request_context(request_id):
-            transferred = 0
-            # Counted as waiting from now: a poll answered while we fetch must not report an idle worker.
-            num_blocks = -(-len(prompt_ids) // self.engine.block_size)
-            self._admitting_blocks += num_blocks
+    async def generate(self, call: GenerateCall) -> AsyncIterator[Delta]:
+        with request_context(call.request_id):
+            stream = await self._admit(call)
+            if isinstance(stream, Delta):  # refused at admission
+                yield stream
+                return
             try:
-                if self.cache_node is not None:
-                    transferred = await self._maybe_fetch(prompt_ids, cache_salt, hint)
-                aio = asyncio.get_running_loop()
-                outputs: asyncio.Queue = asyncio.Queue()
+                while not stream.finished:
+                    yield await stream.next_delta()
+            finally:
+                if not stream.finished:  # the consumer went away (router cancelled): free the engine's slot
+                    self._abort_soon(call.request_id)
 
-                def sink(out: Any) -> None:
-                    aio.call_soon_threadsafe(outputs.put_nowait, out)
+    async def _admit(self, call: GenerateCall) -> RequestStream | Delta:
+        """Pull a longer prefix from a peer when worth it, then hand the request to the engine."""
+        # Counted as waiting from now: a poll answered while we fetch must not report an idle worker.
+        num_blocks = -(-len(call.prompt_ids) // self.engine.block_size)
+        self._admitting_blocks += num_blocks
+        try:
+            transferred = await self._maybe_fetch(call) if self.cache_node is not None else 0
+            stream = RequestStream(self.config.worker_id, transferred)
 
-                def add(engine: Any) -> None:
-                    self.loop.add_sink(request_id, sink)
-                    try:
-                        engine.add_request(request_id, prompt_ids, params, cache_salt)
-                    except BaseException:
-                        self.loop.drop_sink(request_id)
-                        raise
-
+            def add(engine: Any) -> None:
+                self.loop.add_sink(call.request_id, stream.sink)
                 try:
-                    await self.loop.call(add)
-                except InvalidRequestError as exc:
-                    yield StreamChunk([], finished=True, finish_reason="error", error=str(exc), invalid=True)
-                    return
-                except asyncio.CancelledError:
-                    # The add may still run (commands are FIFO): abort right behind it.
-                    self.loop.submit(lambda engine: (self.loop.drop_sink(request_id),
-                                                     engine.abort_request(request_id)))
+                    engine.add_request(call.request_id, call.prompt_ids, call.params, call.cache_salt)
+                except BaseException:
+                    self.loop.drop_sink(call.request_id)
                     raise
-            finally:
-                self._admitting_blocks -= num_blocks
-            finished = False
+
             try:
-                while not finished:
-                    first = await outputs.get()
-                    batch = [first]
-                    while not outputs.empty():  # coalesce what is ready: one Ray object per burst
-                        batch.append(outputs.get_nowait())
-                    chunk = StreamChunk([])
-                    for out in batch:
-                        if isinstance(out, str):  # the engine loop failed this request
-                            chunk.finished, chunk.finish_reason, chunk.error = True, "error", out
-                            break
-                        chunk.token_ids.extend(out.new_token_ids)
-                        chunk.text += out.new_text
-                        if out.finished:
-                            chunk.finished, chunk.finish_reason = True, out.finish_reason
-                            chunk.prompt_tokens, chunk.completion_tokens = out.prompt_tokens, out.completion_tokens
-                            chunk.cached_tokens = out.cached_tokens
-                            chunk.transferred_tokens = min(transferred, out.cached_tokens)
-                            if out.error:
-                                chunk.finish_reason, chunk.error = "error", out.error
-                            break
-                    finished = chunk.finished
-                    yield chunk
-            finally:
-                if not finished:  # the consumer went away (router cancelled): free the engine's slot
-                    self.loop.submit(lambda engine: (self.loop.drop_sink(request_id),
-                                                     engine.abort_request(request_id)))
+                await self.loop.call(add)
+            except InvalidRequestError as exc:
+                return Delta(finish_reason="error", failure=EngineFailure(FailureKind.INVALID, str(exc)),
+                             worker_id=self.config.worker_id)
+            except asyncio.CancelledError:
+                self._abort_soon(call.request_id)  # the add may still run (commands are FIFO): abort behind it
+                raise
+            return stream
+        finally:
+            self._admitting_blocks -= num_blocks
+
+    def _abort_soon(self, request_id: str) -> None:
+        self.loop.submit(lambda engine: (self.loop.drop_sink(request_id), engine.abort_request(request_id)))
 
     async def abort(self, request_id: str) -> None:
         await self.loop.call(lambda engine: engine.abort_request(request_id))
 
-    async def _maybe_fetch(self, prompt_ids: list[int], cache_salt: str, hint: PeerHint | None) -> int:
-        """Pull a longer cached prefix from a peer when that beats recomputing; tokens imported."""
-        result = await self.cache_node.fetch_prefix(prompt_ids, cache_salt, hint)
+    async def _maybe_fetch(self, call: GenerateCall) -> int:
+        """Tokens imported from a peer for this request (0 when nothing was pulled)."""
+        result = await self.cache_node.fetch_prefix(call.prompt_ids, call.cache_salt, call.peer,
+                                                    peer_known=call.peer_known)
         if not result.attempted:
             return 0
-        ok = result.outcome in (FetchOutcome.TRANSFERRED, FetchOutcome.PARTIAL)
-        self.stats.observe_transfer(ok, result.num_bytes, result.num_blocks, result.seconds)
-        return result.num_tokens if ok else 0
+        self.counters.observe_transfer(result.imported, result.num_bytes, result.num_blocks, result.seconds)
+        return result.num_tokens if result.imported else 0
 
     # ---- the router's poll --------------------------------------------------------------------------------
     async def poll(self, feed_epoch: str, feed_seq: int) -> WorkerPoll:
@@ -314,67 +209,51 @@ class WorkerActor:
             if self._snapshot_task is None or self._snapshot_task.done():
                 self._snapshot_task = asyncio.ensure_future(self.loop.call(self._snapshot))
             seq, snapshot = await asyncio.shield(self._snapshot_task)
-            events: list[FeedEvent] = []
+            events: list[BlockEvent] = []
         else:
             (seq, events), snapshot = read, None
-        load = self.loop.load
-        self.stats.prefix_query_tokens, self.stats.prefix_hit_tokens = load.prefix_query_tokens, load.prefix_hit_tokens
         if not self.loop.is_alive():
             raise RuntimeError(f"engine loop died: {self.loop.fatal_error}")
+        load = self.loop.load
         return WorkerPoll(
             feed_epoch=self.feed.epoch, feed_seq=seq, events=events, snapshot=snapshot,
-            load=dataclasses.replace(load, num_waiting_blocks=load.num_waiting_blocks + self._admitting_blocks),
-            stats=self.stats, pins=self.pinned(), engine_stalled_s=time.monotonic() - self.loop.last_beat,
-            transfer_address=getattr(self.cache_node, "transfer_address", "") or "",
+            load=dataclasses.replace(load, worker_id=self.config.worker_id,
+                                     num_waiting_blocks=load.num_waiting_blocks + self._admitting_blocks),
+            counters=self.counters, pins=list(self.loop.pins),
+            engine_stalled_s=time.monotonic() - self.loop.last_beat, transfer_address=self._transfer_address(),
         )
 
-    def _snapshot(self, engine: Any) -> tuple[int, list[bytes]]:
+    def _snapshot(self, engine: EnginePort) -> tuple[int, list[BlockHash]]:
         # In the loop thread: flush pending events first so that the snapshot and the seq agree.
         events = engine.drain_events()
         if events:
             self._on_events(events)
-        return self.feed.seq, [bytes(h) for h in engine.pool.cached_hashes()]
+        return self.feed.seq, engine.cached_hashes()
 
     # ---- pins ---------------------------------------------------------------------------------------------
-    # The cache service assigns pins and delivers them with heartbeat answers (the node's PinKeeper warms
-    # and releases them). The router's Pin also calls ``pin`` directly so that Pin returns only once the
-    # prefix is warm; both paths share the keeper's bookkeeping, so neither undoes the other.
-    def _held(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        return self.cache_node.pins.held if self.cache_node is not None else self._pins
-
+    # The engine holds the one pin table. The cache service assigns pins and delivers them with heartbeat
+    # answers (the node's PinKeeper converges the engine on them); the router's Pin also calls ``pin``
+    # directly so that Pin returns only once the prefix is warm. Both are idempotent per pin id.
     async def pin(self, pin_id: str, token_ids: Sequence[int], cache_salt: str = "") -> int:
         """Warm and hold a prefix (its blocks are pinned); idempotent per pin_id."""
-        tokens = tuple(int(t) for t in token_ids)
+        tokens = [int(t) for t in token_ids]
         if self.cache_node is not None:
-            # Pull it from a peer that holds it, if cheaper. The fetcher leaves a prompt's last token to
-            # prefill; one extra token makes every full block of the prefix eligible.
-            await self.cache_node.fetch_prefix(list(tokens) + [0], cache_salt)
-        num = await self.loop.call(lambda engine: engine.pin(list(tokens), cache_salt))
-        self._held()[pin_id] = (tokens, cache_salt)
-        if self.cache_node is not None:
-            self.cache_node.pins.num_pinned_blocks[pin_id] = num
-        return num
+            await self.cache_node.fetch_pinned_prefix(tokens, cache_salt)  # from a peer, if cheaper
+        return await self.loop.call(lambda engine: engine.pin(pin_id, tokens, cache_salt))
 
     async def unpin(self, pin_id: str) -> int:
-        held = self._held()
-        entry = held.pop(pin_id, None)
-        if self.cache_node is not None:
-            self.cache_node.pins.num_pinned_blocks.pop(pin_id, None)
-        if entry is None or entry in held.values():  # unknown, or another pin id holds the same prefix
-            return 0
-        tokens, salt = entry
-        return await self.loop.call(lambda engine: engine.unpin(list(tokens), salt))
+        return await self.loop.call(lambda engine: engine.unpin(pin_id))
 
     def pinned(self) -> list[str]:
-        return list(self._held())
+        return list(self.loop.pins)
 
     # ---- lifecycle / introspection --------------------------------------------------------------------------
     async def ping(self) -> str:
         return self.config.worker_id
 
-    async def engine_stats(self) -> dict:
-        stats = await self.loop.call(lambda engine: engine.stats())
-        return {k: getattr(stats, k) for k in stats.__dataclass_fields__}
+    async def load(self) -> Any:
+        """The engine's load now (after the commands queued before this one)."""
+        return await self.loop.call(lambda engine: engine.load())
 
     async def check_integrity(self) -> None:
         await self.loop.call(lambda engine: engine.check_integrity())
@@ -385,10 +264,10 @@ class WorkerActor:
 
     async def reset_cache(self) -> bool:
         """Forget every cached block (benchmarks between runs); False while requests or pins hold blocks."""
-        return await self.loop.call(lambda engine: engine.pool.reset_cache())
+        return await self.loop.call(lambda engine: engine.reset_cache())
 
-    async def cached_hashes(self) -> list[bytes]:
-        return await self.loop.call(lambda engine: [bytes(h) for h in engine.pool.cached_hashes()])
+    async def cached_hashes(self) -> list[BlockHash]:
+        return await self.loop.call(lambda engine: engine.cached_hashes())
 
     async def shutdown(self) -> None:
         node, self.cache_node = self.cache_node, None
@@ -398,31 +277,3 @@ class WorkerActor:
             except Exception:  # noqa: BLE001 - stopping anyway
                 pass
         self.loop.stop()
-
-
-def _ray_node_id() -> str:
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-    except Exception:  # noqa: BLE001 - outside Ray (unit tests)
-        return ""
-
-
-def _was_restarted() -> bool:
-    """Whether this actor is a restart (Ray re-ran its constructor after the process died)."""
-    try:
-        import ray
-
-        return ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
-    except Exception:  # noqa: BLE001 - outside Ray (unit tests)
-        return False
-
-
-def _node_ip() -> str:
-    try:
-        import ray
-
-        return ray.util.get_node_ip_address()
-    except Exception:  # noqa: BLE001 - outside Ray
-        return "127.0.0.1"

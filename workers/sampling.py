@@ -1,4 +1,4 @@
-"""Sampling parameters, their validation, and the sampler that turns logits into next tokens.
+"""The sampler that turns logits into next tokens (its parameters: ``cache_service.records.SamplingParams``).
 
 Reproducibility contract: a request with a ``seed`` draws every token from its *own* ``torch.Generator``
 (one draw per generated token), so its output depends only on its own logits and seed, never on which other
@@ -8,60 +8,11 @@ whole batch at once changes nothing per row.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
-
-class InvalidRequestError(ValueError):
-    """A request that can never be served as given; the message names the offending field."""
-
-
-@dataclass(slots=True)
-class SamplingParams:
-    max_tokens: int = 16
-    # 0 means greedy. Also the proto3 default, so an unset gRPC field and an unset JSONL field agree.
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = disabled
-    seed: int | None = None
-    stop: tuple[str, ...] = field(default_factory=tuple)
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = (self.stop,)
-        elif not isinstance(self.stop, tuple):
-            self.stop = tuple(self.stop)
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    def validate(self) -> None:
-        """Checks that do not depend on the prompt or the model (raises ``InvalidRequestError``)."""
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
-            raise InvalidRequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise InvalidRequestError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or not 0 <= self.seed < 2**64):
-            raise InvalidRequestError(f"seed must be an integer in [0, 2^64), got {self.seed!r}")
-        for s in self.stop:
-            if not isinstance(s, str) or not s:
-                raise InvalidRequestError(f"stop must be a list of non-empty strings, got {list(self.stop)!r}")
-        if not isinstance(self.ignore_eos, bool):
-            raise InvalidRequestError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
-
-
-def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+from cache_service.records import SamplingParams
 
 
 def make_generator(seed: int | None) -> torch.Generator | None:

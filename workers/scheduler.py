@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from cache_service.block_hash import num_reusable_blocks
 from workers.kv_manager import KVManager
 from workers.sequence import Sequence, SequenceStatus
 
@@ -169,7 +170,7 @@ class Scheduler:
         arrive together with a shared prefix thus compute it once, not once each."""
         if not in_flight:
             return False
-        max_hits = (seq.num_tokens - 1) // self.kv.block_size
+        max_hits = num_reusable_blocks(seq.num_tokens, self.kv.block_size)
         return num_hits < max_hits and seq.block_hashes[num_hits] in in_flight
 
     def _preempt(self, victim: Sequence, chosen: dict[int, ScheduledSequence], out: SchedulerOutput) -> int:

@@ -21,7 +21,7 @@ import torch
 
 from cache_service.block_hash import BlockHash
 from workers.block_pool import Block
-from workers.sampling import SamplingParams
+from cache_service.records import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

@@ -1,0 +1,183 @@
+"""The worker's side of the raw block stream: accept requesters, answer each FetchBlocksRequest in frames.
+
+Each accepted connection is served by its own task, one fetch at a time, for as long as the requester
+keeps it open (the frames: ``raw_frames``):
+
+    accept -> read R -> check (BlockSource) -> B B B ... E -> read the next R ...
+                     -> X if malformed, rejected or over the cap -> linger -> close
+
+The blocks come from the same ``BlockSource`` as the gRPC stream's (``transfer_source``: request check,
+grouped exports, stats, test faults), so the two streams answer alike. Frames wait and go out together,
+one gathered ``sendmsg`` for up to ``SEND_BATCH_BYTES`` (the payloads are not copied). Any error frame
+closes the connection: after it, the requester cannot know where the stream stands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from contextlib import aclosing
+
+from cache_service import validation as v
+from cache_service.raw_frames import (
+    HEADER,
+    KIND_BLOCK,
+    KIND_END,
+    MAX_META_BYTES,
+    FrameError,
+    block_meta,
+    error_frame,
+    frame,
+    request_header,
+)
+from cache_service.raw_socket import recv_exactly, send_parts, tune_socket
+from cache_service.transfer_source import BlockSource
+from common.logs import get_logger
+from protos.prefixcache.v1 import cache_pb2 as pb
+
+log = get_logger("transfer")
+
+SEND_BATCH_BYTES = 1 << 20
+SEND_BATCH_PARTS = 64  # well under the kernel's 1,024 buffers per sendmsg
+
+
+async def _linger(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout_s: float = 1.0) -> None:
+    """Close politely after an error frame: closing with unread bytes in the socket would send a reset,
+    and the requester could lose the frame that says what was wrong."""
+    sock.shutdown(socket.SHUT_WR)
+    drained = 0
+    try:
+        while drained < MAX_META_BYTES:
+            got = await asyncio.wait_for(loop.sock_recv(sock, 65536), timeout_s)
+            if not got:
+                return
+            drained += len(got)
+    except (TimeoutError, OSError):
+        pass
+
+
+class RawStreamListener:
+    """Serves the raw block stream for a ``BlockSource`` on the current event loop."""
+
+    def __init__(self, source: BlockSource, host: str, *, advertise_host: str, max_concurrent: int = 16) -> None:
+        self.source = source
+        self.host = host
+        self.advertise_host = advertise_host
+        self.max_concurrent = max_concurrent
+        self.port = 0
+        self.num_active = 0
+        self._listener: socket.socket | None = None
+        self._accept_task: asyncio.Task | None = None
+        self._conns: dict[socket.socket, asyncio.Task] = {}
+
+    @property
+    def address(self) -> str:
+        return f"{self.advertise_host}:{self.port}"
+
+    async def start(self) -> str:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.host, 0))
+        listener.listen(64)
+        listener.setblocking(False)
+        self._listener, self.port = listener, listener.getsockname()[1]
+        self._accept_task = asyncio.ensure_future(self._accept_loop(listener))
+        return self.address
+
+    async def stop(self) -> None:
+        listener, self._listener = self._listener, None
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            await asyncio.gather(self._accept_task, return_exceptions=True)
+            self._accept_task = None
+        if listener is not None:
+            listener.close()
+        tasks = list(self._conns.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError as exc:  # e.g. out of file descriptors: keep serving the others
+                log.warning("raw block stream: accept failed", extra={"address": self.address, "error": str(exc)})
+                await asyncio.sleep(0.1)
+                continue
+            conn.setblocking(False)
+            tune_socket(conn)
+            self._conns[conn] = asyncio.ensure_future(self._serve(conn))
+
+    async def _serve(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                try:
+                    head = await recv_exactly(loop, conn, HEADER.size)
+                except EOFError:
+                    return  # the requester closed its connection
+                try:
+                    meta_len = request_header(head)
+                except FrameError as exc:
+                    await loop.sock_sendall(conn, error_frame("INVALID_ARGUMENT", str(exc)))
+                    return await _linger(loop, conn)
+                try:
+                    request = pb.FetchBlocksRequest.FromString(bytes(await recv_exactly(loop, conn, meta_len)))
+                except EOFError:
+                    return
+                except Exception:  # protobuf's DecodeError
+                    await loop.sock_sendall(conn, error_frame("INVALID_ARGUMENT",
+                                                              "the request is not a FetchBlocksRequest"))
+                    return await _linger(loop, conn)
+                if not await self._answer(loop, conn, request):
+                    return await _linger(loop, conn)
+        except (ConnectionError, OSError, EOFError):
+            pass  # the requester went away mid-answer (deadline, cancel, death)
+        finally:
+            conn.close()
+            self._conns.pop(conn, None)
+
+    async def _answer(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
+                      request: pb.FetchBlocksRequest) -> bool:
+        """Stream one fetch; False when the connection must close (after an error frame)."""
+        source = self.source
+        try:
+            hashes = source.check(request)
+        except v.InvalidRequest as exc:
+            await loop.sock_sendall(conn, error_frame("INVALID_ARGUMENT", str(exc)))
+            return False
+        if self.num_active >= self.max_concurrent:
+            # As the gRPC server's cap: the requester recomputes instead of queueing behind us.
+            await loop.sock_sendall(conn, error_frame("RESOURCE_EXHAUSTED", f"{self.max_concurrent} fetches in flight"))
+            return False
+        self.num_active += 1
+        source.stats.num_raw_requests += 1
+        faults = source.faults
+        sent = []
+        # Frames wait here and go out together: one sendmsg for up to SEND_BATCH_BYTES of blocks, not
+        # one system call and one trip through the loop per block.
+        parts: list = []
+        pending = 0
+        try:
+            async with aclosing(source.exported(hashes)) as blocks:
+                async for block in blocks:
+                    await faults.pause()
+                    index, block_hash, token_ids, payload = faults.alter_block(len(sent), block)
+                    meta = block_meta(index, block_hash, token_ids)
+                    parts += (frame(KIND_BLOCK, meta, len(payload)), payload)  # the payload is not copied
+                    size = HEADER.size + len(meta) + len(payload)
+                    pending += size
+                    source.stats.num_bytes += size
+                    sent.append(block.block_hash)
+                    if pending >= SEND_BATCH_BYTES or len(parts) >= SEND_BATCH_PARTS or faults.delay_s:
+                        await send_parts(loop, conn, parts)
+                        parts, pending = [], 0
+        finally:
+            self.num_active -= 1
+        parts.append(frame(KIND_END))
+        await send_parts(loop, conn, parts)
+        source.finish(request.requester, sent)
+        return True
