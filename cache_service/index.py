@@ -80,6 +80,25 @@ class SweepResult:
     num_forgotten_nodes: int
 
 
+# ---- key names: the schema drawn in lua_scripts (its scripts build the same names from ARGV) ----------------
+def node_ids_key(prefix: str) -> str:
+    """The hash node_id -> i: a node's small integer index, which names its other keys."""
+    return prefix + "ids"
+
+
+def heartbeat_key(prefix: str, idx: str | int) -> str:
+    """Node i's heartbeat: it exists while the node is alive (SET PX ttl at registration, PEXPIRE on each
+    heartbeat). Once it is gone the node is dead: lookups and pins skip it at once, the sweeper removes its
+    entries, and its next heartbeat answers known=false."""
+    return f"{prefix}hb:{idx}"
+
+
+def pin_key(prefix: str, pin_id: str) -> str:
+    """Pin ``pin_id``'s hash: replicas, model, salt, tokens, num_blocks, expire_ms (0 = no TTL; else the
+    Redis time, in ms, after which the next heartbeat drops the pin)."""
+    return f"{prefix}pin:{pin_id}"
+
+
 def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -164,7 +183,7 @@ class ClusterIndex:
     async def node_epoch(self, node_id: NodeId) -> int | None:
         """The node's current epoch, or None when it is not registered."""
         try:
-            idx = await self.redis.hget(self.prefix + "ids", node_id)
+            idx = await self.redis.hget(node_ids_key(self.prefix), node_id)
             if idx is None:
                 return None
             epoch = await self.redis.hget(f"{self.prefix}n:{_s(idx)}", "epoch")
@@ -244,13 +263,13 @@ class ClusterIndex:
     async def stats(self) -> IndexStats:
         p = self.prefix
         try:
-            ids = {_s(k): _s(v) for k, v in (await self.redis.hgetall(p + "ids")).items()}
+            ids = {_s(k): _s(v) for k, v in (await self.redis.hgetall(node_ids_key(p))).items()}
             pipe = self.redis.pipeline(transaction=False)
             order = sorted(ids)
             for node_id in order:
                 idx = ids[node_id]
                 pipe.hgetall(f"{p}n:{idx}")
-                pipe.exists(f"{p}hb:{idx}")
+                pipe.exists(heartbeat_key(p, idx))
                 pipe.scard(f"{p}nb:{idx}")
             pipe.hgetall(p + "ctr")
             pipe.hget(p + "stat", "num_blocks")
@@ -259,7 +278,7 @@ class ClusterIndex:
             pin_ids = sorted(_s(x) for x in res[-1])
             pipe = self.redis.pipeline(transaction=False)
             for pid in pin_ids:
-                pipe.hmget(f"{p}pin:{pid}", "replicas", "num_blocks", "tokens", "salt")
+                pipe.hmget(pin_key(p, pid), "replicas", "num_blocks", "tokens", "salt")
                 pipe.smembers(f"{p}pinh:{pid}")
             pin_res = await pipe.execute()
             used_memory = int((await self.redis.info("memory"))["used_memory"])

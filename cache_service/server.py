@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from dataclasses import dataclass
 
 import grpc
@@ -26,9 +25,10 @@ from cache_service.index import DEFAULT_PREFIX, ClusterIndex, IndexUnavailable
 from cache_service.loop_thread import LoopThread
 from cache_service.servicer import CacheServicer
 from cache_service.validation import MAX_MESSAGE_BYTES
+from common.logs import RequestIdInterceptor, get_logger
 from protos.prefixcache.v1 import cache_pb2, cache_pb2_grpc
 
-log = logging.getLogger(__name__)
+log = get_logger("cache_service")
 # Lookups and heartbeats fail within ~1 s when Redis is unreachable; a large
 # publication (a node's snapshot) may legitimately run longer on a busy Redis.
 BULK_SOCKET_TIMEOUT_S = 10.0
@@ -70,6 +70,7 @@ class CacheServiceServer:
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ],
             maximum_concurrent_rpcs=self.config.max_concurrent_rpcs,
+            interceptors=[RequestIdInterceptor()],  # binds the caller's x-request-id for the handlers
         )
         cache_pb2_grpc.add_CacheServiceServicer_to_server(CacheServicer(self.index), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -84,7 +85,7 @@ class CacheServiceServer:
         self._server, self.port = server, port
         await self._set_health(await self.index.ping())
         self._tasks.append(asyncio.create_task(self._sweep_loop(), name="cache-sweeper"))
-        log.info("cache service listening on %s (Redis %s)", self.address, self.config.redis_url)
+        log.info("cache service listening", extra={"address": self.address, "redis_url": self.config.redis_url})
         return port
 
     async def _set_health(self, ok: bool) -> None:
@@ -100,12 +101,12 @@ class CacheServiceServer:
             try:
                 result = await self.index.sweep()
                 if result.num_removed_entries:
-                    log.info("swept %d entries of %d dead node(s)", result.num_removed_entries,
-                             result.num_dead_nodes)
+                    log.info("swept dead nodes", extra={"num_removed_entries": result.num_removed_entries,
+                                                        "num_dead_nodes": result.num_dead_nodes})
                 ok = True
             except IndexUnavailable as exc:
                 if healthy:
-                    log.warning("Redis unavailable: %s", exc)
+                    log.warning("Redis unavailable", extra={"error": str(exc)})
                 ok = False
             except Exception:  # noqa: BLE001 - the sweeper must survive anything
                 log.exception("sweep failed")

@@ -11,7 +11,6 @@ which tells the node to register again and republish.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Awaitable, Callable, TypeVar
 
 import grpc
@@ -21,10 +20,11 @@ from cache_service.block_hash import BlockHash
 from cache_service.index import ClusterIndex, IndexUnavailable, NodeExpired, NodeNotFound, StaleEpoch
 from cache_service.records import AllBlocksCleared, BlockEvent, BlockRemoved, BlockStored, WorkerLoad
 from cache_service.types import NodeInfo, PinSpec, TransferCounts
+from common.logs import get_logger
 from protos.prefixcache.v1 import cache_pb2 as pb
 from protos.prefixcache.v1 import cache_pb2_grpc
 
-log = logging.getLogger(__name__)
+log = get_logger("cache_service")
 T = TypeVar("T")
 
 
@@ -99,7 +99,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             ttl = request.ttl_seconds or v.DEFAULT_HEARTBEAT_TTL_S
             v.check_range(ttl, "ttl_seconds", 1, v.MAX_HEARTBEAT_TTL_S)
             reg = await self.index.register(node_info_from_proto(n), ttl)
-            log.info("registered node %s (epoch %d)", reg.node_id, reg.epoch)
+            log.info("registered node", extra={"node_id": reg.node_id, "epoch": reg.epoch})
             return pb.RegisterNodeResponse(epoch=reg.epoch)
 
         return await self._call(context, go)

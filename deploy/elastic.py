@@ -24,7 +24,7 @@ from deploy.placement import lost_workers, node_views, plan_joins
 if TYPE_CHECKING:
     from deploy.stack import Stack
 
-log = get_logger("stack.elastic")
+log = get_logger("serve")
 
 
 class NodeWatcher:

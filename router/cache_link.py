@@ -11,6 +11,7 @@ from typing import Sequence
 import grpc
 
 from cache_service.block_hash import BlockHash
+from common.logs import request_id_metadata
 from protos.prefixcache.v1 import cache_pb2, cache_pb2_grpc
 
 LOOKUP_TIMEOUT_S = 0.5
@@ -29,7 +30,7 @@ class CacheLink:
             return {}
         resp = await self._stub.Lookup(
             cache_pb2.LookupRequest(block_hashes=[bytes(h) for h in hashes], model_id=self.model_id),
-            timeout=LOOKUP_TIMEOUT_S,
+            timeout=LOOKUP_TIMEOUT_S, metadata=request_id_metadata(),
         )
         return {m.node_id: m.num_blocks for m in resp.matches}
 
@@ -40,13 +41,13 @@ class CacheLink:
                 pin_id=pin_id, block_hashes=[bytes(h) for h in hashes], replicas=replicas, ttl_seconds=ttl_seconds,
                 token_ids=list(token_ids), cache_salt=cache_salt, model_id=self.model_id,
             ),
-            timeout=PIN_TIMEOUT_S,
+            timeout=PIN_TIMEOUT_S, metadata=request_id_metadata(),
         )
         return list(resp.node_ids)
 
     async def unpin(self, pin_id: str) -> tuple[bool, list[str]]:
         resp = await self._stub.Unpin(cache_pb2.PinBlocksRequest(pin_id=pin_id, model_id=self.model_id),
-                                      timeout=PIN_TIMEOUT_S)
+                                      timeout=PIN_TIMEOUT_S, metadata=request_id_metadata())
         return resp.found, list(resp.node_ids)
 
     async def close(self) -> None:

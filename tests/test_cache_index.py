@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-import time
 
 import pytest
 from valkey_fixtures import valkey, valkey_module  # noqa: F401  (pytest fixtures)
@@ -18,12 +17,16 @@ from cache_service.index import (
     NodeExpired,
     NodeNotFound,
     StaleEpoch,
+    heartbeat_key,
+    node_ids_key,
+    pin_key,
 )
 from cache_service.records import AllBlocksCleared, BlockRemoved, BlockStored, WorkerLoad
 from cache_service.types import NodeInfo, PinSpec, PrefixMatch, TransferCounts
 
 MODEL = "m"
 HASHES = hash_prompt_blocks(list(range(16 * 8)), 16, MODEL)  # 8 blocks
+HANG_GUARD_S = 30.0  # far above the Redis client's own timeouts (embedded_redis): only a hang reaches it
 
 
 def async_test(fn):
@@ -51,6 +54,22 @@ async def make_index(server, flush: bool = True) -> ClusterIndex:
 
 async def register(index, node_id, ttl_s=30.0, model=MODEL):
     return (await index.register(NodeInfo(node_id, f"127.0.0.1:{1000 + len(node_id)}", model), ttl_s)).epoch
+
+
+async def expire_node(index, node_id) -> int:
+    """What the node's heartbeat TTL running out does, now: its heartbeat key is gone.
+
+    Returns the TTL the key had left (ms), to show it was going to expire on its own."""
+    idx = await index.redis.hget(node_ids_key(index.prefix), node_id)
+    key = heartbeat_key(index.prefix, idx.decode())
+    ttl_left_ms = await index.redis.pttl(key)
+    assert await index.redis.delete(key) == 1
+    return ttl_left_ms
+
+
+async def redis_time_ms(index) -> int:
+    seconds, micros = await index.redis.time()
+    return seconds * 1000 + micros // 1000
 
 
 @async_test
@@ -140,12 +159,12 @@ async def test_registration_epochs_and_rejections(valkey_module):
 @async_test
 async def test_dead_node_vanishes_from_lookup_then_from_redis(valkey_module):
     index = await make_index(valkey_module)
-    ea = await register(index, "A", ttl_s=1.0)
-    eb = await register(index, "B", ttl_s=30.0)
+    ea = await register(index, "A")
+    eb = await register(index, "B")
     await index.publish("A", ea, stored(HASHES))
     await index.publish("B", eb, stored(HASHES[:3]))
     assert [m.node_id for m in await index.lookup(HASHES)] == ["A", "B"]
-    await asyncio.sleep(1.3)  # A's heartbeat key expires
+    assert 0 < await expire_node(index, "A") <= 30_000  # A's heartbeat key (PX 30 s) expires
     # Ignored at once, before any sweep ...
     assert [(m.node_id, m.num_blocks) for m in await index.lookup(HASHES)] == [("B", 3)]
     assert (await index.stats()).num_entries == 11
@@ -168,10 +187,10 @@ async def test_dead_node_vanishes_from_lookup_then_from_redis(valkey_module):
 @async_test
 async def test_pins_are_kept_on_replicas_and_reassigned_when_a_holder_dies(valkey_module):
     index = await make_index(valkey_module)
-    ea = await register(index, "A", ttl_s=1.0)
-    eb = await register(index, "B", ttl_s=30.0)
-    ec = await register(index, "C", ttl_s=30.0)
-    await register(index, "D", ttl_s=30.0, model="other")
+    ea = await register(index, "A")
+    eb = await register(index, "B")
+    ec = await register(index, "C")
+    await register(index, "D", model="other")
     tokens = list(range(16 * 3))
     hashes = HASHES[:3]
     await index.publish("A", ea, stored(hashes))  # A holds the prefix: preferred
@@ -181,7 +200,7 @@ async def test_pins_are_kept_on_replicas_and_reassigned_when_a_holder_dies(valke
     hb = await index.heartbeat("C", ec, WorkerLoad())
     assert [(p.pin_id, p.token_ids, p.num_blocks) for p in hb.pins] == [("sys", tuple(tokens), 3)]
     assert (await index.heartbeat("B", eb, WorkerLoad(num_running=5))).pins == []  # not a holder, pin full
-    await asyncio.sleep(1.3)  # A dies
+    await expire_node(index, "A")  # A dies
     hb = await index.heartbeat("B", eb, WorkerLoad())
     assert [p.pin_id for p in hb.pins] == ["sys"]  # B replaces A
     stats = await index.stats()
@@ -198,10 +217,18 @@ async def test_pins_are_kept_on_replicas_and_reassigned_when_a_holder_dies(valke
 async def test_pin_ttl_expires(valkey_module):
     index = await make_index(valkey_module)
     ea = await register(index, "A")
+    before_ms = await redis_time_ms(index)
     assert await index.pin(PinSpec("p", MODEL, HASHES[:1], list(range(16)), ttl_seconds=1)) == ["A"]
+    after_ms = await redis_time_ms(index)
+    # The TTL is a deadline on Redis's clock: 1 s after the pin was made.
+    expire_ms = int(await index.redis.hget(pin_key(index.prefix, "p"), "expire_ms"))
+    assert before_ms + 1000 <= expire_ms <= after_ms + 1000
     assert [p.pin_id for p in (await index.heartbeat("A", ea, WorkerLoad())).pins] == ["p"]
-    await asyncio.sleep(1.1)
+    # The deadline passes (moved to before the pin was made, instead of waiting for it) ...
+    await index.redis.hset(pin_key(index.prefix, "p"), "expire_ms", str(before_ms - 1))
+    # ... and the next heartbeat drops the pin: from the node's pins and from Redis.
     assert (await index.heartbeat("A", ea, WorkerLoad())).pins == []
+    assert await index.redis.exists(pin_key(index.prefix, "p")) == 0
     assert (await index.stats()).pins == []
     await index.close()
 
@@ -212,12 +239,11 @@ async def test_redis_down_fails_fast_and_an_empty_restart_is_survived(valkey):
     epoch = await register(index, "A")
     await index.publish("A", epoch, stored(HASHES))
     valkey.stop()
-    t0 = time.monotonic()
+    # Fails (the client's own short socket timeouts), never hangs: wait_for is only a hang guard.
     with pytest.raises(IndexUnavailable, match="Redis"):
-        await index.lookup(HASHES)
+        await asyncio.wait_for(index.lookup(HASHES), HANG_GUARD_S)
     with pytest.raises(IndexUnavailable):
-        await index.heartbeat("A", epoch, WorkerLoad())
-    assert time.monotonic() - t0 < 5.0  # fails, never hangs (the limit is generous on purpose)
+        await asyncio.wait_for(index.heartbeat("A", epoch, WorkerLoad()), HANG_GUARD_S)
     valkey.start()  # same port, empty dataset, no scripts loaded (NOSCRIPT -> reloaded)
     assert (await index.heartbeat("A", epoch, WorkerLoad())).known is False
     epoch = await register(index, "A")

@@ -16,6 +16,7 @@ from valkey_fixtures import redis_dump, valkey, valkey_module  # noqa: F401  (py
 
 from cache_service.block_hash import hash_prompt_blocks
 from cache_service.embedded_redis import connect_sync
+from cache_service.index import DEFAULT_PREFIX, heartbeat_key, node_ids_key
 from cache_service.server import CacheServiceConfig, CacheServiceThread
 from cache_service.validation import MAX_EVENTS_PER_PUBLISH, MAX_LOOKUP_BLOCKS
 from protos.prefixcache.v1 import cache_pb2 as pb
@@ -49,6 +50,20 @@ def register(stub, node_id, ttl=30, model=MODEL, address="127.0.0.1:7000"):
 
 def stored(hashes):
     return [pb.BlockEvent(stored=pb.BlockStoredEvent(block_hash=h)) for h in hashes]
+
+
+def expire_node(valkey, node_id) -> int:
+    """What the node's heartbeat TTL running out does, now: its heartbeat key is gone.
+
+    Returns the TTL the key had left (ms), to show it was going to expire on its own."""
+    r = connect_sync(valkey.url)
+    try:
+        key = heartbeat_key(DEFAULT_PREFIX, r.hget(node_ids_key(DEFAULT_PREFIX), node_id).decode())
+        ttl_left_ms = r.pttl(key)
+        assert r.delete(key) == 1
+        return ttl_left_ms
+    finally:
+        r.close()
 
 
 def test_register_publish_lookup_stats(stub):
@@ -158,8 +173,8 @@ def test_stale_epoch_is_failed_precondition(stub):
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "epoch 1 is stale (current epoch 2)" in details
 
 
-def test_pin_rpc_and_reassignment_on_heartbeat(stub):
-    ea = register(stub, "A", ttl=1)
+def test_pin_rpc_and_reassignment_on_heartbeat(stub, valkey_module):
+    ea = register(stub, "A", ttl=30)
     eb = register(stub, "B", ttl=30)
     ec = register(stub, "C", ttl=30)
     tokens = list(range(40))
@@ -172,7 +187,7 @@ def test_pin_rpc_and_reassignment_on_heartbeat(stub):
     hb = stub.Heartbeat(pb.HeartbeatRequest(node_id="B", epoch=eb))
     assert [(p.pin_id, list(p.token_ids), p.num_blocks) for p in hb.pins] == [("sys", tokens, 2)]
     assert list(stub.Heartbeat(pb.HeartbeatRequest(node_id="C", epoch=ec)).pins) == []
-    time.sleep(1.3)  # A's heartbeat expires
+    assert 0 < expire_node(valkey_module, "A") <= 30_000  # A's heartbeat (PX 30 s) expires
     assert [p.pin_id for p in stub.Heartbeat(pb.HeartbeatRequest(node_id="C", epoch=ec)).pins] == ["sys"]
     stats = stub.GetStats(pb.GetStatsRequest())
     assert [(p.pin_id, list(p.node_ids), p.num_tokens) for p in stats.pins] == [("sys", ["B", "C"], 40)]
@@ -180,10 +195,11 @@ def test_pin_rpc_and_reassignment_on_heartbeat(stub):
     assert (resp.found, list(resp.node_ids)) == (True, ["B", "C"])
 
 
-def test_sweeper_removes_dead_nodes_in_the_background(stub):
-    ea = register(stub, "A", ttl=1)
+def test_sweeper_removes_dead_nodes_in_the_background(stub, valkey_module):
+    ea = register(stub, "A", ttl=30)
     stub.PublishEvents(pb.PublishEventsRequest(node_id="A", epoch=ea, events=stored(HASHES)))
     assert stub.GetStats(pb.GetStatsRequest()).num_entries == 6
+    assert 0 < expire_node(valkey_module, "A") <= 30_000  # A's heartbeat (PX 30 s) expires
     deadline = time.monotonic() + 10
     while stub.GetStats(pb.GetStatsRequest()).num_entries and time.monotonic() < deadline:
         time.sleep(0.1)
