@@ -28,7 +28,7 @@ from router.routing import Decision, NoWorkerError, RoutingCore
 from router.validation import ValidRequest
 from router.worker_client import WorkerCallError
 
-log = get_logger("router.dispatch")
+log = get_logger("router")
 
 
 class OverloadedError(Exception):

@@ -33,7 +33,7 @@ from common.logs import get_logger
 from router.index_mirror import IndexMirror
 from router.worker_client import WorkerCallError, WorkerClient
 
-log = get_logger("router.registry")
+log = get_logger("router")
 
 
 @dataclass(slots=True)
