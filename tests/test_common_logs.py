@@ -100,9 +100,18 @@ def test_request_id_crosses_a_grpc_hop(stream):
             await asyncio.sleep(0)
             yield f"{i}:{current_request_id() or '-'}".encode()
 
+    async def own_id(request: bytes, context):
+        # A handler that binds the request's own id (as the router does with the body's request_id) keeps it
+        # across yields: the interceptor must not put the metadata's id back after each one.
+        with request_context("body-id"):
+            for i in range(3):
+                await asyncio.sleep(0)
+                yield f"{i}:{current_request_id() or '-'}".encode()
+
     handler = grpc.method_handlers_generic_handler("t.Svc", {
         "Unary": grpc.unary_unary_rpc_method_handler(unary),
         "Stream": grpc.unary_stream_rpc_method_handler(streaming),
+        "OwnId": grpc.unary_stream_rpc_method_handler(own_id),
     })
 
     async def main() -> list:
@@ -118,11 +127,14 @@ def test_request_id_crosses_a_grpc_hop(stream):
                     got = [await unary_call(b"", metadata=request_id_metadata())]
                 got.append(await unary_call(b"", metadata=request_id_metadata()))  # none bound: no metadata
                 got.append([m async for m in stream_call(b"", metadata=request_id_metadata("req-10"))])
+                own_call = ch.unary_stream("/t.Svc/OwnId")
+                got.append([m async for m in own_call(b"", metadata=request_id_metadata("meta-id"))])
                 return got
         finally:
             await server.stop(None)
 
-    assert asyncio.run(main()) == [b"req-9", b"-", [b"0:req-10", b"1:req-10", b"2:req-10"]]
+    assert asyncio.run(main()) == [b"req-9", b"-", [b"0:req-10", b"1:req-10", b"2:req-10"],
+                                   [b"0:body-id", b"1:body-id", b"2:body-id"]]
     assert [(line["msg"], line.get("request_id")) for line in _lines(stream)] == [("lookup", "req-9"), ("lookup", None)]
 
 
