@@ -12,11 +12,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from valkey_fixtures import redis_dump, valkey, valkey_module  # noqa: F401  (pytest fixtures)
+from valkey_fixtures import expire_node, redis_dump, valkey, valkey_module  # noqa: F401  (pytest fixtures)
 
 from cache_service.block_hash import hash_prompt_blocks
 from cache_service.embedded_redis import connect_sync
-from cache_service.index import DEFAULT_PREFIX, heartbeat_key, node_ids_key
 from cache_service.server import CacheServiceConfig, CacheServiceThread
 from cache_service.validation import MAX_EVENTS_PER_PUBLISH, MAX_LOOKUP_BLOCKS
 from protos.prefixcache.v1 import cache_pb2 as pb
@@ -50,20 +49,6 @@ def register(stub, node_id, ttl=30, model=MODEL, address="127.0.0.1:7000"):
 
 def stored(hashes):
     return [pb.BlockEvent(stored=pb.BlockStoredEvent(block_hash=h)) for h in hashes]
-
-
-def expire_node(valkey, node_id) -> int:
-    """What the node's heartbeat TTL running out does, now: its heartbeat key is gone.
-
-    Returns the TTL the key had left (ms), to show it was going to expire on its own."""
-    r = connect_sync(valkey.url)
-    try:
-        key = heartbeat_key(DEFAULT_PREFIX, r.hget(node_ids_key(DEFAULT_PREFIX), node_id).decode())
-        ttl_left_ms = r.pttl(key)
-        assert r.delete(key) == 1
-        return ttl_left_ms
-    finally:
-        r.close()
 
 
 def test_register_publish_lookup_stats(stub):

@@ -16,7 +16,7 @@ from cache_fixtures import (  # noqa: F401  (pytest fixtures)
     prompt_of,
     wait_until,
 )
-from valkey_fixtures import valkey_module  # noqa: F401  (pytest fixtures)
+from valkey_fixtures import expire_node, valkey_module  # noqa: F401  (pytest fixtures)
 
 from cache_service.block_hash import hash_prompt_blocks
 from cache_service.event_queue import EventQueue
@@ -109,7 +109,7 @@ def test_policy_recomputes_when_transfer_is_predicted_slower(make_node):
     assert (f.outcome, f.num_blocks) == (FetchOutcome.TRANSFERRED, 4), f
 
 
-def test_index_tracks_stores_evictions_and_expiry_of_real_engines(make_node):
+def test_index_tracks_stores_evictions_and_expiry_of_real_engines(make_node, valkey_module):
     a = make_node("A", num_blocks=12)
     b = make_node("B")
     p1, p2 = prompt_of(16 * 6 + 1, seed=4), prompt_of(16 * 8 + 1, seed=5)
@@ -122,8 +122,9 @@ def test_index_tracks_stores_evictions_and_expiry_of_real_engines(make_node):
         held = a.call(lambda e, p=prompt: e.num_cached_prefix_blocks(e.block_hashes(p)))
         assert lookup(b, prompt) == ([("A", held)] if held else [])
     assert a.engine.pool.num_evicted > 0
-    a.stop()  # no more heartbeats: A expires after its 1 s TTL
-    wait_until(lambda: lookup(b, p2) == [], what="A's entries to expire")
+    a.stop()  # no more heartbeats: A's TTL would run out; its heartbeat key goes now
+    assert 0 < expire_node(valkey_module, "A")
+    wait_until(lambda: lookup(b, p2) == [], what="A's entries to leave lookups")
 
 
 def test_chunked_stream_reassembles_exactly(make_node):
