@@ -71,8 +71,11 @@ class Dispatcher:
             raise OverloadedError(f"the router is at its limit of {self.max_in_flight} requests in flight; retry later")
         self.num_in_flight += 1
         try:
-            async for delta in self._attempts(req, tenant, started, restartable):
-                yield delta
+            # aclosing: a client that closes this stream closes the attempt now (its worker is told to abort),
+            # not whenever the garbage collector finalizes the inner generators.
+            async with contextlib.aclosing(self._attempts(req, tenant, started, restartable)) as attempts:
+                async for delta in attempts:
+                    yield delta
         finally:
             self.num_in_flight -= 1
 
@@ -94,9 +97,10 @@ class Dispatcher:
                 self.metrics.decision_seconds.observe(time.perf_counter() - started)
             num_streamed = 0
             try:
-                async for delta in self._run_on_worker(req, tenant, decision, hashes, started):
-                    num_streamed += len(delta.token_ids)
-                    yield delta
+                async with contextlib.aclosing(self._run_on_worker(req, tenant, decision, hashes, started)) as run:
+                    async for delta in run:
+                        num_streamed += len(delta.token_ids)
+                        yield delta
                 return
             except WorkerLostError as exc:
                 last_error = f"{decision.worker_id}: {exc}"

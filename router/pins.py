@@ -77,13 +77,14 @@ class PinManager:
         return [w.worker_id for w in live[:replicas]]
 
     async def _warm(self, pin_id: str, full: list[int], cache_salt: str, holders: list[str]) -> None:
-        calls = []
-        for wid in holders:
-            w = self.registry.get(wid)
-            if w is not None and w.live:
-                calls.append(w.client.pin(pin_id, full, cache_salt))
-        if calls:
+        states = [w for w in map(self.registry.get, holders) if w is not None and w.live]
+        if states:
+            calls = [w.client.pin(pin_id, full, cache_salt) for w in states]
             results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), self.warm_timeout_s)
+            for w, r in zip(states, results):
+                if not isinstance(r, BaseException):
+                    # Held now: an Unpin before the next poll reports it must find it (as unpin drops it at once).
+                    w.pins = w.pins | {pin_id}
             errors = [r for r in results if isinstance(r, BaseException)]
             if errors and len(errors) == len(results):
                 raise errors[0]
