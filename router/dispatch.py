@@ -67,7 +67,7 @@ class Dispatcher:
         decision's time and TTFT are measured from it.
         """
         if self.num_in_flight >= self.max_in_flight:
-            self.metrics.record_failed("", tenant, "error")
+            self.metrics.record_failed(None, tenant, "error")
             raise OverloadedError(f"the router is at its limit of {self.max_in_flight} requests in flight; retry later")
         self.num_in_flight += 1
         try:
@@ -91,7 +91,7 @@ class Dispatcher:
                     target_worker=req.target_worker, exclude=frozenset(excluded),
                 )
             except NoWorkerError as exc:
-                self.metrics.record_failed("", tenant, "error")
+                self.metrics.record_failed(None, tenant, "error")
                 raise NoWorkerError(f"{exc}; last failure: {last_error}" if last_error else str(exc)) from None
             if attempt == 0:
                 self.metrics.decision_seconds.observe(time.perf_counter() - started)

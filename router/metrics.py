@@ -35,6 +35,9 @@ def tenant_label(tenant: str) -> str:
     return (tenant or "default")[:MAX_TENANT_LABEL_CHARS]
 
 
+NO_WORKER = "none"  # the worker label of requests refused before routing (stats leave it out)
+
+
 class RouterMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
@@ -74,8 +77,9 @@ class RouterMetrics:
         self.predicted_tokens.labels(worker).inc(predicted_tokens)
         self.realised_tokens.labels(worker).inc(cached_tokens)
 
-    def record_failed(self, worker: str, tenant: str, status: str) -> None:
-        self.requests.labels(worker or "none", tenant_label(tenant), status).inc()
+    def record_failed(self, worker: str | None, tenant: str, status: str) -> None:
+        """``worker`` None: refused before any worker was chosen (counted under the label ``NO_WORKER``)."""
+        self.requests.labels(worker if worker is not None else NO_WORKER, tenant_label(tenant), status).inc()
 
     # ---- HTTP ---------------------------------------------------------------
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:

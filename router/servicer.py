@@ -95,7 +95,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             req = validate_generate(args_from_proto(request), self.encoder)
         except (AuthError, InvalidRequestError):
             # Refused at the edge: counted (worker "none") so that error rates include bad requests.
-            self.dispatcher.metrics.record_failed("none", tenant, "error")
+            self.dispatcher.metrics.record_failed(None, tenant, "error")
             raise
         req.cache_salt = salt
         return req, tenant
