@@ -71,10 +71,9 @@ class Engine(EngineCache):
             num_blocks = KVCache.blocks_for_memory(lm.config, config.block_size, lm.dtype, config.kv_cache_memory_bytes)
         if num_blocks < 1:
             raise ValueError(f"the KV cache must hold at least one block (num_blocks={num_blocks})")
-        # Only the KVManager calls the pool. The attribute remains for two tests outside workers/ that reach
-        # into it (tests/test_cache_faults.py evicts behind the index, tests/test_transfer.py counts evictions).
-        self.pool = BlockPool(num_blocks, config.block_size, enable_caching=config.enable_prefix_caching)
-        kv = KVManager(self.pool, lm.model_id)
+        # Only the KVManager touches the block pool.
+        kv = KVManager(BlockPool(num_blocks, config.block_size, enable_caching=config.enable_prefix_caching),
+                       lm.model_id)
         super().__init__(lm.model_id, kv, KVCache(lm.config, num_blocks, config.block_size, lm.dtype, lm.device))
         self.scheduler = Scheduler(kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.max_model_len = lm.config.max_position_embeddings

@@ -21,7 +21,8 @@ from typing import Sequence as Seq
 
 from cache_service.block_hash import BlockHash, hash_prompt_blocks, num_reusable_blocks
 from cache_service.records import BlockEvent
-from workers.block_pool import Block, BlockPool, EvictionAdvisor
+from cache_service.engine_port import EvictionAdvisor
+from workers.block_pool import Block, BlockPool
 from workers.sequence import Sequence
 
 
@@ -191,6 +192,10 @@ class KVManager:
     def reset_cache(self) -> bool:
         """Forget every cached block; False (nothing done) while any block is in use."""
         return self._pool.reset_cache()
+
+    def evict(self, block_hashes: list[BlockHash]) -> int:
+        """Forget these cached, unreferenced blocks now (each a BlockRemoved event); how many went."""
+        return sum(self._pool.evict(h) for h in block_hashes)
 
     def check_integrity(self) -> None:
         self._pool.check_integrity()
