@@ -7,7 +7,6 @@ import json
 import re
 import shlex
 import urllib.request
-from pathlib import Path
 
 import grpc
 import pytest
