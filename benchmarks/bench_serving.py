@@ -30,23 +30,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import dataclasses
 import os
 from dataclasses import asdict, dataclass
 
-from deploy.stack import DEFAULT_POLICY_WEIGHTS
+from deploy.stack import default_policy_weights
 from loadgen.driver import BenchRequest, RequestResult, run_requests
 from loadgen.report import summarize
 from loadgen.stats import percentile
 from loadgen.workloads import WorkloadRequest, sgl_shared_prefix
+from router.policies import CostWeights
 
 BS = 16
 # (name, policy, transfer hints, policy weights): the serving stack's default weights (deploy/stack.py)
 RUNS = [
-    ("cache_aware", "cache_aware", False, DEFAULT_POLICY_WEIGHTS),
-    ("round_robin", "round_robin", False, {}),
-    ("random", "random", False, {}),
-    ("round_robin+transfer", "round_robin", True, {}),
-    ("cache_aware+transfer", "cache_aware", True, DEFAULT_POLICY_WEIGHTS),
+    ("cache_aware", "cache_aware", False, default_policy_weights()),
+    ("round_robin", "round_robin", False, CostWeights()),
+    ("random", "random", False, CostWeights()),
+    ("round_robin+transfer", "round_robin", True, CostWeights()),
+    ("cache_aware+transfer", "cache_aware", True, default_policy_weights()),
 ]
 
 
@@ -88,7 +90,7 @@ def ideal_cached_tokens(requests: list[WorkloadRequest], system_len: int) -> int
     return total
 
 
-def run_policy(stack, name: str, policy: str, transfer: bool, weights: dict, requests: list[WorkloadRequest],
+def run_policy(stack, name: str, policy: str, transfer: bool, weights: CostWeights, requests: list[WorkloadRequest],
                concurrency: int, ideal: int) -> RunResult:
     import ray
 
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     stack.start()
     try:
         run_policy(stack, "warmup", "round_robin", False, {}, warmup, args.concurrency, 1)
-        runs = RUNS + [(f"cache_aware q={q:g}", "cache_aware", False, {**DEFAULT_POLICY_WEIGHTS, "queue_weight": q})
+        runs = RUNS + [(f"cache_aware q={q:g}", "cache_aware", False, dataclasses.replace(default_policy_weights(), queue_weight=q))
                        for q in args.queue_weights]
         reps = [[run_policy(stack, name, p, t, w, requests, args.concurrency, ideal) for name, p, t, w in runs]
                 for _ in range(args.repeats)]  # interleaved: machine noise hits every policy alike

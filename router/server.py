@@ -13,7 +13,7 @@ import contextlib
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -86,13 +86,7 @@ class RouterServer:
         self.metrics.attach_registry(self.registry)
         self.link = (CacheLink(config.cache_service_address, self.encoder.model_id)
                      if config.cache_service_address else None)
-        weights = config.policy_weights
-        if isinstance(weights, Mapping):
-            # benchmarks/bench_serving.py still passes CostWeights fields as a dict: they get make_policy's
-            # field check. Drop this branch once it passes a CostWeights.
-            self.policy = make_policy(config.policy, seed=config.seed, **weights)
-        else:
-            self.policy = make_policy(config.policy, seed=config.seed, weights=weights)
+        self.policy = make_policy(config.policy, seed=config.seed, weights=config.policy_weights)
         self.routing = RoutingCore(self.encoder, self.registry, self.mirror, self.policy, self.metrics,
                                    service_lookup=self.link.lookup if self.link else None,
                                    index_source=config.index_source, transfer_hints=config.transfer_hints)
