@@ -25,6 +25,7 @@ from cache_service.index import DEFAULT_PREFIX, ClusterIndex, IndexUnavailable
 from cache_service.loop_thread import LoopThread
 from cache_service.servicer import CacheServicer
 from cache_service.validation import MAX_MESSAGE_BYTES
+from common.grpc_edge import EdgeInterceptor
 from common.logs import RequestIdInterceptor, get_logger
 from protos.prefixcache.v1 import cache_pb2, cache_pb2_grpc
 
@@ -70,7 +71,7 @@ class CacheServiceServer:
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ],
             maximum_concurrent_rpcs=self.config.max_concurrent_rpcs,
-            interceptors=[RequestIdInterceptor()],  # binds the caller's x-request-id for the handlers
+            interceptors=[RequestIdInterceptor(), EdgeInterceptor(log)],  # request ids; status codes at the edge
         )
         cache_pb2_grpc.add_CacheServiceServicer_to_server(CacheServicer(self.index), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -5,6 +5,7 @@ Status codes:
     NOT_FOUND            PublishEvents from a node that is not registered / expired
     FAILED_PRECONDITION  PublishEvents with a stale epoch (an earlier incarnation)
     UNAVAILABLE          Redis is down (fails fast: short socket timeouts)
+    INTERNAL             anything else (logged with its traceback; the caller gets a generic message)
 Heartbeat from an unknown node is not an error: it answers ``known=false``,
 which tells the node to register again and republish.
 """
@@ -20,6 +21,7 @@ from cache_service.block_hash import BlockHash
 from cache_service.index import ClusterIndex, IndexUnavailable, NodeExpired, NodeNotFound, StaleEpoch
 from cache_service.records import AllBlocksCleared, BlockEvent, BlockRemoved, BlockStored, WorkerLoad
 from cache_service.types import NodeInfo, PinSpec, TransferCounts
+from common.grpc_edge import abort_internal
 from common.logs import get_logger
 from protos.prefixcache.v1 import cache_pb2 as pb
 from protos.prefixcache.v1 import cache_pb2_grpc
@@ -86,6 +88,10 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except IndexUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except grpc.aio.AbortError:
+            raise  # already answered with its code
+        except Exception as exc:  # noqa: BLE001 - a bug, or Redis answering what we did not expect
+            await abort_internal(context, log, exc, "CacheService")
         raise AssertionError("unreachable")  # abort always raises
 
     async def RegisterNode(self, request: pb.RegisterNodeRequest, context: grpc.aio.ServicerContext):

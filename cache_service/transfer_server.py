@@ -24,6 +24,7 @@ from cache_service.raw_listener import RawStreamListener
 from cache_service.transfer_servicer import BlockTransferServicer, add_transfer_servicer
 from cache_service.transfer_settings import DEFAULT_CHUNK_BYTES, HTTP2_MAX_FRAME_BYTES, TRANSFER_MESSAGE_BYTES
 from cache_service.transfer_source import TransferFaults
+from common.grpc_edge import EdgeInterceptor
 from common.logs import RequestIdInterceptor, get_logger
 
 log = get_logger("transfer")
@@ -72,7 +73,7 @@ class TransferServer:
                 ("grpc.http2.max_frame_size", HTTP2_MAX_FRAME_BYTES),
             ],
             maximum_concurrent_rpcs=self.max_concurrent_rpcs,
-            interceptors=[RequestIdInterceptor()],  # binds the requester's x-request-id for FetchBlocks
+            interceptors=[RequestIdInterceptor(), EdgeInterceptor(log)],  # request ids; status codes at the edge
         )
         add_transfer_servicer(self.servicer, server)
         port = server.add_insecure_port(f"{self.host}:{self.port}")

@@ -22,7 +22,7 @@ from typing import AsyncIterator
 
 from cache_service.records import Delta, GenerateCall, InvalidRequestError, Usage
 from common.logs import get_logger
-from router.metrics import RouterMetrics, tenant_label
+from router.metrics import RouterMetrics
 from router.registry import WorkerRegistry, WorkerState
 from router.routing import Decision, NoWorkerError, RoutingCore
 from router.validation import ValidRequest
@@ -150,7 +150,7 @@ class Dispatcher:
                 if delta.token_ids:
                     if first_token_at is None:
                         first_token_at = now_p
-                        self.metrics.ttft.labels(w.worker_id, tenant_label(tenant)).observe(now_p - started)
+                        self.metrics.record_first_token(w.worker_id, tenant, now_p - started)
                     else:
                         per_token = (now_p - last_token_at) / len(delta.token_ids)
                         itl = self.metrics.itl.labels(w.worker_id)

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from common.grpc_edge import EdgeInterceptor
 from common.logs import RequestIdInterceptor, get_logger
 from protos.prefixcache.v1 import generation_pb2, generation_pb2_grpc
 from router.auth import TokenAuth
@@ -107,7 +108,8 @@ class RouterServer:
         cfg = self.config
         # gRPC's own cap answers RESOURCE_EXHAUSTED beyond it; ours (max_in_flight) gives the clearer
         # message, so gRPC's sits above it (Pin calls and health checks need room too).
-        server = grpc.aio.server(maximum_concurrent_rpcs=cfg.max_in_flight + 64, interceptors=[RequestIdInterceptor()])
+        server = grpc.aio.server(maximum_concurrent_rpcs=cfg.max_in_flight + 64,
+                                 interceptors=[RequestIdInterceptor(), EdgeInterceptor(log)])
         generation_pb2_grpc.add_GenerationServicer_to_server(
             GenerationServicer(self.encoder, self.dispatcher, self.pins, cfg.auth), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

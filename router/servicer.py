@@ -6,7 +6,10 @@ Errors map to status codes here and nowhere else:
     AuthError                                  UNAUTHENTICATED
     OverloadedError                            RESOURCE_EXHAUSTED (in-flight cap reached)
     NoWorkerError / StreamBrokenError          UNAVAILABLE        (no live worker, worker lost mid-stream)
+    WorkerCallError / TimeoutError             UNAVAILABLE        (Pin: a worker failed or did not warm in time)
     PinNotFoundError                           NOT_FOUND
+    CacheServiceError                          the cache service's code (router/cache_link.py says which)
+    anything else                              INTERNAL, a generic message; the traceback goes to the log
 """
 
 from __future__ import annotations
@@ -16,16 +19,22 @@ from typing import AsyncIterator, Callable
 
 import grpc
 
-from common.logs import request_context
+from common.grpc_edge import abort_internal, short_detail
+from common.logs import get_logger, request_context
 from protos.prefixcache.v1 import generation_pb2 as pb
 from protos.prefixcache.v1 import generation_pb2_grpc
 from router.auth import AuthError, TokenAuth, tenant_salt
+from router.cache_link import CacheServiceError
 from router.dispatch import Dispatcher, OverloadedError, StreamBrokenError
+from router.metrics import anonymous_tenant
 from router.pins import PinManager, PinNotFoundError
 from router.routing import NoWorkerError, UnknownWorkerError
 from router.tokenize import PromptEncoder
 from router.validation import GenerateArgs, ValidRequest, validate_generate
+from router.worker_client import WorkerCallError
 from cache_service.records import Delta, InvalidRequestError
+
+log = get_logger("router")
 
 _STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -38,10 +47,18 @@ _STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
 ]
 
 
-def _status_of(exc: BaseException) -> grpc.StatusCode | None:
+def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """The code and message ``exc`` is answered with; None for an unexpected error (INTERNAL)."""
+    if isinstance(exc, CacheServiceError):
+        return exc.code, exc.details
+    if isinstance(exc, WorkerCallError):
+        # The worker's own words may be a Ray traceback: its first line says enough.
+        return grpc.StatusCode.UNAVAILABLE, short_detail(exc)
+    if isinstance(exc, TimeoutError):
+        return grpc.StatusCode.UNAVAILABLE, "the workers did not answer in time"
     for cls, code in _STATUS:
         if isinstance(exc, cls):
-            return code
+            return code, str(exc)
     return None
 
 
@@ -84,7 +101,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     # ---- shared edge logic ------------------------------------------------------------------------------
     def _tenant_and_salt(self, context: grpc.aio.ServicerContext, client_salt: str) -> tuple[str, str]:
         if self.auth is None:
-            return client_salt, client_salt
+            # The salt is the client's only isolation then: metrics see its digest, never the salt.
+            return anonymous_tenant(client_salt), client_salt
         tenant = self.auth.authenticate(context.invocation_metadata())
         return tenant, tenant_salt(tenant, client_salt)
 
@@ -102,15 +120,19 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-        code = _status_of(exc)
-        if code is None:
-            raise exc
-        await context.abort(code, str(exc))
+        status = _status_of(exc)
+        if status is None:
+            await abort_internal(context, log, exc, "Generation")
+        if isinstance(exc, CacheServiceError) and exc.cause:  # what the caller is not told
+            log.warning("cache service call failed", extra={"error": exc.cause})
+        await context.abort(*status)
 
     async def _guard(self, context: grpc.aio.ServicerContext, fn: Callable):
         try:
             return await fn()
-        except Exception as exc:  # noqa: BLE001 - mapped to a status, or re-raised (INTERNAL)
+        except grpc.aio.AbortError:
+            raise  # already answered
+        except Exception as exc:  # noqa: BLE001 - mapped to a status, or INTERNAL
             await self._abort(context, exc)
 
     # ---- RPCs -------------------------------------------------------------------------------------------
@@ -147,7 +169,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     yield pb.GenerateResponse(request_id=req.request_id, token_ids=delta.token_ids, text=delta.text,
                                               finish_reason=delta.finish_reason or "", usage=_usage_proto(delta),
                                               worker_id=delta.worker_id)
-        except Exception as exc:  # noqa: BLE001 - mapped to a status, or re-raised (INTERNAL)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to a status, or INTERNAL
             await self._abort(context, exc)
 
     async def Pin(self, request: pb.PinRequest, context: grpc.aio.ServicerContext) -> pb.PinResponse:
