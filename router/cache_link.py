@@ -35,18 +35,18 @@ class CacheLink:
         return {m.node_id: m.num_blocks for m in resp.matches}
 
     async def pin(self, pin_id: str, hashes: Sequence[BlockHash], token_ids: Sequence[int], cache_salt: str,
-                  replicas: int, ttl_seconds: int) -> list[str]:
+                  replicas: int, ttl_seconds: int, tenant: str = "") -> list[str]:
         resp = await self._stub.Pin(
             cache_pb2.PinBlocksRequest(
                 pin_id=pin_id, block_hashes=[bytes(h) for h in hashes], replicas=replicas, ttl_seconds=ttl_seconds,
-                token_ids=list(token_ids), cache_salt=cache_salt, model_id=self.model_id,
+                token_ids=list(token_ids), cache_salt=cache_salt, model_id=self.model_id, tenant=tenant,
             ),
             timeout=PIN_TIMEOUT_S, metadata=request_id_metadata(),
         )
         return list(resp.node_ids)
 
-    async def unpin(self, pin_id: str) -> tuple[bool, list[str]]:
-        resp = await self._stub.Unpin(cache_pb2.PinBlocksRequest(pin_id=pin_id, model_id=self.model_id),
+    async def unpin(self, pin_id: str, tenant: str = "") -> tuple[bool, list[str]]:
+        resp = await self._stub.Unpin(cache_pb2.PinBlocksRequest(pin_id=pin_id, model_id=self.model_id, tenant=tenant),
                                       timeout=PIN_TIMEOUT_S, metadata=request_id_metadata())
         return resp.found, list(resp.node_ids)
 
