@@ -5,6 +5,8 @@ Status codes:
     NOT_FOUND            PublishEvents from a node that is not registered / expired
     FAILED_PRECONDITION  PublishEvents with a stale epoch (an earlier incarnation)
     UNAVAILABLE          Redis is down (fails fast: short socket timeouts)
+    PERMISSION_DENIED    Unpin (or Pin again) of another tenant's pin
+    RESOURCE_EXHAUSTED   a Pin over its tenant's quota of pinned blocks
     INTERNAL             anything else (logged with its traceback; the caller gets a generic message)
 Heartbeat from an unknown node is not an error: it answers ``known=false``,
 which tells the node to register again and republish.
@@ -18,9 +20,17 @@ import grpc
 
 from cache_service import validation as v
 from cache_service.block_hash import BlockHash
-from cache_service.index import ClusterIndex, IndexUnavailable, NodeExpired, NodeNotFound, StaleEpoch
+from cache_service.index import (
+    ClusterIndex,
+    IndexUnavailable,
+    NodeExpired,
+    NodeNotFound,
+    PinNotYours,
+    PinQuotaExceeded,
+    StaleEpoch,
+)
 from cache_service.records import AllBlocksCleared, BlockEvent, BlockRemoved, BlockStored, WorkerLoad
-from cache_service.types import NodeInfo, PinSpec, TransferCounts
+from cache_service.types import DEFAULT_TENANT, OPERATOR_TENANT, NodeInfo, PinSpec, TransferCounts
 from common.grpc_edge import abort_internal
 from common.logs import get_logger
 from protos.prefixcache.v1 import cache_pb2 as pb
@@ -73,8 +83,12 @@ def _events_from_proto(events: Any) -> list[BlockEvent]:
 
 
 class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
-    def __init__(self, index: ClusterIndex) -> None:
+    def __init__(self, index: ClusterIndex, *, pin_quota_blocks: int | None = None,
+                 operator_tenants: frozenset[str] = frozenset()) -> None:
         self.index = index
+        # None: a quarter of the smallest live node's pool, per tenant (types.DEFAULT_PIN_QUOTA_FRACTION).
+        self.pin_quota_blocks = pin_quota_blocks
+        self.operator_tenants = frozenset(operator_tenants) | {OPERATOR_TENANT}
 
     async def _call(self, context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]]) -> T:
         """Run ``fn`` mapping the core's errors to status codes (abort raises)."""
@@ -168,9 +182,16 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
                 raise v.InvalidRequest(f"{len(hashes)} block_hashes cannot come from {len(tokens)} token_ids")
             replicas = v.check_range(request.replicas or 1, "replicas", 1, v.MAX_REPLICAS)
             ttl = v.check_range(request.ttl_seconds, "ttl_seconds", 0, v.MAX_PIN_TTL_S)
+            tenant = v.check_tenant(request.tenant) or DEFAULT_TENANT
             spec = PinSpec(request.pin_id, request.model_id, [BlockHash(h) for h in hashes], tokens,
-                           request.cache_salt, replicas, ttl)
-            holders = await self.index.pin(spec)
+                           request.cache_salt, replicas, ttl, tenant)
+            try:
+                holders = await self.index.pin(spec, operator=tenant in self.operator_tenants,
+                                               quota_blocks=self.pin_quota_blocks)
+            except PinNotYours as exc:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+            except PinQuotaExceeded as exc:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             return pb.PinBlocksResponse(pin_id=request.pin_id, node_ids=holders, found=True)
 
         return await self._call(context, go)
@@ -178,7 +199,12 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     async def Unpin(self, request: pb.PinBlocksRequest, context: grpc.aio.ServicerContext):
         async def go() -> pb.PinBlocksResponse:
             v.check_id(request.pin_id, "pin_id")
-            found, holders = await self.index.unpin(request.pin_id)
+            tenant = v.check_tenant(request.tenant) or DEFAULT_TENANT
+            try:
+                found, holders = await self.index.unpin(request.pin_id, tenant,
+                                                        operator=tenant in self.operator_tenants)
+            except PinNotYours as exc:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
             return pb.PinBlocksResponse(pin_id=request.pin_id, node_ids=holders, found=found)
 
         return await self._call(context, go)
@@ -200,8 +226,9 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
                 num_blocks=s.num_blocks,
                 num_entries=s.num_entries,
                 counters=s.counters,
+                # No salt and no tokens (trust model): the holders get those with their heartbeats.
                 pins=[pb.PinInfo(pin_id=p.pin_id, replicas=p.replicas, num_blocks=p.num_blocks,
-                                 node_ids=p.node_ids, num_tokens=p.num_tokens, cache_salt=p.cache_salt)
+                                 node_ids=p.node_ids, num_tokens=p.num_tokens)
                       for p in s.pins],
                 redis_used_memory_bytes=s.redis_used_memory_bytes,
             )

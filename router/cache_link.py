@@ -33,7 +33,7 @@ PIN_TIMEOUT_S = 5.0
 # Codes whose details describe the request: the router's caller gets them as they are.
 RELAYED_WITH_DETAILS = frozenset({
     grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.PERMISSION_DENIED,
 })
 # Codes that describe the service's state: relayed, in our words.
 RELAYED_STATE = {
@@ -80,19 +80,19 @@ class CacheLink:
         return {m.node_id: m.num_blocks for m in resp.matches}
 
     async def pin(self, pin_id: str, hashes: Sequence[BlockHash], token_ids: Sequence[int], cache_salt: str,
-                  replicas: int, ttl_seconds: int) -> list[str]:
+                  replicas: int, ttl_seconds: int, tenant: str = "") -> list[str]:
         resp = await self._call("Pin", self._stub.Pin(
             cache_pb2.PinBlocksRequest(
                 pin_id=pin_id, block_hashes=[bytes(h) for h in hashes], replicas=replicas, ttl_seconds=ttl_seconds,
-                token_ids=list(token_ids), cache_salt=cache_salt, model_id=self.model_id,
+                token_ids=list(token_ids), cache_salt=cache_salt, model_id=self.model_id, tenant=tenant,
             ),
             timeout=PIN_TIMEOUT_S, metadata=request_id_metadata(),
         ))
         return list(resp.node_ids)
 
-    async def unpin(self, pin_id: str) -> tuple[bool, list[str]]:
+    async def unpin(self, pin_id: str, tenant: str = "") -> tuple[bool, list[str]]:
         resp = await self._call("Unpin", self._stub.Unpin(
-            cache_pb2.PinBlocksRequest(pin_id=pin_id, model_id=self.model_id),
+            cache_pb2.PinBlocksRequest(pin_id=pin_id, model_id=self.model_id, tenant=tenant),
             timeout=PIN_TIMEOUT_S, metadata=request_id_metadata(),
         ))
         return resp.found, list(resp.node_ids)

@@ -109,7 +109,11 @@ class RouterServer:
         # gRPC's own cap answers RESOURCE_EXHAUSTED beyond it; ours (max_in_flight) gives the clearer
         # message, so gRPC's sits above it (Pin calls and health checks need room too).
         server = grpc.aio.server(maximum_concurrent_rpcs=cfg.max_in_flight + 64,
-                                 interceptors=[RequestIdInterceptor(), EdgeInterceptor(log)])
+                                 interceptors=[RequestIdInterceptor(), EdgeInterceptor(log)],
+                                 # Explicit bounds: a prompt of 1M token ids is ~5 MB; metadata holds a token.
+                                 options=[("grpc.max_receive_message_length", 16 << 20),
+                                          ("grpc.max_send_message_length", 16 << 20),
+                                          ("grpc.max_metadata_size", 8 << 10)])
         generation_pb2_grpc.add_GenerationServicer_to_server(
             GenerationServicer(self.encoder, self.dispatcher, self.pins, cfg.auth), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -27,7 +27,7 @@ from router.auth import AuthError, TokenAuth, tenant_salt
 from router.cache_link import CacheServiceError
 from router.dispatch import Dispatcher, OverloadedError, StreamBrokenError
 from router.metrics import anonymous_tenant
-from router.pins import PinManager, PinNotFoundError
+from router.pins import PinManager, PinNotFoundError, PinNotYoursError
 from router.routing import NoWorkerError, UnknownWorkerError
 from router.tokenize import PromptEncoder
 from router.validation import GenerateArgs, ValidRequest, validate_generate
@@ -44,6 +44,7 @@ _STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (NoWorkerError, grpc.StatusCode.UNAVAILABLE),
     (StreamBrokenError, grpc.StatusCode.UNAVAILABLE),
     (PinNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (PinNotYoursError, grpc.StatusCode.PERMISSION_DENIED),
 ]
 
 
@@ -105,6 +106,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             return anonymous_tenant(client_salt), client_salt
         tenant = self.auth.authenticate(context.invocation_metadata())
         return tenant, tenant_salt(tenant, client_salt)
+
+    def _pin_owner(self, tenant: str) -> str | None:
+        """The tenant a pin belongs to: the authenticated one; with auth off every client is the default
+        tenant (None: ``PinManager`` reads it from the salt)."""
+        return tenant if self.auth is not None else None
 
     def _prepare(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> tuple[ValidRequest, str]:
         tenant = "unauthenticated"
@@ -176,8 +182,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
     async def Pin(self, request: pb.PinRequest, context: grpc.aio.ServicerContext) -> pb.PinResponse:
         async def go() -> pb.PinResponse:
-            _, salt = self._tenant_and_salt(context, request.cache_salt)
-            r = await self.pins.pin(request.text, list(request.token_ids), request.replicas, request.ttl_seconds, salt)
+            tenant, salt = self._tenant_and_salt(context, request.cache_salt)
+            r = await self.pins.pin(request.text, list(request.token_ids), request.replicas, request.ttl_seconds, salt,
+                                    tenant=self._pin_owner(tenant))
             return pb.PinResponse(pin_id=r.pin_id, workers=r.workers, pinned_tokens=r.pinned_tokens,
                                   num_blocks=r.num_blocks)
 
@@ -185,8 +192,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
     async def Unpin(self, request: pb.PinRequest, context: grpc.aio.ServicerContext) -> pb.PinResponse:
         async def go() -> pb.PinResponse:
-            _, salt = self._tenant_and_salt(context, request.cache_salt)
-            r = await self.pins.unpin(request.text, list(request.token_ids), salt)
+            tenant, salt = self._tenant_and_salt(context, request.cache_salt)
+            r = await self.pins.unpin(request.text, list(request.token_ids), salt, tenant=self._pin_owner(tenant))
             return pb.PinResponse(pin_id=r.pin_id, workers=r.workers, pinned_tokens=r.pinned_tokens,
                                   num_blocks=r.num_blocks)
 

@@ -7,7 +7,7 @@ import functools
 import os
 
 import pytest
-from valkey_fixtures import valkey, valkey_module  # noqa: F401  (pytest fixtures)
+from valkey_fixtures import redis_dump, valkey, valkey_module  # noqa: F401  (pytest fixtures)
 
 from cache_service.block_hash import hash_prompt_blocks
 from cache_service.embedded_redis import connect
@@ -16,6 +16,8 @@ from cache_service.index import (
     IndexUnavailable,
     NodeExpired,
     NodeNotFound,
+    PinNotYours,
+    PinQuotaExceeded,
     StaleEpoch,
     heartbeat_key,
     node_ids_key,
@@ -23,6 +25,7 @@ from cache_service.index import (
 )
 from cache_service.records import AllBlocksCleared, BlockRemoved, BlockStored, WorkerLoad
 from cache_service.types import NodeInfo, PinSpec, PrefixMatch, TransferCounts
+from cache_service.validation import MAX_COUNTER_DELTA
 
 MODEL = "m"
 HASHES = hash_prompt_blocks(list(range(16 * 8)), 16, MODEL)  # 8 blocks
@@ -282,3 +285,66 @@ def test_embedded_redis_on_a_unix_socket_and_url_checks(tmp_path):
     assert not server.is_running()
     with pytest.raises(ValueError, match="unsupported Redis URL 'http://x'"):
         connect_sync("http://x")
+
+
+@async_test
+async def test_counters_saturate_and_heartbeats_keep_delivering_pins(valkey_module):
+    index = await make_index(valkey_module)
+    epoch = await register(index, "A")
+    await index.pin(PinSpec("p", MODEL, HASHES[:1], list(range(16))))
+    names = ("transfers", "transfers_failed", "transferred_blocks", "transferred_bytes")
+    huge = TransferCounts(2**63 - 1, 2**63 - 1, 2**64 - 1, 2**63 - 1)
+    for _ in range(2):  # the second used to overflow INT64_MAX and fail (and every later heartbeat with it)
+        hb = await index.heartbeat("A", epoch, WorkerLoad(), huge)
+        assert (hb.known, [p.pin_id for p in hb.pins]) == (True, ["p"])
+    counters = (await index.stats()).counters
+    assert [counters[k] for k in names] == [2 * MAX_COUNTER_DELTA] * 4  # each delta clamped
+    # Totals left at the edge (as an earlier version could leave them): the next count saturates them.
+    await index.redis.hset(index.prefix + "ctr", mapping={"transfers": 2**63 - 1, "transferred_bytes": 2**62 - 1})
+    hb = await index.heartbeat("A", epoch, WorkerLoad(), TransferCounts(1, 0, 1, 5))
+    assert [p.pin_id for p in hb.pins] == ["p"]
+    counters = (await index.stats()).counters
+    assert [counters[k] for k in names] == [2**62, 2 * MAX_COUNTER_DELTA, 2 * MAX_COUNTER_DELTA + 1, 2**62]
+    # The script saturates by itself too, whoever calls it with whatever delta.
+    out = await index._run(index._heartbeat, ["A", epoch, 0, 0, 0, 0, 0, 2**64 - 1, 0, 0])
+    assert [int(x) for x in out[:1]] == [1]
+    assert (await index.stats()).counters["transfers_failed"] == 2**62
+    await index.close()
+
+
+@async_test
+async def test_pins_have_an_owner_and_a_quota(valkey_module):
+    index = await make_index(valkey_module)
+    await index.register(NodeInfo("A", "127.0.0.1:1001", MODEL, capacity_blocks=40), 30)
+    await index.register(NodeInfo("B", "127.0.0.1:1002", MODEL, capacity_blocks=64), 30)
+    await index.register(NodeInfo("C", "127.0.0.1:1003", "other", capacity_blocks=8), 30)  # not this model's
+    tokens = list(range(16 * 8))
+
+    def spec(pin_id: str, num_blocks: int, tenant: str) -> PinSpec:
+        return PinSpec(pin_id, MODEL, HASHES[:num_blocks], tokens[: 16 * num_blocks], "salt", 1, 0, tenant)
+
+    # The default quota: a quarter of the smallest live node of the model (A: 40 blocks -> 10).
+    assert await index.pin(spec("a1", 8, "alpha")) == ["A"]
+    before = redis_dump(valkey_module)
+    with pytest.raises(PinQuotaExceeded, match=r"^tenant 'alpha' has 8 pinned blocks; 3 more would exceed its "
+                                               r"quota of 10 blocks \(unpin some first\)$"):
+        await index.pin(spec("a2", 3, "alpha"))
+    with pytest.raises(PinNotYours, match="^pin 'a1' belongs to another tenant$"):
+        await index.unpin("a1", "beta")
+    with pytest.raises(PinNotYours, match="^pin 'a1' belongs to another tenant$"):
+        await index.pin(spec("a1", 8, "beta"))
+    assert redis_dump(valkey_module) == before  # refused: nothing written
+    assert await index.pin(spec("a2", 2, "alpha")) == ["A"]  # exactly the quota
+    assert await index.pin(spec("a1", 8, "ops"), operator=True) == ["A"]  # an operator's re-pin: still alpha's
+    assert await index.pin(spec("b1", 8, "beta")) == ["A"]  # its own quota
+    stats = await index.stats()
+    assert [(p.pin_id, p.tenant, p.num_blocks, p.num_tokens) for p in stats.pins] == \
+        [("a1", "alpha", 8, 128), ("a2", "alpha", 2, 32), ("b1", "beta", 8, 128)]
+    # An expired pin counts no more; an explicit quota replaces the default.
+    await index.redis.hset(pin_key(index.prefix, "a2"), "expire_ms", "1")
+    assert await index.pin(spec("a3", 2, "alpha")) == ["A"]
+    with pytest.raises(PinQuotaExceeded, match="1 more would exceed its quota of 0 blocks"):
+        await index.pin(spec("g1", 1, "gamma"), quota_blocks=0)
+    assert await index.unpin("a1", "ops", operator=True) == (True, ["A"])
+    assert await index.unpin("b1", "beta") == (True, ["A"])
+    await index.close()

@@ -139,7 +139,11 @@ def test_bad_input_is_rejected_with_a_clear_message_and_changes_nothing(stub, va
         (stub.Pin, pb.PinBlocksRequest(pin_id="p", model_id=MODEL, token_ids=list(range(16)),
                                        block_hashes=HASHES[:1], replicas=1000),
          INVALID, "replicas = 1000 is out of range [1, 64]"),
+        (stub.Pin, pb.PinBlocksRequest(pin_id="p", model_id=MODEL, token_ids=list(range(16)),
+                                       block_hashes=HASHES[:1], tenant="t" * 300),
+         INVALID, "tenant is 300 characters long; the limit is 256"),
         (stub.Unpin, pb.PinBlocksRequest(pin_id=""), INVALID, "pin_id is required"),
+        (stub.Unpin, pb.PinBlocksRequest(pin_id="p", tenant="a\x1fb"), INVALID, "tenant holds a unit separator"),
     ]
     for rpc, request, code, message in cases:
         got_code, details = _code(rpc, request)
@@ -255,3 +259,36 @@ def test_cli_runs_with_embedded_valkey_and_stops_on_sigterm():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _varints(values) -> bytes:
+    """``values`` as protobuf writes a packed repeated uint32 field's payload."""
+    out = bytearray()
+    for value in values:
+        while value >= 0x80:
+            out.append(value & 0x7F | 0x80)
+            value >>= 7
+        out.append(value)
+    return bytes(out)
+
+
+def test_get_stats_carries_no_salt_and_no_prompt_tokens(stub):
+    import struct
+
+    epoch = register(stub, "A")
+    salt = "tenant\x1falpha\x1fsecret-salt-7f3a"
+    tokens = [0x7EADBEEF - 977 * i for i in range(32)]  # distinctive ids, easy to spot in any encoding
+    hashes = [bytes(h) for h in hash_prompt_blocks(tokens, 16, MODEL, salt)]
+    stub.Pin(pb.PinBlocksRequest(pin_id="sys", model_id=MODEL, token_ids=tokens, block_hashes=hashes,
+                                 cache_salt=salt, tenant="alpha"), timeout=5)
+    stats = stub.GetStats(pb.GetStatsRequest(), timeout=5)
+    wire = stats.SerializeToString()
+    for secret in (salt.encode(), b"secret-salt-7f3a", struct.pack(f"<{len(tokens)}I", *tokens),
+                   struct.pack("<I", tokens[0]), _varints(tokens), _varints(tokens[:1])):
+        assert secret not in wire, secret
+    (pin,) = stats.pins
+    assert [(f.name, value) for f, value in pin.ListFields()] == [
+        ("pin_id", "sys"), ("replicas", 1), ("num_blocks", 2), ("node_ids", ["A"]), ("num_tokens", 32)]
+    # The holder still gets what it needs to warm the pin, with its heartbeat.
+    (assignment,) = stub.Heartbeat(pb.HeartbeatRequest(node_id="A", epoch=epoch), timeout=5).pins
+    assert (assignment.cache_salt, list(assignment.token_ids)) == (salt, tokens)

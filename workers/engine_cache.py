@@ -18,7 +18,8 @@ from typing import Sequence as Seq
 from cache_service.block_hash import BlockHash, hash_prompt_blocks
 from cache_service.block_wire import ExportedBlock
 from cache_service.engine_port import EvictionAdvisor, PinId
-from cache_service.records import BlockEvent
+from cache_service.pin_keeper import pin_refusal
+from cache_service.records import BlockEvent, InvalidRequestError
 from workers.block_io import export_blocks, import_blocks
 from workers.block_pool import Block
 from workers.kv_manager import KVManager
@@ -84,6 +85,9 @@ class EngineCache:
         full = tokens[: num_full * self.block_size]
         if num_full == 0:
             return 0
+        # A pin never takes the pool's last free blocks: requests must keep being served (pin_keeper).
+        if refused := pin_refusal(self.kv.num_free_blocks, self.kv.num_blocks, self.block_size, num_full):
+            raise InvalidRequestError(f"{refused} (pin {pin_id!r})")
         hashes = self.block_hashes(full, cache_salt)
         if len(self.kv.cached_prefix(hashes, full)) < num_full:
             self._warm_up(full, cache_salt)
