@@ -22,22 +22,35 @@ from cache_service.block_hash import BlockHash
 
 __all__ = [
     "AllBlocksCleared", "BlockEvent", "BlockRemoved", "BlockStored", "Delta", "EngineFailure", "FailureKind",
-    "GenerateCall", "InvalidRequestError", "PeerHint", "SamplingParams", "Usage", "WorkerCounters", "WorkerInfo",
+    "GenerateCall", "InvalidRequestError", "PeerHint", "SamplingParams", "Tier", "Usage", "WorkerCounters", "WorkerInfo",
     "WorkerLoad", "WorkerPoll", "TRANSFER_BUCKETS",
 ]
 
 
 # ---- block events: every change of an engine's cached set ---------------------------------------------
+class Tier(enum.IntEnum):
+    """Where a worker holds a block, fastest first. A worker's tier for a block is the fastest that holds it."""
+
+    DEVICE = 0  # the engine's KV pool: a hit costs nothing
+    HOST = 1  # host memory under the pool: a hit costs a copy back
+    DISK = 2  # local files under the host tier: a hit costs a read and a copy back
+
+
 class BlockStored(NamedTuple):
+    """The worker now holds ``block_hash``, at ``tier`` (also sent when a block moves between tiers)."""
+
     block_hash: BlockHash
     # What the engine knows beyond the hash; an index that only learns hashes (the cache service, a
     # snapshot) leaves them at their defaults.
     parent_hash: BlockHash | None = None
     token_ids: tuple[int, ...] = ()
     block_id: int | None = None
+    tier: Tier = Tier.DEVICE
 
 
 class BlockRemoved(NamedTuple):
+    """The worker no longer holds ``block_hash`` in any tier."""
+
     block_hash: BlockHash
 
 
