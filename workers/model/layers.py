@@ -2,7 +2,8 @@
 
 Numerics follow transformers: RMSNorm computes in fp32 and casts back before the weight multiply; SiLU-gated
 MLP; RoPE applied in the activation dtype. For speed q/k/v are one fused projection and gate/up another (the
-loader concatenates the checkpoint's separate weights).
+loader concatenates the checkpoint's separate weights), and on CPU every projection runs through oneDNN on a
+prepacked copy of its weight (``Linear``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,39 @@ from workers.model.attention import paged_attention
 from workers.model.config import ModelConfig
 from workers.model.forward_batch import AttentionPlan
 from workers.model.rope import apply_rope
+
+
+def _can_pack(weight: torch.Tensor) -> bool:
+    if weight.device.type != "cpu" or weight.dim() != 2 or not torch.backends.mkldnn.is_available():
+        return False
+    if weight.dtype == torch.float32:
+        return True
+    return weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same checkpoint layout) whose CPU forward is oneDNN on a prepacked weight.
+
+    Why: torch's CPU ``F.linear`` is MKL sgemm for float32, which on this project's AMD EPYC runs 2-6x below
+    oneDNN's AVX-512 kernels (measured 31-98 vs 111-240 GFLOP/s, one thread, the model's shapes), and for
+    bfloat16 it reorders the weight into oneDNN's blocked layout on every call: packing once is 1.05x (2048
+    rows) to 1.5x (16 rows, a decode step) faster. The packed copy is made on first use and again whenever the
+    weight changes (its version counter), so loading and in-place edits need no extra step; it costs one more
+    copy of the weights in memory. Other devices and dtypes (CUDA, float16 without AVX512-FP16) use F.linear.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.dtype)
+        if getattr(self, "_packed_key", None) != key:
+            self._packed_key = key
+            self._packed = None
+            if _can_pack(w):
+                with torch.inference_mode(False), torch.no_grad():  # an ordinary tensor, usable in any mode
+                    self._packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 16)
+        if self._packed is None or x.device.type != "cpu" or x.dtype != w.dtype:
+            return F.linear(x, w, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
 
 
 class Embedding(nn.Module):
@@ -51,8 +85,8 @@ class Attention(nn.Module):
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
         self.scale = config.head_dim**-0.5
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
 
     def forward(
         self,
@@ -79,8 +113,8 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
