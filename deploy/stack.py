@@ -47,6 +47,8 @@ class StackConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int | None = 9400
+    http_port: int | None = None  # the OpenAI-compatible HTTP front door (serve: 8000); None: off; 0: any free
+    served_model_name: str | None = None  # None: "demo" or the model folder's name
     policy: str = "cache_aware"
     # CostWeights fields. queue_weight 0.2 (the policy's own default is 1.0): with 1.0 a burst of requests
     # sharing a prefix splits over workers as soon as the holder's queue is one prefill deeper than a
@@ -154,6 +156,7 @@ class Stack:
             cache_service_address=self.cache_service_address, index_source=cfg.index_source, auth=auth,
             max_in_flight=cfg.max_in_flight, poll_interval_s=cfg.poll_interval_s,
             unresponsive_after_s=cfg.unresponsive_after_s,
+            http_port=cfg.http_port, served_model_name=cfg.served_model_name,
         ), endpoints)
         self.router.start()
         log.info("stack ready", extra={"router": self.router_address, "metrics": self.metrics_url,

@@ -6,6 +6,10 @@ a transformers greedy oracle. transformers is imported here only, never by runti
     ids  = hf_greedy(path, prompt_ids, max_new_tokens=20)        # transformers' own greedy generate (fp32, CPU)
     ids  = engine_greedy(load_model(path), [prompt_ids], 20)     # the same through CausalLM.forward directly
 
+Chat templates (``write_chat_template(path, style)``): real-looking ones of the three families, as their
+instruct checkpoints ship them: "llama3" (header ids, ``| trim``, tokenizer_config.json), "mistral" ([INST], roles
+must alternate, ``raise_exception``; chat_template.jinja) and "qwen2" (ChatML, a default system message).
+
 Architectures: "llama" (plain RoPE), "llama3" (llama3 rope scaling, Llama-3 style theta), "mistral",
 "qwen2" (q/k/v bias, tied embeddings by default). Weights use a wide init (``init_std``) and random norm
 weights / biases so that greedy output varies from step to step: a near-uniform tiny model would produce ties
@@ -74,6 +78,45 @@ def build_tokenizer(vocab_size: int, seed: int = 0):
     assert tok.get_vocab_size(with_added_tokens=True) == vocab_size
     tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, 0)])
     return tok
+
+
+# As Meta-Llama-3-8B-Instruct, Mistral-7B-Instruct-v0.1 and Qwen2-7B-Instruct ship them (tokenizer_config.json).
+CHAT_TEMPLATES = {
+    "llama3": (
+        "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' "
+        "+ message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 "
+        "== 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt "
+        "%}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+    "mistral": (
+        "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] "
+        "== 'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant "
+        "roles are supported!') }}{% endif %}{% endfor %}"
+    ),
+    "qwen2": (
+        "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+        "You are a helpful assistant.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+        "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>"
+        "assistant\n' }}{% endif %}"
+    ),
+}
+
+
+def write_chat_template(folder: Path | str, style: str, *, as_file: bool = False) -> Path:
+    """Give a checkpoint a chat template and the tokenizer_config.json a transformers tokenizer loads from
+    (special tokens, the fast tokenizer class). ``as_file``: the template goes to chat_template.jinja (the
+    newer layout) instead of tokenizer_config.json's ``chat_template``."""
+    folder = Path(folder)
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+              "add_bos_token": False, "model_max_length": 1024, "clean_up_tokenization_spaces": False}
+    if as_file:
+        (folder / "chat_template.jinja").write_text(CHAT_TEMPLATES[style], encoding="utf-8")
+    else:
+        config["chat_template"] = CHAT_TEMPLATES[style]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return folder
 
 
 def _hf_config(arch: str, *, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int, head_dim, tie: bool,
