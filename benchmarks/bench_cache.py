@@ -37,7 +37,7 @@ from cache_service.records import BlockStored
 from cache_service.transfer_server import TransferServer
 from cache_service.transfer_servicer import BlockTransferServicer
 from cache_service.types import NodeInfo
-from benchmarks.stats import percentile
+from loadgen.stats import percentile
 
 
 def summarize(latencies_s: list[float], wall_s: float) -> dict[str, float]:
@@ -411,12 +411,12 @@ def bench_model(num_tokens: int, reps: int) -> dict[str, Any]:
         n_blocks = num_tokens // 16
         hint = PeerHint("A", a.transfer_address, n_blocks)
         for _ in range(reps):
-            assert b.call(lambda e: e.pool.reset_cache())
+            assert b.call(lambda e: e.reset_cache())
             t0 = time.perf_counter()
             out = b.call(lambda e: e.generate([prompt], params))[0]
             recompute.append(time.perf_counter() - t0)
             assert out.cached_tokens == 0
-            assert b.call(lambda e: e.pool.reset_cache())
+            assert b.call(lambda e: e.reset_cache())
             t0 = time.perf_counter()
             f = b.fetch_prefix(prompt, peer=hint, peer_known=True)
             transfer.append(time.perf_counter() - t0)
@@ -424,7 +424,7 @@ def bench_model(num_tokens: int, reps: int) -> dict[str, Any]:
             out2 = b.call(lambda e: e.generate([prompt], params))[0]
             ttft_transfer.append(time.perf_counter() - t0)
             assert out2.cached_tokens == num_tokens and out2.new_token_ids == out.new_token_ids
-        block_nbytes = a.engine.kv_cache.block_nbytes()
+        block_nbytes = a.engine.block_nbytes
     finally:
         a.stop()
         b.stop()

@@ -36,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from benchmarks.workloads import sgl_shared_prefix  # noqa: E402
+from loadgen.workloads import sgl_shared_prefix  # noqa: E402
 from workers.engine import Engine, EngineConfig  # noqa: E402
 from workers.model import load_model  # noqa: E402
 from cache_service.records import SamplingParams  # noqa: E402
@@ -225,12 +225,12 @@ def run(scale: Scale, threads: int | None) -> Results:
         peak_reset = reset_peak_rss()
         lm = load_model(folder, dtype="float32", device="cpu")
         engine = Engine(EngineConfig(model=str(folder), max_num_seqs=64, max_num_batched_tokens=2048), loaded=lm)
-        kv_bytes = engine.kv_cache.tensor.numel() * engine.kv_cache.tensor.element_size()
+        kv_bytes = engine.num_blocks * engine.block_nbytes
         res.model = {"model_id": lm.model_id, "num_params": lm.num_params, "weight_bytes": lm.weight_bytes,
-                     "kv_pool_bytes": kv_bytes, "num_blocks": engine.pool.num_blocks, "block_size": engine.block_size,
+                     "kv_pool_bytes": kv_bytes, "num_blocks": engine.num_blocks, "block_size": engine.block_size,
                      "torch_threads": torch.get_num_threads()}
         print(f"model: {lm.num_params / 1e6:.1f}M params, {lm.weight_bytes / 2**20:.0f} MiB weights, "
-              f"KV pool {kv_bytes / 2**20:.0f} MiB ({engine.pool.num_blocks} blocks), {torch.get_num_threads()} threads, "
+              f"KV pool {kv_bytes / 2**20:.0f} MiB ({engine.num_blocks} blocks), {torch.get_num_threads()} threads, "
               f"load average {load_start:.1f}", flush=True)
         engine.generate([decode_prompts[0][:32]], greedy(2))  # warm-up (first-call allocations, thread pools)
 

@@ -42,7 +42,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from benchmarks.stats import percentile as pct
+from loadgen.stats import percentile as pct
 
 BS = 16
 EDGES = ("grpc", "http", "chat")

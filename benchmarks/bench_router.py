@@ -44,7 +44,7 @@ from router.registry import WorkerRegistry
 from router.routing import RoutingCore
 from router.tokenize import PromptEncoder
 from router.validation import GenerateArgs, validate_generate
-from benchmarks.stats import percentile as pct
+from loadgen.stats import percentile as pct
 
 BS = 16
 NUM_DOCS = 64

@@ -6,8 +6,9 @@
 
 One stack (local Ray, embedded Valkey, cache service, N demo-model CPU workers) is started once; each
 run gets a fresh router with its policy over the same workers, whose caches are emptied first, and
-replays the same shuffled requests through the real gRPC API (GenerateStream, ``--concurrency``
-requests in flight). Runs, in this order:
+replays the same shuffled requests through the real gRPC API with the project's load driver
+(loadgen/driver.py, as `prefixcache bench`: GenerateStream, ``--concurrency`` requests in flight).
+Runs, in this order:
 
     cache_aware, round_robin, random                        routing alone (no peer transfers)
     round_robin+transfer, cache_aware+transfer              the router points workers at peers
@@ -29,27 +30,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import dataclasses
 import os
-import statistics
-import time
 from dataclasses import asdict, dataclass
 
-import grpc
-
-from benchmarks.workloads import WorkloadRequest, sgl_shared_prefix
-from deploy.stack import DEFAULT_POLICY_WEIGHTS
-from protos.prefixcache.v1 import generation_pb2 as pb
-from protos.prefixcache.v1 import generation_pb2_grpc
-from benchmarks.stats import percentile as pct
+from deploy.stack import default_policy_weights
+from loadgen.driver import BenchRequest, RequestResult, run_requests
+from loadgen.report import summarize
+from loadgen.stats import percentile
+from loadgen.workloads import WorkloadRequest, sgl_shared_prefix
+from router.policies import CostWeights
 
 BS = 16
 # (name, policy, transfer hints, policy weights): the serving stack's default weights (deploy/stack.py)
 RUNS = [
-    ("cache_aware", "cache_aware", False, DEFAULT_POLICY_WEIGHTS),
-    ("round_robin", "round_robin", False, {}),
-    ("random", "random", False, {}),
-    ("round_robin+transfer", "round_robin", True, {}),
-    ("cache_aware+transfer", "cache_aware", True, DEFAULT_POLICY_WEIGHTS),
+    ("cache_aware", "cache_aware", False, default_policy_weights()),
+    ("round_robin", "round_robin", False, CostWeights()),
+    ("random", "random", False, CostWeights()),
+    ("round_robin+transfer", "round_robin", True, CostWeights()),
+    ("cache_aware+transfer", "cache_aware", True, default_policy_weights()),
 ]
 
 
@@ -70,29 +69,15 @@ class RunResult:
     requests_per_worker: dict
 
 
-async def replay(address: str, requests: list[WorkloadRequest], concurrency: int) -> tuple[list, float]:
-    sem = asyncio.Semaphore(concurrency)
-    out: list = [None] * len(requests)
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = generation_pb2_grpc.GenerationStub(channel)
-
-        async def one(i: int, r: WorkloadRequest) -> None:
-            async with sem:
-                t0 = time.perf_counter()
-                ttft = None
-                last = None
-                call = stub.GenerateStream(pb.GenerateRequest(
-                    request_id=r.request_id, token_ids=r.prompt_token_ids,
-                    sampling=pb.SamplingParams(max_tokens=r.output_len, ignore_eos=True)), timeout=600)
-                async for msg in call:
-                    if ttft is None and msg.token_ids:
-                        ttft = time.perf_counter() - t0
-                    last = msg
-                out[i] = (ttft, last)
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)))
-        return out, time.perf_counter() - t0
+def replay(address: str, requests: list[WorkloadRequest], concurrency: int) -> tuple[list[RequestResult], float]:
+    """Every request once through the load driver (closed loop); raises if any request failed."""
+    calls = [BenchRequest(r.request_id, r.token_ids(), r.output_len) for r in requests]
+    results, wall_s = asyncio.run(run_requests(address, calls, concurrency, timeout_s=600.0))
+    failed = [r for r in results if r.error is not None]
+    if failed:
+        # The figures below assume every request finished: a partial run would compare wrong numbers.
+        raise RuntimeError(f"{len(failed)} of {len(results)} requests failed; first: {failed[0].error}")
+    return results, wall_s
 
 
 def ideal_cached_tokens(requests: list[WorkloadRequest], system_len: int) -> int:
@@ -105,7 +90,7 @@ def ideal_cached_tokens(requests: list[WorkloadRequest], system_len: int) -> int
     return total
 
 
-def run_policy(stack, name: str, policy: str, transfer: bool, weights: dict, requests: list[WorkloadRequest],
+def run_policy(stack, name: str, policy: str, transfer: bool, weights: CostWeights, requests: list[WorkloadRequest],
                concurrency: int, ideal: int) -> RunResult:
     import ray
 
@@ -122,27 +107,24 @@ def run_policy(stack, name: str, policy: str, transfer: bool, weights: dict, req
                                        transfer_hints=transfer, max_in_flight=4 * concurrency), endpoints)
     router.start()
     try:
-        results, wall = asyncio.run(replay(router.address, requests, concurrency))
+        results, wall = replay(router.address, requests, concurrency)
     finally:
         router.stop()
-    prompt = sum(last.usage.prompt_tokens for _, last in results)
-    cached = sum(last.usage.cached_tokens for _, last in results)
-    predicted = sum(last.usage.predicted_cached_tokens for _, last in results)
-    ttfts = [t for t, _ in results]
-    per_worker: dict[str, int] = {}
+    # The same summary as `prefixcache bench` (loadgen/report.py), so the two tools' figures agree.
+    s = summarize([r.to_json() for r in results], wall)
+    cached, predicted = s["cached_tokens"], s["predicted_cached_tokens"]
     by_group: dict[int, list[str]] = {}
-    for r, (_, last) in zip(requests, results):
-        per_worker[last.worker_id] = per_worker.get(last.worker_id, 0) + 1
-        by_group.setdefault(r.group, []).append(last.worker_id)
+    for r, res in zip(requests, results):
+        by_group.setdefault(r.group, []).append(res.worker)
     locality = sum(max(ws.count(w) for w in set(ws)) / len(ws) for ws in by_group.values()) / len(by_group)
     return RunResult(
-        name=name, num_requests=len(requests), wall_s=wall, requests_per_s=len(requests) / wall,
-        output_tokens_per_s=sum(last.usage.completion_tokens for _, last in results) / wall,
-        hit_rate=cached / prompt, fraction_of_ideal=cached / ideal if ideal else 0.0,
-        ttft_p50_ms=pct(ttfts, 50) * 1e3, ttft_p99_ms=pct(ttfts, 99) * 1e3,
-        num_transferred_tokens=sum(last.usage.transferred_tokens for _, last in results),
+        name=name, num_requests=len(requests), wall_s=wall, requests_per_s=s["requests_per_s"],
+        output_tokens_per_s=s["output_tokens_per_s"],
+        hit_rate=s["hit_rate"], fraction_of_ideal=cached / ideal if ideal else 0.0,
+        ttft_p50_ms=s["ttft_s"]["p50"] * 1e3, ttft_p99_ms=s["ttft_s"]["p99"] * 1e3,
+        num_transferred_tokens=s["transferred_tokens"],
         predicted_over_realised=predicted / cached if cached else 0.0, group_locality=locality,
-        requests_per_worker=per_worker,
+        requests_per_worker={w: row["num_requests"] for w, row in s["per_worker"].items()},
     )
 
 
@@ -153,8 +135,8 @@ def median_result(rs: list[RunResult]) -> RunResult:
     out = RunResult(**asdict(rs[0]))
     for f in ("wall_s", "requests_per_s", "output_tokens_per_s", "hit_rate", "fraction_of_ideal", "ttft_p50_ms",
               "ttft_p99_ms", "predicted_over_realised", "group_locality"):
-        setattr(out, f, statistics.median(getattr(r, f) for r in rs))
-    out.num_transferred_tokens = int(statistics.median(r.num_transferred_tokens for r in rs))
+        setattr(out, f, percentile([getattr(r, f) for r in rs], 50))
+    out.num_transferred_tokens = int(percentile([r.num_transferred_tokens for r in rs], 50))
     return out
 
 
@@ -186,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     stack.start()
     try:
         run_policy(stack, "warmup", "round_robin", False, {}, warmup, args.concurrency, 1)
-        runs = RUNS + [(f"cache_aware q={q:g}", "cache_aware", False, {**DEFAULT_POLICY_WEIGHTS, "queue_weight": q})
+        runs = RUNS + [(f"cache_aware q={q:g}", "cache_aware", False, dataclasses.replace(default_policy_weights(), queue_weight=q))
                        for q in args.queue_weights]
         reps = [[run_policy(stack, name, p, t, w, requests, args.concurrency, ideal) for name, p, t, w in runs]
                 for _ in range(args.repeats)]  # interleaved: machine noise hits every policy alike

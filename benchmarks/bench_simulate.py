@@ -29,17 +29,18 @@ from typing import Any, Iterable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.simulator import SimConfig, from_workload, replicate, simulate  # noqa: E402
-from benchmarks.simulator.sim_request import SimRequest  # noqa: E402
-from benchmarks.workloads import load_mooncake, make_workload, mooncake_requests  # noqa: E402
+from loadgen.workloads import default_workloads_dir, load_mooncake, make_workload, mooncake_requests  # noqa: E402
 from router.policies import POLICY_NAMES  # noqa: E402
+from simulator import SimConfig, from_workload, replicate, simulate  # noqa: E402
+from simulator.results import format_percent as pct  # noqa: E402
+from simulator.sim_request import SimRequest  # noqa: E402
 
 TRACES = ("conversation_trace.jsonl", "synthetic_trace.jsonl")
 CAPACITY = 3_000_000
 
 
 def default_trace_dir() -> Path:
-    return REPO.parent / "shared" / "workloads" / "mooncake"
+    return default_workloads_dir() / "mooncake"
 
 
 def requests_for(trace: Path, time_scale: float = 1.0) -> list[SimRequest]:
@@ -60,10 +61,6 @@ def run_one(
     tag = f"{trace.name} {nodes}n {policy} transfer={'on' if transfer else 'off'} {extra or ''}"
     print(f"  {tag}: hit {s['block_hit_rate']} imb {s['load_imbalance']} cpu {s['cpu_s']} s", flush=True)
     return s
-
-
-def pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
 
 
 def table_unbounded(trace_dir: Path) -> tuple[list[str], list[dict]]:

@@ -50,7 +50,7 @@ class CacheNodeConfig:
     transfer_port: int = 0
     advertise_host: str | None = None  # what peers dial (default: transfer_host)
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    # Serve and use the raw block stream beside gRPC (cache_service/raw_transfer.py): one more port
+    # Serve and use the raw block stream beside gRPC (cache_service/raw_listener.py, raw_client.py): one more port
     # per worker, on the same host; off, every transfer streams through gRPC.
     raw_stream: bool = True
     mirror_ttl_s: float = 60.0

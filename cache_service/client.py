@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Sequence
@@ -32,8 +31,9 @@ from cache_service.validation import MAX_EVENTS_PER_PUBLISH, MAX_MESSAGE_BYTES
 from protos.prefixcache.v1 import cache_pb2 as pb
 from protos.prefixcache.v1 import cache_pb2_grpc
 from cache_service.records import AllBlocksCleared, BlockEvent, BlockRemoved, BlockStored, WorkerLoad
+from common.logs import get_logger, request_id_metadata
 
-log = logging.getLogger(__name__)
+log = get_logger("cache_service")
 
 SnapshotFn = Callable[[], "list[BlockHash] | Awaitable[list[BlockHash]]"]
 LoadFn = Callable[[], "WorkerLoad | Awaitable[WorkerLoad]"]
@@ -173,7 +173,7 @@ class CacheClient:
         if epoch is not None and epoch != self.epoch:
             return
         if self.epoch is not None:
-            log.info("node %s must register again: %s", self.info.node_id, why)
+            log.info("node must register again", extra={"node_id": self.info.node_id, "reason": why})
         self.epoch = None
         self._registered.clear()
         self.queue.request_resync()
@@ -188,7 +188,7 @@ class CacheClient:
         self.queue.request_resync()  # the service dropped what it held for us: republish everything
         self.stats.num_registrations += 1
         self._registered.set()
-        log.info("node %s registered with the cache service (epoch %d)", self.info.node_id, resp.epoch)
+        log.info("registered with the cache service", extra={"node_id": self.info.node_id, "epoch": resp.epoch})
 
     # ---- heartbeats + pins ----------------------------------------------------------
     async def _heartbeat_loop(self) -> None:
@@ -314,7 +314,7 @@ class CacheClient:
             resp = await self._stub.Lookup(pb.LookupRequest(
                 block_hashes=[bytes(h) for h in block_hashes],
                 model_id=self.info.model_id if model_id is None else model_id,
-            ), timeout=self.config.lookup_timeout_s)
+            ), timeout=self.config.lookup_timeout_s, metadata=request_id_metadata())
         except grpc.aio.AioRpcError as exc:
             self.stats.num_lookup_failures += 1
             self._note_error("lookup", exc)
@@ -325,5 +325,5 @@ class CacheClient:
         msg = f"{what}: {exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else \
             f"{what}: {exc}"
         if msg != self.stats.last_error:
-            log.warning("cache client %s: %s", self.info.node_id, msg)
+            log.warning("cache client error", extra={"node_id": self.info.node_id, "error": msg})
         self.stats.last_error = msg

@@ -10,6 +10,11 @@ loaded once and run with EVALSHA; redis-py reloads them on NOSCRIPT, which
 is what a restarted (empty) Redis answers.
 
 Redis failures surface as ``IndexUnavailable`` (the servicer's UNAVAILABLE).
+
+Pins have an owner (a tenant): only it, or an operator, unpins a pin or pins it again
+(``PinNotYours``), and a tenant's pins together hold at most its quota of blocks
+(``PinQuotaExceeded``), by default a quarter of the smallest live node's pool, so that no
+tenant can fill a worker with pins. Counters saturate at 2^62 (``lua_scripts``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from cache_service import lua_scripts
 from cache_service.block_hash import HASH_NBYTES, BlockHash
 from cache_service.records import AllBlocksCleared, BlockEvent, BlockStored, WorkerLoad
 from cache_service.types import (
+    DEFAULT_PIN_QUOTA_FRACTION,
+    DEFAULT_TENANT,
     HeartbeatResult,
     IndexStats,
     NodeId,
@@ -37,6 +44,7 @@ from cache_service.types import (
     Registration,
     TransferCounts,
 )
+from cache_service.validation import clamp_counter_delta
 
 DEFAULT_PREFIX = "pc:"
 # Ops per script call inside one publish: bounds how long one script blocks Redis.
@@ -73,11 +81,38 @@ class StaleEpoch(RuntimeError):
     """A publication from an earlier incarnation of the node."""
 
 
+class PinNotYours(PermissionError):
+    """Unpin (or pin again) of a pin that belongs to another tenant."""
+
+
+class PinQuotaExceeded(RuntimeError):
+    """The tenant's pins would hold more blocks than its quota."""
+
+
 @dataclass(slots=True)
 class SweepResult:
     num_dead_nodes: int
     num_removed_entries: int
     num_forgotten_nodes: int
+
+
+# ---- key names: the schema drawn in lua_scripts (its scripts build the same names from ARGV) ----------------
+def node_ids_key(prefix: str) -> str:
+    """The hash node_id -> i: a node's small integer index, which names its other keys."""
+    return prefix + "ids"
+
+
+def heartbeat_key(prefix: str, idx: str | int) -> str:
+    """Node i's heartbeat: it exists while the node is alive (SET PX ttl at registration, PEXPIRE on each
+    heartbeat). Once it is gone the node is dead: lookups and pins skip it at once, the sweeper removes its
+    entries, and its next heartbeat answers known=false."""
+    return f"{prefix}hb:{idx}"
+
+
+def pin_key(prefix: str, pin_id: str) -> str:
+    """Pin ``pin_id``'s hash: replicas, model, salt, tokens, num_blocks, expire_ms (0 = no TTL; else the
+    Redis time, in ms, after which the next heartbeat drops the pin)."""
+    return f"{prefix}pin:{pin_id}"
 
 
 def _s(v: Any) -> str:
@@ -147,10 +182,12 @@ class ClusterIndex:
         self, node_id: NodeId, epoch: int, load: WorkerLoad, transfers: TransferCounts | None = None
     ) -> HeartbeatResult:
         t = transfers or TransferCounts()
+        # Clamped here, whoever calls: the script saturates the totals, this bounds what one heartbeat adds.
+        deltas = [clamp_counter_delta(x) for x in (t.num_transfers, t.num_failed, t.num_blocks, t.num_bytes)]
         out = await self._run(
             self._heartbeat,
             [node_id, epoch, load.num_running, load.num_waiting, load.num_free_blocks,
-             load.num_cached_blocks, t.num_transfers, t.num_failed, t.num_blocks, t.num_bytes],
+             load.num_cached_blocks, *deltas],
         )
         if int(out[0]) != 1:
             return HeartbeatResult(known=False)
@@ -164,7 +201,7 @@ class ClusterIndex:
     async def node_epoch(self, node_id: NodeId) -> int | None:
         """The node's current epoch, or None when it is not registered."""
         try:
-            idx = await self.redis.hget(self.prefix + "ids", node_id)
+            idx = await self.redis.hget(node_ids_key(self.prefix), node_id)
             if idx is None:
                 return None
             epoch = await self.redis.hget(f"{self.prefix}n:{_s(idx)}", "epoch")
@@ -228,29 +265,47 @@ class ClusterIndex:
                 return total
 
     # ---- pins --------------------------------------------------------------
-    async def pin(self, spec: PinSpec) -> list[NodeId]:
+    async def pin(self, spec: PinSpec, *, operator: bool = False, quota_blocks: int | None = None,
+                  quota_fraction: float = DEFAULT_PIN_QUOTA_FRACTION) -> list[NodeId]:
+        """The pin's holders. ``quota_blocks`` None: ``quota_fraction`` of the smallest live node of the model
+        (no quota while no such node reports its capacity). Raises ``PinNotYours`` when the pin exists and is
+        another tenant's (unless ``operator``), ``PinQuotaExceeded`` over the owner's quota; neither writes."""
+        quota = -1 if quota_blocks is None else quota_blocks
         out = await self._run(
             self._pin,
             [spec.pin_id, spec.replicas, int(spec.ttl_seconds * 1000), spec.model_id, spec.cache_salt,
-             pack_tokens(spec.token_ids), len(spec.block_hashes), *spec.block_hashes],
+             pack_tokens(spec.token_ids), len(spec.block_hashes), spec.tenant, int(operator), quota,
+             repr(float(quota_fraction)), *spec.block_hashes],
         )
-        return sorted(_s(x) for x in out)
+        status = int(out[0])
+        if status == -1:
+            raise PinNotYours(f"pin {spec.pin_id!r} belongs to another tenant")
+        if status == -2:
+            used, limit = int(out[1]), int(out[2])
+            raise PinQuotaExceeded(
+                f"tenant {spec.tenant!r} has {used} pinned blocks; {len(spec.block_hashes)} more would exceed "
+                f"its quota of {limit} blocks (unpin some first)")
+        return sorted(_s(x) for x in out[1:])
 
-    async def unpin(self, pin_id: str) -> tuple[bool, list[NodeId]]:
-        out = await self._run(self._unpin, [pin_id])
+    async def unpin(self, pin_id: str, tenant: str = DEFAULT_TENANT, *, operator: bool = False
+                    ) -> tuple[bool, list[NodeId]]:
+        """(found, holders); ``PinNotYours`` when the pin is another tenant's (unless ``operator``)."""
+        out = await self._run(self._unpin, [pin_id, tenant, int(operator)])
+        if int(out[0]) == -1:
+            raise PinNotYours(f"pin {pin_id!r} belongs to another tenant")
         return bool(int(out[0])), sorted(_s(x) for x in out[1:])
 
     # ---- introspection -------------------------------------------------------
     async def stats(self) -> IndexStats:
         p = self.prefix
         try:
-            ids = {_s(k): _s(v) for k, v in (await self.redis.hgetall(p + "ids")).items()}
+            ids = {_s(k): _s(v) for k, v in (await self.redis.hgetall(node_ids_key(p))).items()}
             pipe = self.redis.pipeline(transaction=False)
             order = sorted(ids)
             for node_id in order:
                 idx = ids[node_id]
                 pipe.hgetall(f"{p}n:{idx}")
-                pipe.exists(f"{p}hb:{idx}")
+                pipe.exists(heartbeat_key(p, idx))
                 pipe.scard(f"{p}nb:{idx}")
             pipe.hgetall(p + "ctr")
             pipe.hget(p + "stat", "num_blocks")
@@ -259,7 +314,9 @@ class ClusterIndex:
             pin_ids = sorted(_s(x) for x in res[-1])
             pipe = self.redis.pipeline(transaction=False)
             for pid in pin_ids:
-                pipe.hmget(f"{p}pin:{pid}", "replicas", "num_blocks", "tokens", "salt")
+                # The length of the tokens, not the tokens (nor the salt): stats never carry a prompt.
+                pipe.hmget(pin_key(p, pid), "replicas", "num_blocks", "tenant")
+                pipe.hstrlen(pin_key(p, pid), "tokens")
                 pipe.smembers(f"{p}pinh:{pid}")
             pin_res = await pipe.execute()
             used_memory = int((await self.redis.info("memory"))["used_memory"])
@@ -278,11 +335,11 @@ class ClusterIndex:
         counters = {_s(k): int(v) for k, v in res[-3].items()}
         pins = []
         for j, pid in enumerate(pin_ids):
-            replicas, num_blocks, tokens, salt = pin_res[2 * j]
+            (replicas, num_blocks, tenant), tokens_len, holders = pin_res[3 * j : 3 * j + 3]
             if replicas is None:
                 continue
-            pins.append(PinStatus(pid, int(replicas), int(num_blocks), len(tokens or b"") // 4, _s(salt or b""),
-                                  sorted(_s(x) for x in pin_res[2 * j + 1])))
+            pins.append(PinStatus(pid, int(replicas), int(num_blocks), int(tokens_len) // 4,
+                                  _s(tenant or DEFAULT_TENANT), sorted(_s(x) for x in holders)))
         return IndexStats(
             nodes=nodes,
             num_blocks=int(res[-2] or 0),

@@ -11,9 +11,10 @@ Redis schema (``P`` is the key prefix, default ``pc:``; ``<h>`` is a raw
     P b:<h>          hash    i -> last_access_s * 4 + tier        (the block's holders)
     P nb:<i>         set     <h> ...                              (the node's blocks, for its removal)
     P pins           set     pin ids
-    P pin:<id>       hash    replicas, model, salt, tokens (LE u32 bytes), num_blocks, expire_ms
+    P pin:<id>       hash    replicas, model, salt, tokens (LE u32 bytes), num_blocks, expire_ms, tenant
+                             (the owner; a pin from before owners existed belongs to 'default')
     P pinh:<id>      set     node ids holding the pin
-    P ctr            hash    counters (lookups, hit_blocks, publishes, events, ...)
+    P ctr            hash    counters (lookups, hit_blocks, publishes, events, ...), saturating at 2^62
     P stat           hash    num_blocks (distinct block keys, kept exact by the scripts)
 
 Scripts name their keys from ARGV (they are built from the prefix and the
@@ -56,6 +57,34 @@ local function flush_stats()
   if blocks_delta ~= 0 then redis.call('HINCRBY', P .. 'stat', 'num_blocks', blocks_delta) end
   blocks_delta = 0
 end
+-- Counters saturate at 2^62 instead of overflowing. An HINCRBY past INT64_MAX is an error that aborts
+-- the script, and every later script adding to the same counter: one heartbeat reporting ~2^63 bytes
+-- once made every later heartbeat with a transfer count fail, and with it the pins they deliver.
+-- The delta is clamped first (so the sum stays below 2^63), and a total that reaches the bound (or was
+-- left at the edge by an earlier version) is set to it: a counter never fails its script. Lua sees
+-- integers as doubles, so "reaches" is within a double's precision there (2^62 +- 512).
+local COUNTER_MAX = '4611686018427387904'
+local COUNTER_MAX_N = tonumber(COUNTER_MAX)
+local function bump(field, delta)
+  local d = tonumber(delta)
+  if d <= 0 then return end
+  local ctr = P .. 'ctr'
+  if d >= COUNTER_MAX_N then
+    redis.call('HSET', ctr, field, COUNTER_MAX)
+    return
+  end
+  local r = redis.pcall('HINCRBY', ctr, field, delta)
+  if type(r) == 'table' and r.err then
+    if string.find(r.err, 'overflow', 1, true) then redis.call('HSET', ctr, field, COUNTER_MAX) end
+  elseif r >= COUNTER_MAX_N then
+    redis.call('HSET', ctr, field, COUNTER_MAX)
+  end
+end
+-- A pin's owner: nil when there is no such pin.
+local function pin_owner(pk)
+  if redis.call('EXISTS', pk) == 0 then return nil end
+  return redis.call('HGET', pk, 'tenant') or 'default'
+end
 """
 
 # ARGV: P, node_id, ttl_ms, field, value, ...  -> {idx, epoch}
@@ -77,7 +106,7 @@ local fields = {'id', id, 'ttl_ms', ARGV[3], 'reg_ms', now, 'hb_ms', now,
 for k = 4, #ARGV do fields[#fields + 1] = ARGV[k] end
 redis.call('HSET', nk, unpack(fields))
 redis.call('SET', P .. 'hb:' .. idx, epoch, 'PX', ARGV[3])
-redis.call('HINCRBY', P .. 'ctr', 'registrations', 1)
+bump('registrations', 1)
 flush_stats()
 return {idx, epoch}
 """
@@ -115,9 +144,8 @@ for k = 6, #ARGV do
     end
   end
 end
-local ctr = P .. 'ctr'
-if ARGV[5] == '1' then redis.call('HINCRBY', ctr, 'publishes', 1) end
-redis.call('HINCRBY', ctr, 'events', #ARGV - 5)
+if ARGV[5] == '1' then bump('publishes', 1) end
+bump('events', #ARGV - 5)
 flush_stats()
 return {1, #ARGV - 5, tonumber(epoch)}
 """
@@ -129,9 +157,8 @@ return {1, #ARGV - 5, tonumber(epoch)}
 LOOKUP = _COMMON + r"""
 local model = ARGV[2]
 local n = #ARGV - 2
-local ctr = P .. 'ctr'
-redis.call('HINCRBY', ctr, 'lookups', 1)
-redis.call('HINCRBY', ctr, 'lookup_blocks', n)
+bump('lookups', 1)
+bump('lookup_blocks', n)
 if n == 0 then return {} end
 local cands = {}
 local first = redis.call('HKEYS', P .. 'b:' .. ARGV[3])
@@ -163,8 +190,8 @@ for k = 1, #done do
   end
 end
 if best > 0 then
-  redis.call('HINCRBY', ctr, 'lookup_hits', 1)
-  redis.call('HINCRBY', ctr, 'hit_blocks', best)
+  bump('lookup_hits', 1)
+  bump('hit_blocks', best)
 end
 return out
 """
@@ -206,7 +233,7 @@ for k = 1, #pins do
     if not hidx or not is_alive(hidx) then redis.call('SREM', hk, holders[j]) end
   end
 end
-if num_removed > 0 then redis.call('HINCRBY', P .. 'ctr', 'swept_entries', num_removed) end
+bump('swept_entries', num_removed)
 flush_stats()
 return {num_dead, num_removed, more, num_forgotten}
 """
@@ -226,12 +253,9 @@ if redis.call('PEXPIRE', P .. 'hb:' .. idx, f[2]) == 0 then return {0} end
 local now = now_ms()
 redis.call('HSET', nk, 'hb_ms', fmt(now), 'running', ARGV[4], 'waiting', ARGV[5],
            'free', ARGV[6], 'cached', ARGV[7])
-local ctr = P .. 'ctr'
-redis.call('HINCRBY', ctr, 'heartbeats', 1)
+bump('heartbeats', 1)
 local tnames = {'transfers', 'transfers_failed', 'transferred_blocks', 'transferred_bytes'}
-for k = 1, 4 do
-  if ARGV[7 + k] ~= '0' then redis.call('HINCRBY', ctr, tnames[k], ARGV[7 + k]) end
-end
+for k = 1, 4 do bump(tnames[k], ARGV[7 + k]) end
 local model = f[3]
 local out = {1}
 local pins = redis.call('SMEMBERS', P .. 'pins')
@@ -257,7 +281,7 @@ for k = 1, #pins do
     end
     if not mine and num_live < tonumber(p[1]) then
       redis.call('SADD', hk, id); mine = true
-      redis.call('HINCRBY', ctr, 'pin_assignments', 1)
+      bump('pin_assignments', 1)
     end
     if mine then
       local g = redis.call('HMGET', pk, 'tokens', 'salt', 'num_blocks')
@@ -268,20 +292,59 @@ end
 return out
 """
 
-# ARGV: P, pin_id, replicas, ttl_ms, model, salt, tokens, num_blocks, hash, hash, ...
-# -> holder node ids. Keeps live holders; fills up with live nodes of the model
-# that already hold the longest part of the prefix, then the least loaded.
+# ARGV: P, pin_id, replicas, ttl_ms, model, salt, tokens, num_blocks, tenant, operator ('1'|'0'),
+#       quota_blocks (-1: quota_fraction of the smallest live node of the model), quota_fraction, hash, ...
+# -> {1, holder node id, ...} | {-1, 0, 0} the pin is another tenant's | {-2, used, quota} over the quota.
+# Checks first, then writes (a refused pin changes nothing). The owner's quota counts the blocks of its
+# other live pins (not this one: pinning again is idempotent), once per pin whatever its replicas:
+# what the quota bounds is how much of one node's pool a tenant's pins can take. Then keeps live
+# holders and fills up with live nodes of the model that already hold the longest part of the prefix,
+# then the least loaded.
 PIN = _COMMON + r"""
 local pid = ARGV[2]
 local replicas = tonumber(ARGV[3])
 local ttl = tonumber(ARGV[4])
 local model = ARGV[5]
+local num_blocks = tonumber(ARGV[8])
+local tenant, operator = ARGV[9], ARGV[10] == '1'
+local quota = tonumber(ARGV[11])
+local FIRST_HASH = 13
 local now = now_ms()
 local pk, hk = P .. 'pin:' .. pid, P .. 'pinh:' .. pid
+local owner = pin_owner(pk)
+if owner and owner ~= tenant and not operator then return {-1, 0, 0} end
+owner = owner or tenant  -- an operator pinning a tenant's prefix again leaves it that tenant's
+local ids = redis.call('HGETALL', P .. 'ids')
+if quota < 0 then
+  local smallest = nil  -- no live node of the model reports a capacity: no quota yet
+  for k = 1, #ids, 2 do
+    local idx = ids[k + 1]
+    if is_alive(idx) then
+      local nf = redis.call('HMGET', P .. 'n:' .. idx, 'model', 'cap')
+      local cap = tonumber(nf[2] or '0')
+      if nf[1] == model and cap > 0 and (not smallest or cap < smallest) then smallest = cap end
+    end
+  end
+  if smallest then quota = math.floor(smallest * tonumber(ARGV[12])) end
+end
+if quota >= 0 then
+  local used = 0
+  local pins = redis.call('SMEMBERS', P .. 'pins')
+  for k = 1, #pins do
+    if pins[k] ~= pid then
+      local o = redis.call('HMGET', P .. 'pin:' .. pins[k], 'tenant', 'num_blocks', 'expire_ms')
+      local expire = tonumber(o[3] or '0')
+      if o[2] and (o[1] or 'default') == owner and (expire == 0 or now <= expire) then
+        used = used + tonumber(o[2])
+      end
+    end
+  end
+  if used + num_blocks > quota then return {-2, used, quota} end
+end
 local expire = 0
 if ttl > 0 then expire = now + ttl end
 redis.call('HSET', pk, 'replicas', ARGV[3], 'model', model, 'salt', ARGV[6], 'tokens', ARGV[7],
-           'num_blocks', ARGV[8], 'expire_ms', fmt(expire))
+           'num_blocks', ARGV[8], 'expire_ms', fmt(expire), 'tenant', owner)
 redis.call('SADD', P .. 'pins', pid)
 local holders, is_holder = {}, {}
 local old = redis.call('SMEMBERS', hk)
@@ -294,14 +357,13 @@ for j = 1, #old do
   end
 end
 local cands = {}
-local ids = redis.call('HGETALL', P .. 'ids')
 for k = 1, #ids, 2 do
   local id, idx = ids[k], ids[k + 1]
   if not is_holder[id] and is_alive(idx) then
     local nf = redis.call('HMGET', P .. 'n:' .. idx, 'model', 'running', 'waiting')
     if nf[1] == model then
       local held = 0
-      for j = 9, #ARGV do
+      for j = FIRST_HASH, #ARGV do
         if redis.call('HEXISTS', P .. 'b:' .. ARGV[j], idx) == 1 then held = held + 1 else break end
       end
       cands[#cands + 1] = {id, held, tonumber(nf[2] or '0') + tonumber(nf[3] or '0')}
@@ -320,13 +382,17 @@ end
 while #holders > replicas do
   redis.call('SREM', hk, holders[#holders]); holders[#holders] = nil
 end
-redis.call('HINCRBY', P .. 'ctr', 'pins', 1)
-return holders
+bump('pins', 1)
+local out = {1}
+for j = 1, #holders do out[#out + 1] = holders[j] end
+return out
 """
 
-# ARGV: P, pin_id -> {found (0|1), holder, ...}
+# ARGV: P, pin_id, tenant, operator ('1'|'0') -> {found (0|1), holder, ...} | {-1}: another tenant's pin
 UNPIN = _COMMON + r"""
 local pk, hk = P .. 'pin:' .. ARGV[2], P .. 'pinh:' .. ARGV[2]
+local owner = pin_owner(pk)
+if owner and owner ~= ARGV[3] and ARGV[4] ~= '1' then return {-1} end
 local holders = redis.call('SMEMBERS', hk)
 local found = redis.call('DEL', pk)
 redis.call('DEL', hk)

@@ -5,6 +5,14 @@ keeps it open (the frames: ``raw_frames``):
 
     accept -> read R -> check (BlockSource) -> B B B ... E -> read the next R ...
                      -> X if malformed, rejected or over the cap -> linger -> close
+    accept -> X RESOURCE_EXHAUSTED -> close, when max_connections are open already
+    no complete R within idle_timeout_s (idle, or half sent) -> close, without a frame
+
+Every connection is bounded (trust model: one requester cannot hurt the others): at most
+``max_connections`` open, a request frame of at most ``MAX_REQUEST_BYTES`` (above the largest valid
+request; more is INVALID_ARGUMENT), ``idle_timeout_s`` to send a whole request and the same
+for every gathered send of the answer to make progress. An idle pooled connection closed that way
+costs its requester one reconnect (``raw_client`` retries a pooled connection found closed).
 
 The blocks come from the same ``BlockSource`` as the gRPC stream's (``transfer_source``: request check,
 grouped exports, stats, test faults), so the two streams answer alike. Frames wait and go out together,
@@ -31,7 +39,7 @@ from cache_service.raw_frames import (
     request_header,
 )
 from cache_service.raw_socket import recv_exactly, send_parts, tune_socket
-from cache_service.transfer_source import BlockSource
+from cache_service.transfer_source import MAX_FETCH_BLOCKS, BlockSource
 from common.logs import get_logger
 from protos.prefixcache.v1 import cache_pb2 as pb
 
@@ -39,6 +47,13 @@ log = get_logger("transfer")
 
 SEND_BATCH_BYTES = 1 << 20
 SEND_BATCH_PARTS = 64  # well under the kernel's 1,024 buffers per sendmsg
+DEFAULT_MAX_CONNECTIONS = 256  # requesters keep up to 4 open each (raw_client.MAX_IDLE_PER_PEER)
+DEFAULT_IDLE_TIMEOUT_S = 30.0
+LISTEN_BACKLOG = 512
+# The largest FetchBlocksRequest the worker reads, on either stream: MAX_FETCH_BLOCKS hashes (18 bytes each
+# on the wire: ~144 KiB) plus a model id and a requester name fit well within it.
+MAX_REQUEST_BYTES = 256 << 10
+assert MAX_FETCH_BLOCKS * 18 + (8 << 10) <= MAX_REQUEST_BYTES
 
 
 async def _linger(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout_s: float = 1.0) -> None:
@@ -59,13 +74,19 @@ async def _linger(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout_
 class RawStreamListener:
     """Serves the raw block stream for a ``BlockSource`` on the current event loop."""
 
-    def __init__(self, source: BlockSource, host: str, *, advertise_host: str, max_concurrent: int = 16) -> None:
+    def __init__(self, source: BlockSource, host: str, *, advertise_host: str, max_concurrent: int = 16,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S) -> None:
         self.source = source
         self.host = host
         self.advertise_host = advertise_host
-        self.max_concurrent = max_concurrent
+        self.max_concurrent = max_concurrent  # fetches being answered
+        self.max_connections = max_connections  # connections open (answering or waiting for a request)
+        self.idle_timeout_s = idle_timeout_s
         self.port = 0
         self.num_active = 0
+        self.num_refused = 0  # connections turned away: max_connections were open
+        self.num_timed_out = 0  # connections closed: no complete request, or no progress sending, in time
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task | None = None
         self._conns: dict[socket.socket, asyncio.Task] = {}
@@ -79,7 +100,7 @@ class RawStreamListener:
         listener = socket.socket(family, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((self.host, 0))
-        listener.listen(64)
+        listener.listen(LISTEN_BACKLOG)
         listener.setblocking(False)
         self._listener, self.port = listener, listener.getsockname()[1]
         self._accept_task = asyncio.ensure_future(self._accept_loop(listener))
@@ -108,37 +129,76 @@ class RawStreamListener:
                 await asyncio.sleep(0.1)
                 continue
             conn.setblocking(False)
+            if len(self._conns) >= self.max_connections:
+                self._refuse(conn)
+                continue
             tune_socket(conn)
             self._conns[conn] = asyncio.ensure_future(self._serve(conn))
+
+    def _refuse(self, conn: socket.socket) -> None:
+        """Say why in one frame (a fresh socket's buffer takes it whole, or it is lost) and close at once: a
+        refused connection holds nothing, and its requester recomputes (or retries) at once."""
+        self.num_refused += 1
+        try:
+            conn.send(error_frame("RESOURCE_EXHAUSTED", f"{len(self._conns)} raw stream connections are open; "
+                                                        f"the limit is {self.max_connections}"))
+        except OSError:
+            pass
+        conn.close()
 
     async def _serve(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         try:
             while True:
                 try:
-                    head = await recv_exactly(loop, conn, HEADER.size)
-                except EOFError:
+                    async with asyncio.timeout(self.idle_timeout_s):
+                        request = await self._read_request(loop, conn)
+                except TimeoutError:
+                    self.num_timed_out += 1
+                    return  # idle or half sent: close (a pooled requester reconnects on its next fetch)
+                if request is None:
                     return  # the requester closed its connection
-                try:
-                    meta_len = request_header(head)
-                except FrameError as exc:
-                    await loop.sock_sendall(conn, error_frame("INVALID_ARGUMENT", str(exc)))
-                    return await _linger(loop, conn)
-                try:
-                    request = pb.FetchBlocksRequest.FromString(bytes(await recv_exactly(loop, conn, meta_len)))
-                except EOFError:
-                    return
-                except Exception:  # protobuf's DecodeError
-                    await loop.sock_sendall(conn, error_frame("INVALID_ARGUMENT",
-                                                              "the request is not a FetchBlocksRequest"))
+                if isinstance(request, bytes):  # the error frame that answers a malformed request
+                    await loop.sock_sendall(conn, request)
                     return await _linger(loop, conn)
                 if not await self._answer(loop, conn, request):
                     return await _linger(loop, conn)
+        except TimeoutError:
+            self.num_timed_out += 1  # the requester stopped reading the answer
         except (ConnectionError, OSError, EOFError):
             pass  # the requester went away mid-answer (deadline, cancel, death)
         finally:
             conn.close()
             self._conns.pop(conn, None)
+
+    @staticmethod
+    async def _read_request(loop: asyncio.AbstractEventLoop, conn: socket.socket
+                            ) -> pb.FetchBlocksRequest | bytes | None:
+        """The next request; None when the requester closed the connection; or the error frame to send back."""
+        try:
+            head = await recv_exactly(loop, conn, HEADER.size)
+        except EOFError:
+            return None
+        try:
+            meta_len = request_header(head)
+        except FrameError as exc:
+            return error_frame("INVALID_ARGUMENT", str(exc))
+        if meta_len > MAX_REQUEST_BYTES:  # refused before a buffer of that size is made
+            return error_frame("INVALID_ARGUMENT", f"a request frame of {meta_len} bytes is over the limit of "
+                                                   f"{MAX_REQUEST_BYTES} bytes")
+        try:
+            meta = await recv_exactly(loop, conn, meta_len)
+        except EOFError:
+            return None
+        try:
+            return pb.FetchBlocksRequest.FromString(bytes(meta))
+        except Exception:  # protobuf's DecodeError
+            return error_frame("INVALID_ARGUMENT", "the request is not a FetchBlocksRequest")
+
+    async def _send(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, parts: list) -> None:
+        # A requester that stops reading must not hold a fetch slot (and its exported blocks) forever.
+        async with asyncio.timeout(self.idle_timeout_s):
+            await send_parts(loop, conn, parts)
 
     async def _answer(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
                       request: pb.FetchBlocksRequest) -> bool:
@@ -173,11 +233,11 @@ class RawStreamListener:
                     source.stats.num_bytes += size
                     sent.append(block.block_hash)
                     if pending >= SEND_BATCH_BYTES or len(parts) >= SEND_BATCH_PARTS or faults.delay_s:
-                        await send_parts(loop, conn, parts)
+                        await self._send(loop, conn, parts)
                         parts, pending = [], 0
         finally:
             self.num_active -= 1
         parts.append(frame(KIND_END))
-        await send_parts(loop, conn, parts)
+        await self._send(loop, conn, parts)
         source.finish(request.requester, sent)
         return True

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from dataclasses import dataclass
 
 import grpc
@@ -26,12 +25,16 @@ from cache_service.index import DEFAULT_PREFIX, ClusterIndex, IndexUnavailable
 from cache_service.loop_thread import LoopThread
 from cache_service.servicer import CacheServicer
 from cache_service.validation import MAX_MESSAGE_BYTES
+from common.grpc_edge import EdgeInterceptor
+from common.logs import RequestIdInterceptor, get_logger
 from protos.prefixcache.v1 import cache_pb2, cache_pb2_grpc
 
-log = logging.getLogger(__name__)
+log = get_logger("cache_service")
 # Lookups and heartbeats fail within ~1 s when Redis is unreachable; a large
 # publication (a node's snapshot) may legitimately run longer on a busy Redis.
 BULK_SOCKET_TIMEOUT_S = 10.0
+# Request headers (a request id, a credential) are small: gRPC's own default (8 KiB), made explicit.
+MAX_METADATA_BYTES = 8 * 1024
 SERVICE_NAME = cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
 
 
@@ -44,7 +47,12 @@ class CacheServiceConfig:
     # How often dead nodes' entries are removed (Lookup ignores them already).
     sweep_interval_s: float = 1.0
     grace_s: float = 2.0
+    # Calls in flight; beyond it gRPC answers RESOURCE_EXHAUSTED at once (each may hold a 16 MiB message).
     max_concurrent_rpcs: int = 1024
+    # Blocks one tenant's pins may hold; None: a quarter of the smallest live node's pool.
+    pin_quota_blocks: int | None = None
+    # Tenants that may unpin any tenant's pin, besides the literal "operator" (types.OPERATOR_TENANT).
+    operator_tenants: frozenset[str] = frozenset()
 
 
 class CacheServiceServer:
@@ -68,10 +76,14 @@ class CacheServiceServer:
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_metadata_size", MAX_METADATA_BYTES),
             ],
             maximum_concurrent_rpcs=self.config.max_concurrent_rpcs,
+            interceptors=[RequestIdInterceptor(), EdgeInterceptor(log)],  # request ids; status codes at the edge
         )
-        cache_pb2_grpc.add_CacheServiceServicer_to_server(CacheServicer(self.index), server)
+        servicer = CacheServicer(self.index, pin_quota_blocks=self.config.pin_quota_blocks,
+                                 operator_tenants=self.config.operator_tenants)
+        cache_pb2_grpc.add_CacheServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -84,7 +96,7 @@ class CacheServiceServer:
         self._server, self.port = server, port
         await self._set_health(await self.index.ping())
         self._tasks.append(asyncio.create_task(self._sweep_loop(), name="cache-sweeper"))
-        log.info("cache service listening on %s (Redis %s)", self.address, self.config.redis_url)
+        log.info("cache service listening", extra={"address": self.address, "redis_url": self.config.redis_url})
         return port
 
     async def _set_health(self, ok: bool) -> None:
@@ -100,12 +112,12 @@ class CacheServiceServer:
             try:
                 result = await self.index.sweep()
                 if result.num_removed_entries:
-                    log.info("swept %d entries of %d dead node(s)", result.num_removed_entries,
-                             result.num_dead_nodes)
+                    log.info("swept dead nodes", extra={"num_removed_entries": result.num_removed_entries,
+                                                        "num_dead_nodes": result.num_dead_nodes})
                 ok = True
             except IndexUnavailable as exc:
                 if healthy:
-                    log.warning("Redis unavailable: %s", exc)
+                    log.warning("Redis unavailable", extra={"error": str(exc)})
                 ok = False
             except Exception:  # noqa: BLE001 - the sweeper must survive anything
                 log.exception("sweep failed")

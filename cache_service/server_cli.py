@@ -15,6 +15,7 @@ import signal
 from cache_service.embedded_redis import EmbeddedRedis
 from cache_service.index import DEFAULT_PREFIX
 from cache_service.server import CacheServiceConfig, CacheServiceServer
+from common.logs import configure_logging
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +43,7 @@ async def _serve(config: CacheServiceConfig) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(level=args.log_level)  # our JSON lines (they do not go through the root logger)
     embedded: EmbeddedRedis | None = None
     url = args.redis_url
     if url is None:

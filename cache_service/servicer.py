@@ -5,26 +5,38 @@ Status codes:
     NOT_FOUND            PublishEvents from a node that is not registered / expired
     FAILED_PRECONDITION  PublishEvents with a stale epoch (an earlier incarnation)
     UNAVAILABLE          Redis is down (fails fast: short socket timeouts)
+    PERMISSION_DENIED    Unpin (or Pin again) of another tenant's pin
+    RESOURCE_EXHAUSTED   a Pin over its tenant's quota of pinned blocks
+    INTERNAL             anything else (logged with its traceback; the caller gets a generic message)
 Heartbeat from an unknown node is not an error: it answers ``known=false``,
 which tells the node to register again and republish.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Awaitable, Callable, TypeVar
 
 import grpc
 
 from cache_service import validation as v
 from cache_service.block_hash import BlockHash
-from cache_service.index import ClusterIndex, IndexUnavailable, NodeExpired, NodeNotFound, StaleEpoch
+from cache_service.index import (
+    ClusterIndex,
+    IndexUnavailable,
+    NodeExpired,
+    NodeNotFound,
+    PinNotYours,
+    PinQuotaExceeded,
+    StaleEpoch,
+)
 from cache_service.records import AllBlocksCleared, BlockEvent, BlockRemoved, BlockStored, WorkerLoad
-from cache_service.types import NodeInfo, PinSpec, TransferCounts
+from cache_service.types import DEFAULT_TENANT, OPERATOR_TENANT, NodeInfo, PinSpec, TransferCounts
+from common.grpc_edge import abort_internal
+from common.logs import get_logger
 from protos.prefixcache.v1 import cache_pb2 as pb
 from protos.prefixcache.v1 import cache_pb2_grpc
 
-log = logging.getLogger(__name__)
+log = get_logger("cache_service")
 T = TypeVar("T")
 
 
@@ -71,8 +83,12 @@ def _events_from_proto(events: Any) -> list[BlockEvent]:
 
 
 class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
-    def __init__(self, index: ClusterIndex) -> None:
+    def __init__(self, index: ClusterIndex, *, pin_quota_blocks: int | None = None,
+                 operator_tenants: frozenset[str] = frozenset()) -> None:
         self.index = index
+        # None: a quarter of the smallest live node's pool, per tenant (types.DEFAULT_PIN_QUOTA_FRACTION).
+        self.pin_quota_blocks = pin_quota_blocks
+        self.operator_tenants = frozenset(operator_tenants) | {OPERATOR_TENANT}
 
     async def _call(self, context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]]) -> T:
         """Run ``fn`` mapping the core's errors to status codes (abort raises)."""
@@ -86,6 +102,10 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except IndexUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except grpc.aio.AbortError:
+            raise  # already answered with its code
+        except Exception as exc:  # noqa: BLE001 - a bug, or Redis answering what we did not expect
+            await abort_internal(context, log, exc, "CacheService")
         raise AssertionError("unreachable")  # abort always raises
 
     async def RegisterNode(self, request: pb.RegisterNodeRequest, context: grpc.aio.ServicerContext):
@@ -99,7 +119,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             ttl = request.ttl_seconds or v.DEFAULT_HEARTBEAT_TTL_S
             v.check_range(ttl, "ttl_seconds", 1, v.MAX_HEARTBEAT_TTL_S)
             reg = await self.index.register(node_info_from_proto(n), ttl)
-            log.info("registered node %s (epoch %d)", reg.node_id, reg.epoch)
+            log.info("registered node", extra={"node_id": reg.node_id, "epoch": reg.epoch})
             return pb.RegisterNodeResponse(epoch=reg.epoch)
 
         return await self._call(context, go)
@@ -162,9 +182,16 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
                 raise v.InvalidRequest(f"{len(hashes)} block_hashes cannot come from {len(tokens)} token_ids")
             replicas = v.check_range(request.replicas or 1, "replicas", 1, v.MAX_REPLICAS)
             ttl = v.check_range(request.ttl_seconds, "ttl_seconds", 0, v.MAX_PIN_TTL_S)
+            tenant = v.check_tenant(request.tenant) or DEFAULT_TENANT
             spec = PinSpec(request.pin_id, request.model_id, [BlockHash(h) for h in hashes], tokens,
-                           request.cache_salt, replicas, ttl)
-            holders = await self.index.pin(spec)
+                           request.cache_salt, replicas, ttl, tenant)
+            try:
+                holders = await self.index.pin(spec, operator=tenant in self.operator_tenants,
+                                               quota_blocks=self.pin_quota_blocks)
+            except PinNotYours as exc:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+            except PinQuotaExceeded as exc:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             return pb.PinBlocksResponse(pin_id=request.pin_id, node_ids=holders, found=True)
 
         return await self._call(context, go)
@@ -172,7 +199,12 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     async def Unpin(self, request: pb.PinBlocksRequest, context: grpc.aio.ServicerContext):
         async def go() -> pb.PinBlocksResponse:
             v.check_id(request.pin_id, "pin_id")
-            found, holders = await self.index.unpin(request.pin_id)
+            tenant = v.check_tenant(request.tenant) or DEFAULT_TENANT
+            try:
+                found, holders = await self.index.unpin(request.pin_id, tenant,
+                                                        operator=tenant in self.operator_tenants)
+            except PinNotYours as exc:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
             return pb.PinBlocksResponse(pin_id=request.pin_id, node_ids=holders, found=found)
 
         return await self._call(context, go)
@@ -194,8 +226,9 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
                 num_blocks=s.num_blocks,
                 num_entries=s.num_entries,
                 counters=s.counters,
+                # No salt and no tokens (trust model): the holders get those with their heartbeats.
                 pins=[pb.PinInfo(pin_id=p.pin_id, replicas=p.replicas, num_blocks=p.num_blocks,
-                                 node_ids=p.node_ids, num_tokens=p.num_tokens, cache_salt=p.cache_salt)
+                                 node_ids=p.node_ids, num_tokens=p.num_tokens)
                       for p in s.pins],
                 redis_used_memory_bytes=s.redis_used_memory_bytes,
             )

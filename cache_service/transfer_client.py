@@ -33,6 +33,7 @@ from cache_service.transfer_settings import (
     STREAM_WINDOW_BYTES,
     TRANSFER_MESSAGE_BYTES,
 )
+from common.logs import request_id_metadata
 from protos.prefixcache.v1 import cache_pb2 as pb
 
 RAW_RETRY_AFTER_S = 30.0  # after a raw stream could not be reached, use gRPC for this long
@@ -195,7 +196,8 @@ class TransferClient:
         """The fetch over the gRPC stream; None when the peer hands it to its raw stream."""
         assembler = _Assembler(block_hashes)
         self.num_grpc_fetches += 1
-        call = self._fetch_method(address)(request, timeout=timeout_s, wait_for_ready=False)
+        call = self._fetch_method(address)(request, timeout=timeout_s, wait_for_ready=False,
+                                           metadata=request_id_metadata())
         first = request.accept_raw_stream
         try:
             async for raw in call:

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import grpc
 
-from cache_service.raw_listener import RawStreamListener
+from cache_service.raw_listener import MAX_REQUEST_BYTES, RawStreamListener
 from cache_service.transfer_servicer import BlockTransferServicer, add_transfer_servicer
 from cache_service.transfer_settings import DEFAULT_CHUNK_BYTES, HTTP2_MAX_FRAME_BYTES, TRANSFER_MESSAGE_BYTES
 from cache_service.transfer_source import TransferFaults
-from common.logs import get_logger
+from common.grpc_edge import EdgeInterceptor
+from common.logs import RequestIdInterceptor, get_logger
 
 log = get_logger("transfer")
 
@@ -67,11 +68,13 @@ class TransferServer:
         server = grpc.aio.server(
             options=[
                 ("grpc.max_send_message_length", TRANSFER_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", 1 << 20),  # requests carry only hashes
+                ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),  # requests carry only hashes
+                ("grpc.max_metadata_size", 8 << 10),  # a request id (gRPC's default, made explicit)
                 # A ~1 MiB message in one HTTP/2 frame instead of 64 of 16 KiB (the peer must allow it too).
                 ("grpc.http2.max_frame_size", HTTP2_MAX_FRAME_BYTES),
             ],
             maximum_concurrent_rpcs=self.max_concurrent_rpcs,
+            interceptors=[RequestIdInterceptor(), EdgeInterceptor(log)],  # request ids; status codes at the edge
         )
         add_transfer_servicer(self.servicer, server)
         port = server.add_insecure_port(f"{self.host}:{self.port}")

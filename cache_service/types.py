@@ -14,6 +14,13 @@ from cache_service.records import WorkerLoad
 
 NodeId = str
 PinId = str
+# The owner of a pin when the caller names none (the router's tenant when auth is off).
+DEFAULT_TENANT = "default"
+# The tenant that may unpin any tenant's pin (an operator credential, until the cluster has real ones):
+# always this one, plus those a deployment names (CacheServiceConfig.operator_tenants).
+OPERATOR_TENANT = "operator"
+# A tenant's pins may hold this fraction of the smallest live node's pool (unless a quota is configured).
+DEFAULT_PIN_QUOTA_FRACTION = 0.25
 
 
 @dataclass(slots=True)
@@ -76,15 +83,18 @@ class PinSpec:
     cache_salt: str = ""
     replicas: int = 1
     ttl_seconds: int = 0  # 0: until unpinned
+    tenant: str = DEFAULT_TENANT  # the owner: only it (or an operator) unpins it; counted in its quota
 
 
 @dataclass(slots=True)
 class PinStatus:
+    """A pin as the stats show it: never its salt or its tokens (those go only to its holders)."""
+
     pin_id: PinId
     replicas: int
     num_blocks: int
     num_tokens: int
-    cache_salt: str
+    tenant: str
     node_ids: list[NodeId]
 
 

@@ -3,7 +3,8 @@
 Everything is checked before anything touches Redis, so a rejected request
 writes nothing. Each check raises ``InvalidRequest`` (a ``ValueError``) whose
 message names the field and the problem; the servicer turns it into
-INVALID_ARGUMENT.
+INVALID_ARGUMENT. The one exception is a heartbeat's transfer counts: they are
+clamped, not refused (``clamp_counter_delta``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ MAX_ID_LEN = 128
 MAX_ADDRESS_LEN = 256
 MAX_MODEL_ID_LEN = 512
 MAX_SALT_LEN = 1024
+MAX_TENANT_LEN = 256
 MAX_LOOKUP_BLOCKS = 16_384  # 262k tokens at block_size 16
 MAX_EVENTS_PER_PUBLISH = 65_536
 MAX_PIN_TOKENS = 131_072
@@ -28,6 +30,9 @@ DEFAULT_HEARTBEAT_TTL_S = 10
 MAX_PIN_TTL_S = 30 * 24 * 3_600
 MAX_BLOCK_SIZE = 4_096
 MAX_TOKEN_ID = 2**32 - 1
+# What one heartbeat may add to a transfer counter: 256 TiB, far more than any link moves between two
+# heartbeats. The index's counters themselves saturate at 2^62 (lua_scripts).
+MAX_COUNTER_DELTA = 2**48
 # gRPC message cap for the control plane: a full snapshot of MAX_EVENTS_PER_PUBLISH events fits.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
@@ -88,3 +93,20 @@ def check_tokens(tokens: Sequence[int], field: str, max_count: int) -> list[int]
     if len(tokens) > max_count:
         raise InvalidRequest(f"{field} has {len(tokens)} tokens; the limit is {max_count}")
     return list(tokens)
+
+
+def check_tenant(value: str, field: str = "tenant") -> str:
+    """A pin's owner; "" is the default tenant (callers from before pins had owners)."""
+    check_text(value, field, MAX_TENANT_LEN)
+    if "\x1f" in value:  # the separator of router/auth.tenant_salt: no tenant name holds it
+        raise InvalidRequest(f"{field} holds a unit separator (\\x1f), which no tenant name can")
+    return value
+
+
+def clamp_counter_delta(value: int) -> int:
+    """A heartbeat's transfer count, at most ``MAX_COUNTER_DELTA``.
+
+    Clamped, not refused: a node keeps counts that were not delivered and sends them again, so refusing
+    one absurd count would fail every later heartbeat of that node, and with them its liveness and pins,
+    for what is only a statistic."""
+    return min(int(value), MAX_COUNTER_DELTA)

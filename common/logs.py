@@ -194,9 +194,11 @@ def _bind_stream(fn: Any, rid: str) -> Any:
         token = request_id_var.set(rid)
         try:
             async for item in fn(request, context):
-                # Re-bind before each resume: an async generator runs in its consumer's context.
+                # An async generator runs in its consumer's context: restore what the handler had bound when
+                # it yielded (the metadata's id, or the handler's own request_context) before it resumes.
+                bound = request_id_var.get()
                 yield item
-                request_id_var.set(rid)
+                request_id_var.set(bound)
         finally:
             try:
                 request_id_var.reset(token)

@@ -18,8 +18,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("workers.generate_cli", "offline batch generation on one engine (JSONL in, JSONL out)"),
     "cache-service": ("cache_service.server_cli", "run the cache service (CacheService gRPC) alone"),
     "stats": ("deploy.stats", "print cache-hit metrics of a running stack"),
-    "bench": ("deploy.bench", "drive a running stack with the standard workloads"),
-    "simulate": ("benchmarks.simulator.cli", "replay a trace against simulated nodes"),
+    "bench": ("loadgen.cli", "drive a running stack with the standard workloads"),
+    "simulate": ("simulator.cli", "replay a trace against simulated nodes"),
 }
 
 

@@ -1,7 +1,10 @@
-"""Where workers go (pure): the start-up plan, and the workers a node that joins later gets.
+"""Where workers go (pure): the start-up plan, and the workers a Ray node that joins later gets.
+
+Here a *node* is always a Ray node (one machine, or one pod), never a worker: a worker is the actor placed
+on it (the cache service's "node" is a worker's cache node).
 
     plan_workers(ray.nodes(), num_workers)                 -> [WorkerPlacement]   at start
-    nodes = node_views(ray.nodes(), available_per_node)   (every ~2 s, by the stack's watcher)
+    nodes = node_views(ray.nodes(), available_per_node)   (every ~2 s, by deploy/elastic.py's watcher)
     lost_workers(nodes, {worker_id: node_id})              -> workers whose node is gone
     plan_joins(nodes, known_node_ids, worker_nodes, ...)   -> [WorkerPlacement] for nodes that joined
 

@@ -5,10 +5,10 @@
           http=http://127.0.0.1:8000/v1
 
 Embedded Valkey unless ``--redis-url``; a local Ray unless ``--ray-address``; then the cache service,
-N workers (``worker-0`` .. ``worker-<N-1>``, spread over the cluster's nodes; one per GPU when there
-are GPUs) and the router (gRPC on ``--port``, the OpenAI-compatible HTTP API on ``--http-port``). With
-``--ray-address`` (or ``--elastic``) nodes that join later get workers (``worker-<N>``, ``worker-<N+1>``,
-...) that enter the rotation; ``--no-elastic`` keeps the start-up set.
+N workers (``worker-0`` .. ``worker-<N-1>``, spread over the cluster's machines; one per GPU when
+there are GPUs) and the router (gRPC on ``--port``, the OpenAI-compatible HTTP API on ``--http-port``).
+With ``--ray-address`` (or ``--elastic``) machines that join later get workers (``worker-<N>``,
+``worker-<N+1>``, ...) that enter the rotation; ``--no-elastic`` keeps the start-up set.
 On SIGINT/SIGTERM everything is stopped in reverse order (router, workers
 via ``ray.kill``, ``ray.shutdown()`` for a Ray we started, cache service, Valkey): no process is left.
 """
@@ -16,11 +16,17 @@ via ``ray.kill``, ``ray.shutdown()`` for a Ray we started, cache service, Valkey
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from router.policies import POLICY_NAMES
+
+if TYPE_CHECKING:
+    from deploy.stack import StackConfig
+    from router.policies import CostWeights
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,27 +69,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "with --ray-address, off for a local Ray)")
 
 
-def parse_weights(items: list[str], transfer_aware: bool) -> dict:
-    from deploy.stack import DEFAULT_POLICY_WEIGHTS
+def parse_weights(items: list[str], transfer_aware: bool) -> CostWeights:
+    """The stack's cost weights with each ``--policy-weight NAME=VALUE`` applied, and ``enable_transfer``
+    from ``--transfer-aware``; ``CostWeights`` checks the ranges. Raises ValueError with the flag's name."""
+    from deploy.stack import default_policy_weights
     from router.policies import CostWeights
 
-    weights: dict = dict(DEFAULT_POLICY_WEIGHTS)
+    # Every CostWeights field but enable_transfer (its own flag), converted like its default (float or int).
+    kinds = {f.name: type(f.default) for f in dataclasses.fields(CostWeights) if f.name != "enable_transfer"}
+    overrides: dict[str, float] = {}
     for item in items:
         name, sep, value = item.partition("=")
-        if not sep or name not in CostWeights.__dataclass_fields__ or name == "enable_transfer":
-            raise ValueError(f"--policy-weight expects NAME=VALUE with NAME one of prefill_weight, "
-                             f"decode_load_weight, queue_weight, transfer_cost_ratio, min_transfer_blocks; got {item!r}")
+        if not sep or name not in kinds:
+            raise ValueError(f"--policy-weight expects NAME=VALUE with NAME one of {', '.join(kinds)}; got {item!r}")
         try:
-            weights[name] = int(value) if name == "min_transfer_blocks" else float(value)
+            overrides[name] = kinds[name](value)
         except ValueError:
             raise ValueError(f"--policy-weight {name}: {value!r} is not a number") from None
     if transfer_aware:
-        weights["enable_transfer"] = True
-    CostWeights(**weights)  # range checks, with their messages
-    return weights
+        overrides["enable_transfer"] = True
+    return dataclasses.replace(default_policy_weights(), **overrides)
 
 
-def config_from_args(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace) -> StackConfig:
     from deploy.stack import StackConfig
 
     if args.workers is not None and args.workers < 1:

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from router.metrics import NO_WORKER
+
 DEFAULT_URL = "http://127.0.0.1:9400/metrics"
 
 
@@ -74,7 +76,7 @@ def parse_metrics(text: str) -> Stats:
                     setattr(row, field, getattr(row, field) + value)
             elif name == "prefixcache_worker_up":
                 workers[worker].up = value
-    workers.pop("none", None)  # requests refused before any worker was chosen
+    workers.pop(NO_WORKER, None)  # requests refused before any worker was chosen
     workers.pop("", None)
     tenants.pop("", None)
     return Stats(dict(workers), dict(tenants), total)

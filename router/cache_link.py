@@ -2,19 +2,65 @@
 mirror-vs-service benchmark) and Pin/Unpin (which workers keep a shared prefix warm).
 
 Short deadlines everywhere: the cache service is a control plane the request path can live without.
+
+A failed call raises ``CacheServiceError`` with the code the router's caller should get:
+
+    the service's code                        the router's caller gets
+    INVALID_ARGUMENT, NOT_FOUND,              the same code and the service's details: they say what is
+      FAILED_PRECONDITION, RESOURCE_EXHAUSTED wrong with the request (a refused pin stays INVALID_ARGUMENT)
+    UNAVAILABLE, DEADLINE_EXCEEDED            the same code in our words: the service's (or the channel's)
+                                              name hosts, ports and Redis, which outsiders must not learn
+    anything else (UNKNOWN, INTERNAL, ...)    UNAVAILABLE: a fault between router and service, not the caller's
+
+The words not relayed stay on the error (``cause``) for the router's log.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Awaitable, Sequence, TypeVar
 
 import grpc
 
 from cache_service.block_hash import BlockHash
+from common.grpc_edge import short_detail
+from common.logs import request_id_metadata
 from protos.prefixcache.v1 import cache_pb2, cache_pb2_grpc
+
+T = TypeVar("T")
 
 LOOKUP_TIMEOUT_S = 0.5
 PIN_TIMEOUT_S = 5.0
+# Codes whose details describe the request: the router's caller gets them as they are.
+RELAYED_WITH_DETAILS = frozenset({
+    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.PERMISSION_DENIED,
+})
+# Codes that describe the service's state: relayed, in our words.
+RELAYED_STATE = {
+    grpc.StatusCode.UNAVAILABLE: "the cache service is unavailable",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "the cache service did not answer in time",
+}
+
+
+class CacheServiceError(Exception):
+    """A cache service call failed: ``code`` and ``details`` are what the router answers its own caller,
+    ``cause`` what the service (or the channel) said, for the log."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, cause: str = "") -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+        self.cause = cause
+
+    @classmethod
+    def of(cls, what: str, exc: grpc.aio.AioRpcError) -> CacheServiceError:
+        code, said = exc.code(), exc.details() or ""
+        if code in RELAYED_WITH_DETAILS:
+            return cls(code, f"cache service {what}: {short_detail(said or code.name)}")
+        cause = f"{code.name}: {said}"
+        if code in RELAYED_STATE:
+            return cls(code, f"{RELAYED_STATE[code]} ({what})", cause)
+        return cls(grpc.StatusCode.UNAVAILABLE, f"the cache service failed ({what}: {code.name})", cause)
 
 
 class CacheLink:
@@ -27,27 +73,36 @@ class CacheLink:
     async def lookup(self, hashes: Sequence[BlockHash]) -> dict[str, int]:
         if not hashes:
             return {}
-        resp = await self._stub.Lookup(
+        resp = await self._call("Lookup", self._stub.Lookup(
             cache_pb2.LookupRequest(block_hashes=[bytes(h) for h in hashes], model_id=self.model_id),
-            timeout=LOOKUP_TIMEOUT_S,
-        )
+            timeout=LOOKUP_TIMEOUT_S, metadata=request_id_metadata(),
+        ))
         return {m.node_id: m.num_blocks for m in resp.matches}
 
     async def pin(self, pin_id: str, hashes: Sequence[BlockHash], token_ids: Sequence[int], cache_salt: str,
-                  replicas: int, ttl_seconds: int) -> list[str]:
-        resp = await self._stub.Pin(
+                  replicas: int, ttl_seconds: int, tenant: str = "") -> list[str]:
+        resp = await self._call("Pin", self._stub.Pin(
             cache_pb2.PinBlocksRequest(
                 pin_id=pin_id, block_hashes=[bytes(h) for h in hashes], replicas=replicas, ttl_seconds=ttl_seconds,
-                token_ids=list(token_ids), cache_salt=cache_salt, model_id=self.model_id,
+                token_ids=list(token_ids), cache_salt=cache_salt, model_id=self.model_id, tenant=tenant,
             ),
-            timeout=PIN_TIMEOUT_S,
-        )
+            timeout=PIN_TIMEOUT_S, metadata=request_id_metadata(),
+        ))
         return list(resp.node_ids)
 
-    async def unpin(self, pin_id: str) -> tuple[bool, list[str]]:
-        resp = await self._stub.Unpin(cache_pb2.PinBlocksRequest(pin_id=pin_id, model_id=self.model_id),
-                                      timeout=PIN_TIMEOUT_S)
+    async def unpin(self, pin_id: str, tenant: str = "") -> tuple[bool, list[str]]:
+        resp = await self._call("Unpin", self._stub.Unpin(
+            cache_pb2.PinBlocksRequest(pin_id=pin_id, model_id=self.model_id, tenant=tenant),
+            timeout=PIN_TIMEOUT_S, metadata=request_id_metadata(),
+        ))
         return resp.found, list(resp.node_ids)
+
+    @staticmethod
+    async def _call(what: str, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except grpc.aio.AioRpcError as exc:
+            raise CacheServiceError.of(what, exc) from None
 
     async def close(self) -> None:
         await self._channel.close()

@@ -22,13 +22,13 @@ from typing import AsyncIterator
 
 from cache_service.records import Delta, GenerateCall, InvalidRequestError, Usage
 from common.logs import get_logger
-from router.metrics import RouterMetrics, tenant_label
+from router.metrics import RouterMetrics
 from router.registry import WorkerRegistry, WorkerState
 from router.routing import Decision, NoWorkerError, RoutingCore
 from router.validation import ValidRequest
 from router.worker_client import WorkerCallError
 
-log = get_logger("router.dispatch")
+log = get_logger("router")
 
 
 class OverloadedError(Exception):
@@ -67,12 +67,15 @@ class Dispatcher:
         decision's time and TTFT are measured from it.
         """
         if self.num_in_flight >= self.max_in_flight:
-            self.metrics.record_failed("", tenant, "error")
+            self.metrics.record_failed(None, tenant, "error")
             raise OverloadedError(f"the router is at its limit of {self.max_in_flight} requests in flight; retry later")
         self.num_in_flight += 1
         try:
-            async for delta in self._attempts(req, tenant, started, restartable):
-                yield delta
+            # aclosing: a client that closes this stream closes the attempt now (its worker is told to abort),
+            # not whenever the garbage collector finalizes the inner generators.
+            async with contextlib.aclosing(self._attempts(req, tenant, started, restartable)) as attempts:
+                async for delta in attempts:
+                    yield delta
         finally:
             self.num_in_flight -= 1
 
@@ -88,15 +91,16 @@ class Dispatcher:
                     target_worker=req.target_worker, exclude=frozenset(excluded),
                 )
             except NoWorkerError as exc:
-                self.metrics.record_failed("", tenant, "error")
+                self.metrics.record_failed(None, tenant, "error")
                 raise NoWorkerError(f"{exc}; last failure: {last_error}" if last_error else str(exc)) from None
             if attempt == 0:
                 self.metrics.decision_seconds.observe(time.perf_counter() - started)
             num_streamed = 0
             try:
-                async for delta in self._run_on_worker(req, tenant, decision, hashes, started):
-                    num_streamed += len(delta.token_ids)
-                    yield delta
+                async with contextlib.aclosing(self._run_on_worker(req, tenant, decision, hashes, started)) as run:
+                    async for delta in run:
+                        num_streamed += len(delta.token_ids)
+                        yield delta
                 return
             except WorkerLostError as exc:
                 last_error = f"{decision.worker_id}: {exc}"
@@ -146,7 +150,7 @@ class Dispatcher:
                 if delta.token_ids:
                     if first_token_at is None:
                         first_token_at = now_p
-                        self.metrics.ttft.labels(w.worker_id, tenant_label(tenant)).observe(now_p - started)
+                        self.metrics.record_first_token(w.worker_id, tenant, now_p - started)
                     else:
                         per_token = (now_p - last_token_at) / len(delta.token_ids)
                         itl = self.metrics.itl.labels(w.worker_id)

@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 from cache_service.records import Delta, InvalidRequestError, Usage
 from router.auth import AuthError, TokenAuth, tenant_salt
 from router.dispatch import Dispatcher
+from router.metrics import anonymous_tenant
 from router.tokenize import PromptEncoder
 from router.validation import GenerateArgs, ValidRequest, validate_generate
 
@@ -58,21 +59,22 @@ class FrontDoor:
     def tenant_and_salt(self, metadata: Metadata | None, client_salt: str) -> tuple[str, str]:
         """(tenant, cache salt), for calls that are not generations (pins). With auth on, the salt is derived
         server-side from the authenticated tenant (``tenant_salt``): a client's own salt only sub-partitions
-        its tenant's space. With auth off the client's salt is both."""
+        its tenant's space. With auth off the client's salt is the salt, and its digest the tenant (the salt
+        is that client's only isolation: metrics never see it)."""
         tenant = self._tenant(metadata)
         if tenant is None:
-            return client_salt, client_salt
+            return anonymous_tenant(client_salt), client_salt
         return tenant, tenant_salt(tenant, client_salt)
 
     def admit(self, tenant: str | None, build_args: Callable[[], GenerateArgs]) -> tuple[ValidRequest, str]:
         """Build (``build_args`` may raise ``InvalidRequestError``) and validate the request of an
-        authenticated ``tenant`` (``authenticate``; None: auth is off, and the client's salt names the
-        tenant). Returns it with the tenant's salt applied, and the tenant. A refusal is counted."""
+        authenticated ``tenant`` (``authenticate``; None: auth is off, and the client's salt's digest names
+        the tenant). Returns it with the tenant's salt applied, and the tenant. A refusal is counted."""
         label = UNAUTHENTICATED if tenant is None else tenant
         try:
             args = build_args()
             if tenant is None:
-                label = salt = args.cache_salt
+                label, salt = anonymous_tenant(args.cache_salt), args.cache_salt
             else:
                 salt = tenant_salt(tenant, args.cache_salt)
             req = validate_generate(args, self.encoder)
@@ -86,8 +88,8 @@ class FrontDoor:
         return None if self.auth is None else self.auth.authenticate(metadata)
 
     def _refused(self, tenant: str) -> None:
-        # Refused at the edge: counted (worker "none") so that error rates include bad requests.
-        self.dispatcher.metrics.record_failed("none", tenant, "error")
+        # Refused at the edge: counted (no worker) so that error rates include bad requests.
+        self.dispatcher.metrics.record_failed(None, tenant, "error")
 
     async def complete(self, req: ValidRequest, tenant: str, started: float) -> Completion:
         """The whole answer of a unary call. Unary callers see nothing before the end, so a failed worker's

@@ -10,11 +10,17 @@ Two sources:
 
 Each ``RouterMetrics`` has its own ``CollectorRegistry``: several stacks in one process (tests) never
 collide.
+
+Tenant labels are bounded (``TenantLabels``): each label value is a series per worker (17 for a histogram), so no client can grow /metrics by naming tenants; and with auth off a tenant's label
+is a digest of its cache salt (``anonymous_tenant``), never the salt, which is that tenant's only
+isolation then.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable
+import hashlib
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -29,15 +35,64 @@ PREFIX = "prefixcache"
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _FAST_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1)
 MAX_TENANT_LABEL_CHARS = 64
+MAX_TENANT_LABELS = 64
+OTHER_TENANT = "other"
+# Chosen by the router, never by a client: always their own label, outside the bound.
+FIXED_TENANT_LABELS = ("default", "unauthenticated")
 
 
 def tenant_label(tenant: str) -> str:
+    """A tenant name as a label value (before the bound: ``TenantLabels`` decides whether it is used)."""
     return (tenant or "default")[:MAX_TENANT_LABEL_CHARS]
 
 
+NO_WORKER = "none"  # the worker label of requests refused before routing (stats leave it out)
+
+
+def anonymous_tenant(cache_salt: str) -> str:
+    """The tenant of a request when auth is off: its cache salt is all that tells clients apart, and is
+    what keeps them apart, so it may be a secret. ``salt-<12 hex>``: stable across restarts and routers
+    (a series keeps its name), useless for naming the salt's blocks; the empty salt is "default"."""
+    if not cache_salt:
+        return "default"
+    digest = hashlib.blake2b(cache_salt.encode("utf-8", "surrogatepass"), digest_size=6, person=b"prefixcache-ten")
+    return f"salt-{digest.hexdigest()}"
+
+
+class TenantLabels:
+    """The tenant label values in use: the first ``max_labels`` tenants a worker served get their own,
+    every other one counts under "other".
+
+    Only a served request (its first token, or its completion: ``admit``) can take a label; a refused
+    one (bad request, bad token, no worker) only reuses its tenant's label if it has one (``label``).
+    With auth on the tenants are the token file's (bounded there); with auth off they are client salts'
+    digests, and this bound is what keeps their number in check.
+    """
+
+    def __init__(self, max_labels: int = MAX_TENANT_LABELS) -> None:
+        self.max_labels = max_labels
+        self._admitted: set[str] = set()
+        self._lock = threading.Lock()  # so that the bound holds whichever thread records
+
+    def admit(self, tenant: str) -> str:
+        t = tenant_label(tenant)
+        if t in FIXED_TENANT_LABELS or t in self._admitted:
+            return t
+        with self._lock:
+            if len(self._admitted) < self.max_labels:
+                self._admitted.add(t)
+                return t
+        return OTHER_TENANT
+
+    def label(self, tenant: str) -> str:
+        t = tenant_label(tenant)
+        return t if t in FIXED_TENANT_LABELS or t in self._admitted else OTHER_TENANT
+
+
 class RouterMetrics:
-    def __init__(self) -> None:
+    def __init__(self, max_tenant_labels: int = MAX_TENANT_LABELS) -> None:
         r = self.registry = CollectorRegistry()
+        self.tenants = TenantLabels(max_tenant_labels)
         self.requests = Counter(f"{PREFIX}_requests", "Generation requests by outcome",
                                 ["worker", "tenant", "status"], registry=r)
         self.queries_tokens = Counter(f"{PREFIX}_prefix_cache_queries_tokens",
@@ -65,17 +120,22 @@ class RouterMetrics:
     def attach_registry(self, workers: WorkerRegistry) -> None:
         self.registry.register(_WorkerCollector(lambda: workers.snapshot()))
 
+    def record_first_token(self, worker: str, tenant: str, seconds: float) -> None:
+        """A served request's time to first token (it gives its tenant a label, within the bound)."""
+        self.ttft.labels(worker, self.tenants.admit(tenant)).observe(seconds)
+
     def record_finished(self, worker: str, tenant: str, prompt_tokens: int, cached_tokens: int,
                         predicted_tokens: int) -> None:
-        t = tenant_label(tenant)
+        t = self.tenants.admit(tenant)
         self.requests.labels(worker, t, "ok").inc()
         self.queries_tokens.labels(worker, t).inc(prompt_tokens)
         self.hits_tokens.labels(worker, t).inc(cached_tokens)
         self.predicted_tokens.labels(worker).inc(predicted_tokens)
         self.realised_tokens.labels(worker).inc(cached_tokens)
 
-    def record_failed(self, worker: str, tenant: str, status: str) -> None:
-        self.requests.labels(worker or "none", tenant_label(tenant), status).inc()
+    def record_failed(self, worker: str | None, tenant: str, status: str) -> None:
+        """``worker`` None: refused before any worker was chosen (counted under the label ``NO_WORKER``)."""
+        self.requests.labels(worker if worker is not None else NO_WORKER, self.tenants.label(tenant), status).inc()
 
     # ---- HTTP ---------------------------------------------------------------
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:

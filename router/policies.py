@@ -292,14 +292,22 @@ POLICY_NAMES: tuple[str, ...] = ("cache_aware", "round_robin", "random", "least_
 DEFAULT_POLICY = "cache_aware"
 
 
-def make_policy(name: str = DEFAULT_POLICY, *, seed: int = 0, **weights) -> RoutingPolicy:
-    """A policy by name; ``weights`` are ``CostWeights`` fields (prefill_weight, decode_load_weight,
-    queue_weight, transfer_cost_ratio, enable_transfer, min_transfer_blocks)."""
-    unknown = set(weights) - set(CostWeights.__dataclass_fields__)
-    if unknown:
-        known = sorted(CostWeights.__dataclass_fields__)
-        raise ValueError(f"unknown policy weight(s) {sorted(unknown)}; known: {known}")
-    cw = CostWeights(**weights)
+def make_policy(name: str = DEFAULT_POLICY, *, seed: int = 0, weights: CostWeights | None = None,
+                **fields: float) -> RoutingPolicy:
+    """A policy by name that prices load with ``weights`` (None: ``CostWeights()``).
+
+    ``fields`` builds the weights from ``CostWeights`` field names instead (prefill_weight,
+    decode_load_weight, queue_weight, transfer_cost_ratio, enable_transfer, min_transfer_blocks): the
+    simulator and the policy tests call it so. Never both."""
+    if fields:
+        if weights is not None:
+            raise TypeError("make_policy takes weights or CostWeights fields, not both")
+        unknown = set(fields) - set(CostWeights.__dataclass_fields__)
+        if unknown:
+            known = sorted(CostWeights.__dataclass_fields__)
+            raise ValueError(f"unknown policy weight(s) {sorted(unknown)}; known: {known}")
+        weights = CostWeights(**fields)
+    cw = weights if weights is not None else CostWeights()
     if name == "cache_aware":
         return CacheAwarePolicy(cw)
     if name == "round_robin":

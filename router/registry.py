@@ -33,7 +33,7 @@ from common.logs import get_logger
 from router.index_mirror import IndexMirror
 from router.worker_client import WorkerCallError, WorkerClient
 
-log = get_logger("router.registry")
+log = get_logger("router")
 
 
 @dataclass(slots=True)
@@ -175,7 +175,10 @@ class WorkerRegistry:
             self._poll_failed(w, str(exc))
             return
         except asyncio.TimeoutError:
-            self._poll_failed(w, f"no answer within {self.poll_timeout_s:.1f}s")
+            self._poll_failed(w, f"no answer within {self.poll_timeout_s:g}s")
+            return
+        except Exception as exc:  # noqa: BLE001 - one worker's odd answer must not end the poll loop
+            self._poll_failed(w, f"{type(exc).__name__}: {exc}")
             return
         self._apply(w, poll, epoch)
 

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -21,7 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from common.logs import get_logger
+from common.grpc_edge import EdgeInterceptor
+from common.logs import RequestIdInterceptor, get_logger
 from protos.prefixcache.v1 import generation_pb2, generation_pb2_grpc
 from router.auth import TokenAuth
 from router.cache_link import CacheLink
@@ -30,7 +31,7 @@ from router.front_door import FrontDoor
 from router.index_mirror import IndexMirror
 from router.metrics import RouterMetrics
 from router.pins import PinManager
-from router.policies import make_policy
+from router.policies import CostWeights, make_policy
 from router.registry import WorkerRegistry
 from router.routing import RoutingCore
 from router.servicer import GenerationServicer
@@ -60,7 +61,7 @@ class RouterConfig:
     port: int = 50051  # 0: any free port
     metrics_port: int | None = 9400  # None: no HTTP endpoint; 0: any free port
     policy: str = "cache_aware"
-    policy_weights: dict = field(default_factory=dict)  # CostWeights fields for the policy
+    policy_weights: CostWeights | None = None  # the policy's cost weights; None: CostWeights() defaults
     seed: int = 0
     cache_service_address: str | None = None
     index_source: str = "mirror"  # or "service": look every prompt up in the CacheService
@@ -90,7 +91,7 @@ class RouterServer:
         self.metrics.attach_registry(self.registry)
         self.link = (CacheLink(config.cache_service_address, self.encoder.model_id)
                      if config.cache_service_address else None)
-        self.policy = make_policy(config.policy, seed=config.seed, **config.policy_weights)
+        self.policy = make_policy(config.policy, seed=config.seed, weights=config.policy_weights)
         self.routing = RoutingCore(self.encoder, self.registry, self.mirror, self.policy, self.metrics,
                                    service_lookup=self.link.lookup if self.link else None,
                                    index_source=config.index_source, transfer_hints=config.transfer_hints)
@@ -113,7 +114,12 @@ class RouterServer:
         cfg = self.config
         # gRPC's own cap answers RESOURCE_EXHAUSTED beyond it; ours (max_in_flight) gives the clearer
         # message, so gRPC's sits above it (Pin calls and health checks need room too).
-        server = grpc.aio.server(maximum_concurrent_rpcs=cfg.max_in_flight + 64)
+        server = grpc.aio.server(maximum_concurrent_rpcs=cfg.max_in_flight + 64,
+                                 interceptors=[RequestIdInterceptor(), EdgeInterceptor(log)],
+                                 # Explicit bounds: a prompt of 1M token ids is ~5 MB; metadata holds a token.
+                                 options=[("grpc.max_receive_message_length", 16 << 20),
+                                          ("grpc.max_send_message_length", 16 << 20),
+                                          ("grpc.max_metadata_size", 8 << 10)])
         generation_pb2_grpc.add_GenerationServicer_to_server(
             GenerationServicer(self.encoder, self.dispatcher, self.pins, cfg.auth), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

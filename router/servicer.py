@@ -6,7 +6,10 @@ Errors map to status codes here and nowhere else:
     AuthError                                  UNAUTHENTICATED
     OverloadedError                            RESOURCE_EXHAUSTED (in-flight cap reached)
     NoWorkerError / StreamBrokenError          UNAVAILABLE        (no live worker, worker lost mid-stream)
+    WorkerCallError / TimeoutError             UNAVAILABLE        (Pin: a worker failed or did not warm in time)
     PinNotFoundError                           NOT_FOUND
+    CacheServiceError                          the cache service's code (router/cache_link.py says which)
+    anything else                              INTERNAL, a generic message; the traceback goes to the log
 """
 
 from __future__ import annotations
@@ -16,17 +19,22 @@ from typing import AsyncIterator, Callable
 
 import grpc
 
-from common.logs import request_context
+from common.grpc_edge import abort_internal, short_detail
+from common.logs import get_logger, request_context
 from protos.prefixcache.v1 import generation_pb2 as pb
 from protos.prefixcache.v1 import generation_pb2_grpc
 from router.auth import AuthError, TokenAuth
+from router.cache_link import CacheServiceError
 from router.dispatch import Dispatcher, OverloadedError, StreamBrokenError
 from router.front_door import FrontDoor
-from router.pins import PinManager, PinNotFoundError
+from router.pins import PinManager, PinNotFoundError, PinNotYoursError
 from router.routing import NoWorkerError, UnknownWorkerError
 from router.tokenize import PromptEncoder
 from router.validation import GenerateArgs, ValidRequest
+from router.worker_client import WorkerCallError
 from cache_service.records import InvalidRequestError, Usage
+
+log = get_logger("router")
 
 _STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -36,13 +44,22 @@ _STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (NoWorkerError, grpc.StatusCode.UNAVAILABLE),
     (StreamBrokenError, grpc.StatusCode.UNAVAILABLE),
     (PinNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (PinNotYoursError, grpc.StatusCode.PERMISSION_DENIED),
 ]
 
 
-def _status_of(exc: BaseException) -> grpc.StatusCode | None:
+def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """The code and message ``exc`` is answered with; None for an unexpected error (INTERNAL)."""
+    if isinstance(exc, CacheServiceError):
+        return exc.code, exc.details
+    if isinstance(exc, WorkerCallError):
+        # The worker's own words may be a Ray traceback: its first line says enough.
+        return grpc.StatusCode.UNAVAILABLE, short_detail(exc)
+    if isinstance(exc, TimeoutError):
+        return grpc.StatusCode.UNAVAILABLE, "the workers did not answer in time"
     for cls, code in _STATUS:
         if isinstance(exc, cls):
-            return code
+            return code, str(exc)
     return None
 
 
@@ -86,21 +103,30 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def _tenant_and_salt(self, context: grpc.aio.ServicerContext, client_salt: str) -> tuple[str, str]:
         return self.door.tenant_and_salt(context.invocation_metadata(), client_salt)
 
+    def _pin_owner(self, tenant: str) -> str | None:
+        """The tenant a pin belongs to: the authenticated one; with auth off every client is the default
+        tenant (None: ``PinManager`` reads it from the salt)."""
+        return tenant if self.auth is not None else None
+
     def _prepare(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> tuple[ValidRequest, str]:
         tenant = self.door.authenticate(context.invocation_metadata())
         return self.door.admit(tenant, lambda: args_from_proto(request))
 
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-        code = _status_of(exc)
-        if code is None:
-            raise exc
-        await context.abort(code, str(exc))
+        status = _status_of(exc)
+        if status is None:
+            await abort_internal(context, log, exc, "Generation")
+        if isinstance(exc, CacheServiceError) and exc.cause:  # what the caller is not told
+            log.warning("cache service call failed", extra={"error": exc.cause})
+        await context.abort(*status)
 
     async def _guard(self, context: grpc.aio.ServicerContext, fn: Callable):
         try:
             return await fn()
-        except Exception as exc:  # noqa: BLE001 - mapped to a status, or re-raised (INTERNAL)
+        except grpc.aio.AbortError:
+            raise  # already answered
+        except Exception as exc:  # noqa: BLE001 - mapped to a status, or INTERNAL
             await self._abort(context, exc)
 
     # ---- RPCs -------------------------------------------------------------------------------------------
@@ -127,13 +153,16 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     yield pb.GenerateResponse(request_id=req.request_id, token_ids=delta.token_ids, text=delta.text,
                                               finish_reason=delta.finish_reason or "", usage=_usage_proto(delta.usage),
                                               worker_id=delta.worker_id)
-        except Exception as exc:  # noqa: BLE001 - mapped to a status, or re-raised (INTERNAL)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to a status, or INTERNAL
             await self._abort(context, exc)
 
     async def Pin(self, request: pb.PinRequest, context: grpc.aio.ServicerContext) -> pb.PinResponse:
         async def go() -> pb.PinResponse:
-            _, salt = self._tenant_and_salt(context, request.cache_salt)
-            r = await self.pins.pin(request.text, list(request.token_ids), request.replicas, request.ttl_seconds, salt)
+            tenant, salt = self._tenant_and_salt(context, request.cache_salt)
+            r = await self.pins.pin(request.text, list(request.token_ids), request.replicas, request.ttl_seconds, salt,
+                                    tenant=self._pin_owner(tenant))
             return pb.PinResponse(pin_id=r.pin_id, workers=r.workers, pinned_tokens=r.pinned_tokens,
                                   num_blocks=r.num_blocks)
 
@@ -141,8 +170,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
     async def Unpin(self, request: pb.PinRequest, context: grpc.aio.ServicerContext) -> pb.PinResponse:
         async def go() -> pb.PinResponse:
-            _, salt = self._tenant_and_salt(context, request.cache_salt)
-            r = await self.pins.unpin(request.text, list(request.token_ids), salt)
+            tenant, salt = self._tenant_and_salt(context, request.cache_salt)
+            r = await self.pins.unpin(request.text, list(request.token_ids), salt, tenant=self._pin_owner(tenant))
             return pb.PinResponse(pin_id=r.pin_id, workers=r.workers, pinned_tokens=r.pinned_tokens,
                                   num_blocks=r.num_blocks)
 

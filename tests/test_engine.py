@@ -3,11 +3,14 @@ chunked prefill, prefix-cache hits, export/import between engines and preemption
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 
 from cache_service.block_hash import hash_prompt_blocks
 from tests.model_fixtures import ARCHITECTURES, build_tiny_checkpoint, hf_greedy
 from cache_service.block_wire import BlockImportError
+from cache_service.engine_port import EnginePort
 from cache_service.records import BlockRemoved, BlockStored
 from workers.engine import Engine, EngineConfig
 from workers.model import load_model
@@ -312,3 +315,21 @@ def test_abort_mid_generation_frees_blocks(loaded):
     assert ("a", "abort") in [(o.request_id, o.finish_reason) for o in outs if o.finished]
     assert engine.load().num_active_blocks == 0
     engine.check_integrity()
+
+
+def test_engine_has_every_engine_port_member_with_its_signature(loaded):
+    # Structural conformance, member by member (isinstance on a Protocol checks names only).
+    engine = make_engine(loaded["llama"])
+    members = {name: m for name, m in vars(EnginePort).items() if not name.startswith("_")}
+    assert sorted(members) == [
+        "block_nbytes", "block_size", "cached_hashes", "drain_events", "export_blocks", "import_blocks", "load",
+        "model_id", "num_blocks", "num_cached_prefix_blocks", "pin", "pinned", "set_eviction_advisor", "unpin",
+    ]
+    for name, member in members.items():
+        if isinstance(member, property):  # a static fact: a plain value of the annotated type
+            assert type(getattr(engine, name)).__name__ == inspect.signature(member.fget).return_annotation, name
+        else:
+            want = inspect.signature(member).parameters.values()
+            got = inspect.signature(getattr(Engine, name)).parameters.values()
+            assert [(p.name, p.kind, p.default) for p in got] == [(p.name, p.kind, p.default) for p in want], name
+    assert (engine.model_id, engine.block_size, engine.num_blocks) == (loaded["llama"].model_id, BS, 64)

@@ -1,7 +1,8 @@
 """Scheduler + KV manager without a model: budgets, chunked prefill, prefix hits, preemption order, failure.
 
-``advance`` plays the engine's part after a forward: the scheduled tokens become computed, full blocks are
-cached, and a sequence whose tokens are all computed gets one new (made-up) token.
+``advance`` plays the engine's part after a forward: ``Scheduler.commit`` (the scheduled tokens become
+computed, full blocks are cached), then each sequence whose tokens are all computed gets one new (made-up)
+token.
 """
 
 from __future__ import annotations
@@ -25,15 +26,10 @@ def seq(rid: str, prompt: list[int]) -> Sequence:
     return Sequence(rid, list(prompt), len(prompt), SamplingParams(max_tokens=100))
 
 
-def advance(kv: KVManager, out) -> dict[str, int]:
-    plan = {}
-    for entry in out.scheduled:
-        s = entry.seq
-        plan[s.request_id] = entry.num_new_tokens
-        s.num_computed_tokens += entry.num_new_tokens
-        kv.cache_full_blocks(s)
-        if s.num_computed_tokens == s.num_tokens:
-            s.token_ids.append(900 + s.num_tokens)
+def advance(sched: Scheduler, out) -> dict[str, int]:
+    plan = {entry.seq.request_id: entry.num_new_tokens for entry in out.scheduled}
+    for _, s in sched.commit(out.scheduled):
+        s.token_ids.append(900 + s.num_tokens)
     return plan
 
 
@@ -47,15 +43,15 @@ def test_token_budget_chunked_prefill_and_decodes_first():
     a, b = seq("a", range(20)), seq("b", range(100, 106))
     sched.add(a)
     sched.add(b)
-    assert advance(kv, sched.schedule()) == {"a": 8}  # a's first chunk fills the budget
-    assert advance(kv, sched.schedule()) == {"a": 8}
-    assert advance(kv, sched.schedule()) == {"a": 4, "b": 4}  # a's last chunk, then b starts
+    assert advance(sched, sched.schedule()) == {"a": 8}  # a's first chunk fills the budget
+    assert advance(sched, sched.schedule()) == {"a": 8}
+    assert advance(sched, sched.schedule()) == {"a": 4, "b": 4}  # a's last chunk, then b starts
     # a decodes (first), b finishes its prefill with the rest of the budget.
     out = sched.schedule()
     assert [(e.seq.request_id, e.num_new_tokens) for e in out.scheduled] == [("a", 1), ("b", 2)]
     assert (out.num_decode_tokens, out.num_prefill_tokens) == (1, 2)
-    advance(kv, out)
-    assert advance(kv, sched.schedule()) == {"a": 1, "b": 1}
+    advance(sched, out)
+    assert advance(sched, sched.schedule()) == {"a": 1, "b": 1}
     assert [len(s.block_table) for s in (a, b)] == [6, 2]  # lazily: 22 and 8 computed tokens
     pool.check_integrity()
 
@@ -65,23 +61,23 @@ def test_max_num_seqs_caps_admission():
     seqs = [seq(str(i), [i] * 3) for i in range(3)]
     for s in seqs:
         sched.add(s)
-    assert advance(kv, sched.schedule()) == {"0": 3, "1": 3}
+    assert advance(sched, sched.schedule()) == {"0": 3, "1": 3}
     finish(sched, seqs[0])
-    assert advance(kv, sched.schedule()) == {"1": 1, "2": 3}
+    assert advance(sched, sched.schedule()) == {"1": 1, "2": 3}
 
 
 def test_prefix_hit_is_capped_below_the_whole_prompt():
     pool, kv, sched = make(max_tokens=64)
     first = seq("first", range(8))  # exactly two blocks
     sched.add(first)
-    advance(kv, sched.schedule())
+    advance(sched, sched.schedule())
     finish(sched, first)
     assert pool.num_cached_blocks == 2
     again, longer = seq("again", range(8)), seq("longer", list(range(8)) + [50])
     sched.add(again)
     sched.add(longer)
     # 'again' hits one block (its last token must be computed); 'longer' hits both.
-    assert advance(kv, sched.schedule()) == {"again": 4, "longer": 1}
+    assert advance(sched, sched.schedule()) == {"again": 4, "longer": 1}
     assert (again.num_cached_tokens, longer.num_cached_tokens) == (4, 8)
     assert again.block_table[0] is longer.block_table[0] and again.block_table[0].ref_count == 2
     assert (sched.stats.num_query_tokens, sched.stats.num_hit_tokens) == (8 + 8 + 9, 12)
@@ -92,11 +88,11 @@ def test_preempts_the_most_recent_and_requeues_it_first():
     a, b, c = seq("a", range(8)), seq("b", range(20, 27)), seq("c", range(40, 43))
     for s in (a, b):
         sched.add(s)
-    assert advance(kv, sched.schedule()) == {"a": 8, "b": 7}  # 2 + 2 blocks
+    assert advance(sched, sched.schedule()) == {"a": 8, "b": 7}  # 2 + 2 blocks
     sched.add(c)
-    assert advance(kv, sched.schedule()) == {"a": 1, "b": 1, "c": 3}  # a needs its 3rd block; c takes 1
+    assert advance(sched, sched.schedule()) == {"a": 1, "b": 1, "c": 3}  # a needs its 3rd block; c takes 1
     assert pool.num_free_blocks == 0
-    advance(kv, out := sched.schedule())
+    advance(sched, out := sched.schedule())
     # b's 9th token needs a 3rd block and none is free: c (admitted last) is preempted; a still fits in its
     # blocks; nothing is admitted in a step that preempted.
     assert [s.request_id for s in out.preempted] == ["c"]
@@ -136,7 +132,7 @@ def test_a_sequence_that_cannot_fit_even_alone_fails_cleanly():
     s = seq("big", range(10))
     sched.add(s)
     # Alone, it prefills what fits (one block), then fails instead of waiting forever.
-    assert advance(kv, sched.schedule()) == {"big": 4}
+    assert advance(sched, sched.schedule()) == {"big": 4}
     out = sched.schedule()
     assert out.failed == [s] and s.finish_reason == "error"
     assert "out of KV cache blocks" in s.error and "needs 3 blocks, 1 are available (of 4" in s.error
@@ -152,8 +148,26 @@ def test_requests_arriving_together_compute_a_shared_prefix_once():
     for s in (a, b, c):
         sched.add(s)
     # b's first block is being computed by a in this very step: b waits one step (c, unrelated, goes ahead).
-    assert advance(kv, sched.schedule()) == {"a": 10, "c": 3}
+    assert advance(sched, sched.schedule()) == {"a": 10, "c": 3}
     assert list(sched.waiting) == [b]
-    assert advance(kv, sched.schedule()) == {"a": 1, "c": 1, "b": 1}
+    assert advance(sched, sched.schedule()) == {"a": 1, "c": 1, "b": 1}
     assert (a.num_cached_tokens, b.num_cached_tokens, c.num_cached_tokens) == (0, 8, 0)
     assert b.block_table[:2] == a.block_table[:2]
+
+
+def test_commit_counts_the_tokens_caches_full_blocks_and_names_who_samples():
+    pool, _, sched = make(max_tokens=12)
+    a, b = seq("a", range(10)), seq("b", range(100, 103))
+    sched.add(a)
+    sched.add(b)
+    out = sched.schedule()
+    assert [(e.seq.request_id, e.num_new_tokens) for e in out.scheduled] == [("a", 10), ("b", 2)]
+    # a's whole prompt is computed (row 0 samples); b's chunk stops short of its last token (no sample).
+    assert sched.commit(out.scheduled) == [(0, a)]
+    assert (a.num_computed_tokens, b.num_computed_tokens) == (10, 2)
+    assert (a.num_registered_blocks, b.num_registered_blocks, pool.num_cached_blocks) == (2, 0, 2)
+    a.token_ids.append(7)
+    out = sched.schedule()
+    assert [(e.seq.request_id, e.num_new_tokens) for e in out.scheduled] == [("a", 1), ("b", 1)]
+    assert sched.commit(out.scheduled) == [(0, a), (1, b)]
+    pool.check_integrity()

@@ -1,16 +1,14 @@
-"""benchmarks/simulator: event order and accounting on hand-made traces with known answers."""
+"""simulator: event order and accounting on hand-made traces with known answers."""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from benchmarks.simulator import SimConfig, SimRequest, Simulator, TimeModel, from_workload, replicate, simulate
-from benchmarks.simulator.cluster import unbounded_capacity_blocks
-from benchmarks.simulator.cluster_index import ClusterIndex
-from benchmarks.workloads import load_mooncake, mooncake_requests, multi_turn, sgl_shared_prefix
 from deploy.cli import main as cli_main
-from cache_service.records import BlockRemoved, BlockStored
+from loadgen.workloads import load_mooncake, mooncake_requests, multi_turn, sgl_shared_prefix
+from simulator import SimConfig, SimRequest, Simulator, TimeModel, from_workload, replicate, simulate
+from simulator.cluster import unbounded_capacity_blocks
 
 MOONCAKE_DIR = Path(__file__).resolve().parents[2] / "shared" / "workloads" / "mooncake"
 
@@ -152,42 +150,6 @@ def test_sessions_stay_on_one_node():
     for q in r:
         homes.setdefault(q.session_id, set()).add(q.node)
     assert all(len(nodes) == 1 for nodes in homes.values())
-
-
-def test_cluster_index_matches():
-    idx = ClusterIndex()
-    h = [i.to_bytes(16, "little") for i in range(5)]
-    for node, n in ((0, 5), (1, 2), (2, 2), (3, 1)):
-        idx.apply(node, [BlockStored(h[i], None, (), 0) for i in range(n)])
-    assert idx.matches(h) == {0: 5, 1: 2, 2: 2, 3: 1}
-    assert idx.matches(h[:2]) == {0: 2, 1: 2, 2: 2, 3: 1}
-    assert idx.matches(h, limit=1) == {0: 5}
-    assert idx.matches(h, limit=2) in ({0: 5, 1: 2}, {0: 5, 2: 2})
-    assert idx.match_length(3, h) == 1 and idx.match_length(4, h) == 0
-    idx.apply(0, [BlockRemoved(h[1])])
-    assert idx.matches(h) == {0: 1, 1: 2, 2: 2, 3: 1}
-    assert idx.num_entries == 9 and idx.is_replicated(h[0]) and not idx.is_replicated(h[4])
-    assert idx.matches([b"x" * 16]) == {}
-
-
-def test_cluster_index_pending_entries_yield_to_real_events():
-    idx = ClusterIndex()
-    h = [i.to_bytes(16, "little") for i in range(3)]
-    idx.add_pending(0, h[:2])
-    idx.add_pending(0, h[:1])
-    assert idx.matches(h) == {0: 2} and idx.num_entries == 0
-    idx.apply(0, [BlockStored(h[0], None, (), 0)])
-    idx.release_pending(0, h[:2])
-    assert idx.matches(h) == {0: 1}  # h0 still pending once, and real
-    idx.release_pending(0, h[:1])
-    assert idx.holders == {h[0]: {0}} and idx.pending == {} and idx.num_entries == 1
-    # real, then pending, then evicted while pending: stays until released
-    idx.apply(1, [BlockStored(h[2], None, (), 0)])
-    idx.add_pending(1, h[2:])
-    idx.apply(1, [BlockRemoved(h[2])])
-    assert idx.holders[h[2]] == {1} and idx.num_entries == 1
-    idx.release_pending(1, h[2:])
-    assert h[2] not in idx.holders and idx.num_entries == 1
 
 
 def test_replicate_tiles_with_disjoint_ids():

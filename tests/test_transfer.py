@@ -16,7 +16,7 @@ from cache_fixtures import (  # noqa: F401  (pytest fixtures)
     prompt_of,
     wait_until,
 )
-from valkey_fixtures import valkey_module  # noqa: F401  (pytest fixtures)
+from valkey_fixtures import expire_node, valkey_module  # noqa: F401  (pytest fixtures)
 
 from cache_service.block_hash import hash_prompt_blocks
 from cache_service.event_queue import EventQueue
@@ -109,7 +109,7 @@ def test_policy_recomputes_when_transfer_is_predicted_slower(make_node):
     assert (f.outcome, f.num_blocks) == (FetchOutcome.TRANSFERRED, 4), f
 
 
-def test_index_tracks_stores_evictions_and_expiry_of_real_engines(make_node):
+def test_index_tracks_stores_evictions_and_expiry_of_real_engines(make_node, valkey_module):
     a = make_node("A", num_blocks=12)
     b = make_node("B")
     p1, p2 = prompt_of(16 * 6 + 1, seed=4), prompt_of(16 * 8 + 1, seed=5)
@@ -121,9 +121,10 @@ def test_index_tracks_stores_evictions_and_expiry_of_real_engines(make_node):
     for prompt in (p1, p2):
         held = a.call(lambda e, p=prompt: e.num_cached_prefix_blocks(e.block_hashes(p)))
         assert lookup(b, prompt) == ([("A", held)] if held else [])
-    assert a.engine.pool.num_evicted > 0
-    a.stop()  # no more heartbeats: A expires after its 1 s TTL
-    wait_until(lambda: lookup(b, p2) == [], what="A's entries to expire")
+    assert a.call(lambda e: e.num_cached_prefix_blocks(e.block_hashes(p1))) < 6  # p1 lost blocks to p2
+    a.stop()  # no more heartbeats: A's TTL would run out; its heartbeat key goes now
+    assert 0 < expire_node(valkey_module, "A")
+    wait_until(lambda: lookup(b, p2) == [], what="A's entries to leave lookups")
 
 
 def test_chunked_stream_reassembles_exactly(make_node):
@@ -438,3 +439,62 @@ def test_transfer_benchmark_moves_the_same_bytes_on_every_path():
     out = bench_transfer(num_blocks=8, nbytes=64 << 10, reps=1, out_of_process=False)
     assert out["bytes"] == 8 * (64 << 10)
     assert all(out[k] > 0 for k in ("block_transfer_mb_s", "grpc_stream_mb_s", "raw_tcp_mb_s", "grpc_ceiling_mb_s"))
+
+
+def _read_until_closed(sock) -> bytes:
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    return answer
+
+
+def test_raw_stream_caps_its_connections_and_closes_idle_ones(make_node, demo_model):
+    import socket
+
+    from cache_service.raw_frames import error_frame
+
+    a, b = make_node("A"), make_node("B")
+    prompt = prompt_of(16 * 4 + 1, seed=60)
+    a.generate([prompt], PARAMS)
+    assert a.flush()
+    raw = a.node.transfer_server.raw
+    raw.max_connections, raw.idle_timeout_s = 64, 3.0  # (defaults 256 and 30 s) long enough to open all 100
+    host, port = raw.address.rsplit(":", 1)
+    socks = [socket.create_connection((host, int(port)), timeout=30) for _ in range(100)]
+    try:
+        # Accepted in order: the 36 beyond the cap are told why and closed at once ...
+        refused = error_frame("RESOURCE_EXHAUSTED", "64 raw stream connections are open; the limit is 64")
+        assert [_read_until_closed(s) for s in socks[64:]] == [refused] * 36
+        # ... and the 64 that never send a request are closed, without a frame, once idle for the timeout.
+        assert [_read_until_closed(s) for s in socks[:64]] == [b""] * 64
+    finally:
+        for s in socks:
+            s.close()
+    assert (raw.num_refused, raw.num_timed_out) == (36, 64)
+    # The worker's real fetches still come over its raw stream.
+    (out,), (fetch,) = b.generate([prompt], PARAMS)
+    assert (fetch.outcome, fetch.num_blocks) == (FetchOutcome.TRANSFERRED, 4), fetch
+    assert out.new_token_ids == cold_output(demo_model, prompt)
+    assert a.node.servicer.stats.num_raw_requests == 1
+
+
+def test_raw_stream_bounds_what_a_request_may_buffer(make_node):
+    import socket
+
+    from cache_service.raw_frames import HEADER, KIND_REQUEST, error_frame
+    from cache_service.raw_listener import MAX_REQUEST_BYTES
+
+    a = make_node("A", cache_address=None)
+    raw = a.node.transfer_server.raw
+    raw.idle_timeout_s = 1.0
+    host, port = raw.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(HEADER.pack(KIND_REQUEST, MAX_REQUEST_BYTES + 1, 0))
+        assert _read_until_closed(sock) == error_frame(
+            "INVALID_ARGUMENT", f"a request frame of {MAX_REQUEST_BYTES + 1} bytes is over the limit of "
+                                f"{MAX_REQUEST_BYTES} bytes")
+    # Half a request, then nothing: closed once the timeout passes, without a frame.
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(HEADER.pack(KIND_REQUEST, 1000, 0) + b"\x0a" * 10)
+        assert _read_until_closed(sock) == b""
+    assert raw.num_timed_out == 1

@@ -16,6 +16,7 @@ from typing import Iterator
 import pytest
 
 from cache_service.embedded_redis import EmbeddedRedis, connect_sync
+from cache_service.index import DEFAULT_PREFIX, heartbeat_key, node_ids_key
 
 
 def _start() -> EmbeddedRedis:
@@ -62,5 +63,19 @@ def redis_dump(server: EmbeddedRedis) -> dict[bytes, object]:
             else:
                 out[key] = kind
         return out
+    finally:
+        r.close()
+
+
+def expire_node(server: EmbeddedRedis, node_id: str) -> int:
+    """What a node's heartbeat TTL running out does, now: its heartbeat key is gone (no sleeping past a TTL).
+
+    Returns the TTL the key had left (ms), to show it was going to expire on its own."""
+    r = connect_sync(server.url)
+    try:
+        key = heartbeat_key(DEFAULT_PREFIX, r.hget(node_ids_key(DEFAULT_PREFIX), node_id).decode())
+        ttl_left_ms = r.pttl(key)
+        assert r.delete(key) == 1
+        return ttl_left_ms
     finally:
         r.close()

@@ -1,8 +1,9 @@
-"""KV blocks between a block pool + KV cache and the wire format of ``cache_service/block_wire.py``.
+"""KV blocks between a KV manager + KV cache and the wire format of ``cache_service/block_wire.py``.
 
 ``export_blocks`` gathers a run of cached blocks into payloads; ``import_blocks`` checks each offered block
 (its hash-chain link, then its payload) and writes it into a free block. The tensor side of the format
-(``encode_block`` / ``decode_block``) is here because it needs torch; the format itself is the cache's.
+(``encode_block`` / ``decode_block``) is here because it needs torch; the format itself is the cache's. Blocks
+are held and published through the ``KVManager``, the block pool's one door.
 """
 
 from __future__ import annotations
@@ -11,20 +12,16 @@ import torch
 
 from cache_service.block_hash import BlockHash, hash_block, root_hash
 from cache_service.block_wire import BlockImportError, ExportedBlock, check_payload, encode_payload
-from workers.block_pool import Block, BlockPool
-from workers.model import KVCache
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+from workers.block_pool import Block
+from workers.kv_manager import KVManager
+from workers.model.config import SUPPORTED_DTYPES, dtype_name
+from workers.model.kv_cache import KVCache
 
 
 def encode_block(model_id: str, block_hash: BlockHash, data: torch.Tensor) -> bytes:
     """Serialize one block's tensor ``[layers, 2, block_size, kv_heads, head_dim]`` (any device)."""
     name = dtype_name(data.dtype)
-    if name not in _DTYPES:
+    if name not in SUPPORTED_DTYPES:
         raise ValueError(f"cannot export a block of dtype {data.dtype}")
     raw = data.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
     return encode_payload(model_id, block_hash, name, tuple(data.shape), raw)
@@ -43,34 +40,29 @@ def decode_block(
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
 
 
-# ---- between a block pool + KV cache and bytes ---------------------------------------------------------
-def export_blocks(pool: BlockPool, kv_cache: KVCache, model_id: str, block_hashes) -> list[ExportedBlock]:
-    """The leading run of ``block_hashes`` that ``pool`` holds, as payloads (stops at the first miss)."""
-    blocks: list[Block] = []
-    for h in block_hashes:
-        block = pool.cached.get(h)
-        if block is None:
-            break
-        blocks.append(block)
+# ---- between a KV manager + KV cache and bytes ----------------------------------------------------------
+def export_blocks(kv: KVManager, kv_cache: KVCache, block_hashes) -> list[ExportedBlock]:
+    """The leading run of ``block_hashes`` that ``kv`` holds, as payloads (stops at the first miss)."""
+    blocks = kv.held_run(block_hashes)
     if not blocks:
         return []
     data = kv_cache.read_blocks([b.block_id for b in blocks])  # one gather for the whole run
     out = []
     for block, tensor in zip(blocks, data):
         assert block.block_hash is not None and block.token_ids is not None
-        out.append(ExportedBlock(block.block_hash, block.token_ids, encode_block(model_id, block.block_hash, tensor)))
+        payload = encode_block(kv.model_id, block.block_hash, tensor)
+        out.append(ExportedBlock(block.block_hash, block.token_ids, payload))
     return out
 
 
 def import_blocks(
-    pool: BlockPool,
+    kv: KVManager,
     kv_cache: KVCache,
-    model_id: str,
     blocks,
     parent_hash: BlockHash | None = None,
     cache_salt: str | None = None,
 ) -> int:
-    """Check and cache exported blocks (a chain continuing ``parent_hash``); returns how many ``pool`` now holds.
+    """Check and cache exported blocks (a chain continuing ``parent_hash``); returns how many ``kv`` now holds.
 
     Each block's link is checked (``hash_block(parent, tokens) == hash``), then its payload (header fields and
     checksum). Block 0's parent is ``parent_hash``, else the root of (model, ``cache_salt``) when a salt is
@@ -79,11 +71,12 @@ def import_blocks(
     ``BlockImportError`` says what was wrong. When every block is in use, it stops quietly (see the count).
     Imported blocks end up unreferenced, most recent in the LRU queue, the chain's head evicted last.
     """
+    model_id = kv.model_id
     parent = parent_hash
     if parent is None and cache_salt is not None:
         parent = root_hash(model_id, cache_salt)
     event_parent = parent_hash  # a chain's first block has parent None in events, as after a prefill
-    shape, dtype, bs = kv_cache.block_shape, kv_cache.dtype, pool.block_size
+    shape, dtype, bs = kv_cache.block_shape, kv_cache.dtype, kv.block_size
     held: list[Block] = []
     try:
         for i, eb in enumerate(blocks):
@@ -95,22 +88,22 @@ def import_blocks(
                     f"block {i} ({eb.block_hash.hex()}) does not continue the chain from {parent.hex()} with its tokens"
                 )
             data = decode_block(eb.payload, model_id=model_id, dtype=dtype, shape=shape, block_hash=eb.block_hash)
-            existing = pool.get_cached_block(eb.block_hash, tokens)
-            if existing is not None:
-                pool.touch([existing])  # held while later blocks are allocated, or one could evict it
-                held.append(existing)
+            # Held while later blocks are allocated, or one of them could evict it.
+            existing = kv.hold_prefix([eb.block_hash], tokens)
+            if existing:
+                held.extend(existing)
             else:
-                if eb.block_hash in pool.cached:
+                if kv.is_cached(eb.block_hash):
                     raise BlockImportError(
                         f"block {i} ({eb.block_hash.hex()}) collides with a cached block holding other tokens"
                     )
-                new = pool.allocate(1)
+                new = kv.new_block()
                 if new is None:
                     break
-                held.append(new[0])
-                kv_cache.write_block(new[0].block_id, data)
-                pool.cache_block(new[0], eb.block_hash, tokens, event_parent)
+                held.append(new)
+                kv_cache.write_block(new.block_id, data)
+                kv.publish(new, eb.block_hash, tokens, event_parent)
             parent = event_parent = eb.block_hash
         return len(held)
     finally:
-        pool.free(held)
+        kv.release(held)

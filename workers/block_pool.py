@@ -30,9 +30,10 @@ Every change of the cached set becomes an event (``BlockStored`` /
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Protocol, Sequence
+from typing import Iterator, Sequence
 
 from cache_service.block_hash import BlockHash
+from cache_service.engine_port import EvictionAdvisor
 from cache_service.records import AllBlocksCleared, BlockEvent, BlockRemoved, BlockStored
 
 
@@ -50,16 +51,6 @@ class Block:
     def __repr__(self) -> str:
         h = self.block_hash.hex()[:8] if self.block_hash else None
         return f"Block(id={self.block_id}, ref={self.ref_count}, hash={h})"
-
-
-class EvictionAdvisor(Protocol):
-    """The cluster's view, consulted when a cached block must be evicted.
-
-    ``is_replicated(h)`` is True when another node holds a copy of ``h``: such a
-    block is cheaper to lose than the cluster's last copy.
-    """
-
-    def is_replicated(self, block_hash: BlockHash) -> bool: ...
 
 
 class FreeBlockQueue:

@@ -16,7 +16,7 @@ token that completed it stays in token_ids). While a stop string could still be 
 
 from __future__ import annotations
 
-from workers.model import Tokenizer
+from workers.model.tokenizer import Tokenizer
 from workers.sequence import Sequence
 
 

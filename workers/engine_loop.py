@@ -25,7 +25,7 @@ from common.logs import get_logger
 from cache_service.records import BlockEvent, EngineFailure, FailureKind, WorkerLoad
 from workers.sequence import RequestOutput
 
-log = get_logger("worker.engine_loop")
+log = get_logger("worker")
 
 
 class EngineLoop:

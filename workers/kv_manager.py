@@ -1,6 +1,7 @@
-"""The narrow manager between sequences and the block pool: prefix lookup, allocation, caching, freeing.
+"""The one door to the block pool: a sequence's blocks, and the cached set as the engine port sees it.
 
-The scheduler speaks only to this class; it never touches blocks itself. The life of a sequence's blocks:
+No other code touches the ``BlockPool`` (the engine builds it and hands it here; ``block_io`` and the pin
+table go through the methods below). The life of a sequence's blocks (the scheduler's side):
 
     admit    lookup_prefix -> allocate(seq, n, hits)    hits are touched (ref +1), the rest allocated lazily
     step     allocate(seq, n)                           only the blocks the next n tokens need
@@ -9,11 +10,18 @@ The scheduler speaks only to this class; it never touches blocks itself. The lif
 
 The prefix hit never covers the whole sequence: at least its last token is computed so that the model
 produces the logits the next token is sampled from. Hence the cap ``num_reusable_blocks(num_tokens)`` (cache_service/block_hash.py).
+
+The cache-wide side (lookups for routing hints, held runs for pins and export, one block at a time for
+import, events, reset) works on whole cached blocks and never on a sequence.
 """
 
 from __future__ import annotations
 
+from typing import Sequence as Seq
+
 from cache_service.block_hash import BlockHash, hash_prompt_blocks, num_reusable_blocks
+from cache_service.records import BlockEvent
+from cache_service.engine_port import EvictionAdvisor
 from workers.block_pool import Block, BlockPool
 from workers.sequence import Sequence
 
@@ -24,7 +32,7 @@ def cdiv(a: int, b: int) -> int:
 
 class KVManager:
     def __init__(self, pool: BlockPool, model_id: str) -> None:
-        self.pool = pool
+        self._pool = pool
         self.block_size = pool.block_size
         self.model_id = model_id
 
@@ -48,11 +56,13 @@ class KVManager:
     def lookup_prefix(self, seq: Sequence) -> list[Block]:
         """The cached blocks a (not yet admitted) sequence can reuse; nothing is touched yet."""
         assert not seq.block_table and seq.num_computed_tokens == 0
-        if not self.pool.enable_caching:
-            return []
-        max_blocks = num_reusable_blocks(seq.num_tokens, self.block_size)
-        hashes = self.update_block_hashes(seq)[:max_blocks]
-        return self.pool.find_cached_prefix(hashes, seq.token_ids)
+        if not self._pool.enable_caching:
+            return []  # no hit is possible: skip hashing the prompt now
+        return self.cached_prefix(self.reusable_hashes(seq), seq.token_ids)
+
+    def reusable_hashes(self, seq: Sequence) -> list[BlockHash]:
+        """The hashes of the blocks a hit may cover: all full blocks but one that holds the last token."""
+        return self.update_block_hashes(seq)[: num_reusable_blocks(seq.num_tokens, self.block_size)]
 
     def num_new_blocks(self, seq: Sequence, num_new_tokens: int, num_hits: int = 0) -> int:
         num_computed = seq.num_computed_tokens + num_hits * self.block_size
@@ -62,7 +72,7 @@ class KVManager:
         """How many of the sequence's uncomputed tokens fit in its blocks plus the pool's free blocks."""
         hits = hits or []
         num_evictable_hits = sum(1 for b in hits if b.ref_count == 0)
-        num_free = self.pool.num_free_blocks - num_evictable_hits
+        num_free = self._pool.num_free_blocks - num_evictable_hits
         num_computed = seq.num_computed_tokens + len(hits) * self.block_size
         capacity = (len(seq.block_table) + len(hits) + max(0, num_free)) * self.block_size
         return max(0, min(seq.num_tokens - num_computed, capacity - num_computed))
@@ -73,16 +83,16 @@ class KVManager:
         needed = self.num_new_blocks(seq, num_new_tokens, len(hits))
         # A hit nobody references sits in the free queue: touching it takes it out of what allocate can get.
         num_evictable_hits = sum(1 for b in hits if b.ref_count == 0)
-        if not self.pool.can_allocate(needed + num_evictable_hits):
+        if not self._pool.can_allocate(needed + num_evictable_hits):
             return False
         if hits:
             assert not seq.block_table
-            self.pool.touch(hits)
+            self._pool.touch(hits)
             seq.block_table.extend(hits)
             seq.num_registered_blocks = len(hits)
             seq.num_computed_tokens = len(hits) * self.block_size
         if needed:
-            blocks = self.pool.allocate(needed)
+            blocks = self._pool.allocate(needed)
             assert blocks is not None
             seq.block_table.extend(blocks)
         return True
@@ -100,12 +110,92 @@ class KVManager:
             parent = hashes[i - 1] if i else None
             # False when an equal block is already cached (computed concurrently by another sequence):
             # ours then stays a private copy and is recycled as worthless when freed.
-            self.pool.cache_block(seq.block_table[i], hashes[i], seq.token_ids[i * bs : (i + 1) * bs], parent)
+            self._pool.cache_block(seq.block_table[i], hashes[i], seq.token_ids[i * bs : (i + 1) * bs], parent)
         seq.num_registered_blocks = num_full
 
     def free(self, seq: Sequence) -> None:
         """Give back the sequence's blocks (its computed full blocks stay cached for later hits)."""
-        self.pool.free(seq.block_table)
+        self._pool.free(seq.block_table)
         seq.block_table = []
         seq.num_registered_blocks = 0
         seq.num_computed_tokens = 0
+
+    # ---- the cached set as a whole: counts ----------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return self._pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks an allocation can get (free + cached-unreferenced)."""
+        return self._pool.num_free_blocks
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self._pool.num_used_blocks
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return self._pool.num_cached_blocks
+
+    def num_cached_prefix_blocks(self, block_hashes: Seq[BlockHash]) -> int:
+        """Leading hashes held, without a token check (a routing hint, not a hit)."""
+        return self._pool.count_cached_prefix(block_hashes)
+
+    def cached_hashes(self) -> list[BlockHash]:
+        return self._pool.cached_hashes()
+
+    # ---- the cached set as a whole: holding and adding blocks ----------------
+    def held_run(self, block_hashes: Seq[BlockHash]) -> list[Block]:
+        """The leading run of ``block_hashes`` cached now, untouched (export reads it at once)."""
+        run: list[Block] = []
+        for h in block_hashes:
+            block = self._pool.cached.get(h)
+            if block is None:
+                break
+            run.append(block)
+        return run
+
+    def cached_prefix(self, block_hashes: Seq[BlockHash], token_ids: Seq[int]) -> list[Block]:
+        """The longest token-checked cached run from block 0, untouched."""
+        return self._pool.find_cached_prefix(block_hashes, token_ids)
+
+    def hold_prefix(self, block_hashes: Seq[BlockHash], token_ids: Seq[int]) -> list[Block]:
+        """Take a reference on ``cached_prefix``'s run (a pin, an import in progress); ``release`` gives it back."""
+        blocks = self.cached_prefix(block_hashes, token_ids)
+        self._pool.touch(blocks)
+        return blocks
+
+    def is_cached(self, block_hash: BlockHash) -> bool:
+        return block_hash in self._pool.cached
+
+    def new_block(self) -> Block | None:
+        """One held block to write (evicting a cached one if need be); None when every block is in use."""
+        blocks = self._pool.allocate(1)
+        return blocks[0] if blocks else None
+
+    def publish(self, block: Block, block_hash: BlockHash, token_ids: Seq[int], parent: BlockHash | None) -> None:
+        """Register a held block whose K/V was just written under its hash (a ``BlockStored`` event)."""
+        self._pool.cache_block(block, block_hash, token_ids, parent)
+
+    def release(self, blocks: Seq[Block]) -> None:
+        """Drop the references ``hold_prefix`` / ``new_block`` took (cached blocks stay cached)."""
+        self._pool.free(blocks)
+
+    # ---- events, eviction, reset --------------------------------------------
+    def drain_events(self) -> list[BlockEvent]:
+        return self._pool.drain_events()
+
+    def set_eviction_advisor(self, advisor: EvictionAdvisor | None) -> None:
+        self._pool.eviction_advisor = advisor
+
+    def reset_cache(self) -> bool:
+        """Forget every cached block; False (nothing done) while any block is in use."""
+        return self._pool.reset_cache()
+
+    def evict(self, block_hashes: list[BlockHash]) -> int:
+        """Forget these cached, unreferenced blocks now (each a BlockRemoved event); how many went."""
+        return sum(self._pool.evict(h) for h in block_hashes)
+
+    def check_integrity(self) -> None:
+        self._pool.check_integrity()

@@ -12,6 +12,9 @@ recently admitted running sequence is preempted (blocks freed: its computed bloc
 recompute is mostly hits) and re-queued at the front of the waiting queue. No new sequence is admitted in
 a step that had to preempt. A sequence that cannot fit even alone (pinned blocks took the room) fails with
 an error rather than looping forever.
+
+After the forward, ``commit`` turns the plan into computed tokens and cached blocks, and names the sequences
+that sample a token.
 """
 
 from __future__ import annotations
@@ -118,6 +121,23 @@ class Scheduler:
                 out.num_prefill_tokens += entry.num_new_tokens
         return out
 
+    # ---- after the forward ---------------------------------------------------
+    def commit(self, scheduled: list[ScheduledSequence]) -> list[tuple[int, Sequence]]:
+        """The forward computed the scheduled tokens: count them and cache every block that became full.
+
+        Returns ``(row, seq)`` for each sequence whose tokens are now all computed (row = its index in
+        ``scheduled``, which is its row of the batch's logits): exactly those sample a next token. A prefill
+        chunk short of the prompt's end samples nothing.
+        """
+        ready = []
+        for row, entry in enumerate(scheduled):
+            seq = entry.seq
+            seq.num_computed_tokens += entry.num_new_tokens
+            self.kv.cache_full_blocks(seq)
+            if seq.num_computed_tokens == seq.num_tokens:
+                ready.append((row, seq))
+        return ready
+
     def _admit_waiting(self, budget: int, chosen: dict[int, ScheduledSequence], out: SchedulerOutput) -> int:
         in_flight = self._blocks_in_flight(chosen.values())
         deferred: list[Sequence] = []
@@ -189,8 +209,8 @@ class Scheduler:
         blocks_needed = -(-(seq.num_tokens) // self.kv.block_size)
         seq.error = (
             f"out of KV cache blocks: request {seq.request_id!r} needs {blocks_needed} blocks, "
-            f"{self.kv.pool.num_free_blocks + len(seq.block_table)} are available "
-            f"(of {self.kv.pool.num_blocks}; the rest are pinned)"
+            f"{self.kv.num_free_blocks + len(seq.block_table)} are available "
+            f"(of {self.kv.num_blocks}; the rest are pinned)"
         )
         if seq in self.running:
             self.running.remove(seq)

@@ -48,7 +48,7 @@ class Sequence:
     num_preemptions: int = 0
     finish_reason: str | None = None
     error: str | None = None
-    # Incremental detokenization (see workers/engine.py: _detokenize).
+    # Incremental detokenization and what was reported so far (workers/detokenizer.py).
     output_text: str = ""
     num_emitted_chars: int = 0
     num_emitted_tokens: int = 0

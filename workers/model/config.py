@@ -13,22 +13,24 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch only inside the dtype helpers: the router reads configs and must not import it
+    import torch
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")  # canonical names, as torch spells them
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
+_DTYPE_ALIASES: dict[str, str] = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
 }
 
 
@@ -65,23 +67,31 @@ class ModelConfig:
         return self.num_heads // self.num_kv_heads
 
 
-def canonical_dtype(dtype: str | torch.dtype | None, default: str = "float32") -> torch.dtype:
-    """Map a user/config dtype spelling to a torch dtype (``None`` -> ``default``)."""
+def canonical_dtype_name(dtype: str | None, default: str = "float32") -> str:
+    """Map a user/config dtype spelling to its canonical name (``None`` / ``"auto"`` -> ``default``)."""
     if dtype is None:
         dtype = default
-    if isinstance(dtype, torch.dtype):
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ModelLoadError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
-        return dtype
     name = str(dtype).removeprefix("torch.").lower()
     if name == "auto":
         name = default
-    if name not in _DTYPES:
+    if name not in _DTYPE_ALIASES:
         raise ModelLoadError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16")
-    return _DTYPES[name]
+    return _DTYPE_ALIASES[name]
+
+
+def canonical_dtype(dtype: str | torch.dtype | None, default: str = "float32") -> torch.dtype:
+    """Map a user/config dtype spelling (or a torch dtype) to a supported torch dtype (``None`` -> ``default``)."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        if dtype_name(dtype) not in SUPPORTED_DTYPES:
+            raise ModelLoadError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
+        return dtype
+    return getattr(torch, canonical_dtype_name(dtype, default))
 
 
 def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (the spelling config.json and the block wire format use)."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -213,7 +223,7 @@ def parse_model_config(raw: dict[str, Any], generation_config: dict[str, Any] | 
         attention_bias=attention_bias,
         bos_token_id=bos,
         eos_token_ids=eos,
-        torch_dtype=dtype_name(canonical_dtype(dtype_raw)),
+        torch_dtype=canonical_dtype_name(dtype_raw),
         o_proj_bias=o_proj_bias,
         mlp_bias=mlp_bias,
         sliding_window=sliding_window,

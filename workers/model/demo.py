@@ -8,11 +8,15 @@ of locking onto one; the BOS/PAD rows of the output head are zero so they are (p
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from workers.model.causal_lm import CausalLM
 from workers.model.config import ModelConfig
 from workers.model.tokenizer import ByteTokenizer
+
+if TYPE_CHECKING:  # the id and the config are torch-free (the router reads them); only the weights need torch
+    import torch
+
+    from workers.model.causal_lm import CausalLM
 
 DEMO_MODEL_ID = "demo"
 DEMO_SEED = 1234
@@ -41,6 +45,10 @@ def demo_config() -> ModelConfig:
 
 
 def build_demo_model(dtype: torch.dtype, device: torch.device | str) -> CausalLM:
+    import torch
+
+    from workers.model.causal_lm import CausalLM
+
     config = demo_config()
     model = CausalLM.empty(config, torch.float32, "cpu")
     gen = torch.Generator().manual_seed(DEMO_SEED)

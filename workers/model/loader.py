@@ -1,4 +1,7 @@
-"""``load_model``: a checkpoint folder (or ``"demo"``) -> model + config + tokenizer + stable model id."""
+"""``load_model``: a checkpoint folder (or ``"demo"``) -> model + config + tokenizer + stable model id.
+
+What a checkpoint is without its weights (folder, model id, tokenizer alone) is ``checkpoint.py``.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +12,11 @@ from pathlib import Path
 import torch
 
 from workers.model.causal_lm import CausalLM
+from workers.model.checkpoint import checkpoint_folder, checkpoint_model_id
 from workers.model.config import ModelConfig, ModelLoadError, canonical_dtype, load_model_config
 from workers.model.demo import DEMO_MODEL_ID, build_demo_model, demo_config
 from workers.model.tokenizer import ByteTokenizer, Tokenizer, load_hf_tokenizer
-from workers.model.weights import checkpoint_digest, load_weights
+from workers.model.weights import load_weights
 
 
 @dataclass(slots=True)
@@ -25,34 +29,6 @@ class LoadedModel:
     device: torch.device
     num_params: int
     weight_bytes: int
-
-
-def _checkpoint_folder(path: str | Path) -> Path:
-    folder = Path(path).expanduser()
-    if not folder.exists():
-        raise ModelLoadError(f"model folder not found: {folder} (give a Hugging Face checkpoint folder or 'demo')")
-    if not folder.is_dir():
-        raise ModelLoadError(f"model path is not a folder: {folder}")
-    if not (folder / "config.json").is_file():
-        raise ModelLoadError(f"config.json not found in {folder}")
-    return folder
-
-
-def checkpoint_model_id(path_or_demo: str | Path) -> str:
-    """The model id ``load_model`` would report, without loading weights (for routers / clients)."""
-    if str(path_or_demo) == DEMO_MODEL_ID:
-        return DEMO_MODEL_ID
-    folder = _checkpoint_folder(path_or_demo)
-    return f"{folder.resolve().name}@{checkpoint_digest(folder)}"
-
-
-def load_tokenizer(path_or_demo: str | Path) -> Tokenizer:
-    """Just the tokenizer (with the model's bos/eos ids) of a checkpoint folder or the demo."""
-    if str(path_or_demo) == DEMO_MODEL_ID:
-        return ByteTokenizer()
-    folder = _checkpoint_folder(path_or_demo)
-    config = load_model_config(folder)
-    return load_hf_tokenizer(folder, config.eos_token_ids, config.bos_token_id)
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -78,7 +54,7 @@ def load_model(
         tokenizer: Tokenizer = ByteTokenizer()
         model_id = DEMO_MODEL_ID
     else:
-        folder = _checkpoint_folder(path_or_demo)
+        folder = checkpoint_folder(path_or_demo)
         config = load_model_config(folder)
         tokenizer = load_hf_tokenizer(folder, config.eos_token_ids, config.bos_token_id)
         if not config.eos_token_ids and tokenizer.eos_token_ids:

@@ -169,7 +169,7 @@ class LookupResponse(_message.Message):
     def __init__(self, matches: _Optional[_Iterable[_Union[NodeMatch, _Mapping]]] = ...) -> None: ...
 
 class PinBlocksRequest(_message.Message):
-    __slots__ = ("pin_id", "block_hashes", "replicas", "ttl_seconds", "token_ids", "cache_salt", "model_id")
+    __slots__ = ("pin_id", "block_hashes", "replicas", "ttl_seconds", "token_ids", "cache_salt", "model_id", "tenant")
     PIN_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +177,7 @@ class PinBlocksRequest(_message.Message):
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     pin_id: str
     block_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     replicas: int
@@ -184,7 +185,8 @@ class PinBlocksRequest(_message.Message):
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     cache_salt: str
     model_id: str
-    def __init__(self, pin_id: _Optional[str] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., replicas: _Optional[int] = ..., ttl_seconds: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., cache_salt: _Optional[str] = ..., model_id: _Optional[str] = ...) -> None: ...
+    tenant: str
+    def __init__(self, pin_id: _Optional[str] = ..., block_hashes: _Optional[_Iterable[bytes]] = ..., replicas: _Optional[int] = ..., ttl_seconds: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., cache_salt: _Optional[str] = ..., model_id: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class PinBlocksResponse(_message.Message):
     __slots__ = ("pin_id", "node_ids", "found")
@@ -215,20 +217,18 @@ class NodeStats(_message.Message):
     def __init__(self, node: _Optional[_Union[NodeInfo, _Mapping]] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ..., num_indexed_blocks: _Optional[int] = ..., alive: _Optional[bool] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class PinInfo(_message.Message):
-    __slots__ = ("pin_id", "replicas", "num_blocks", "node_ids", "num_tokens", "cache_salt")
+    __slots__ = ("pin_id", "replicas", "num_blocks", "node_ids", "num_tokens")
     PIN_ID_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NODE_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     pin_id: str
     replicas: int
     num_blocks: int
     node_ids: _containers.RepeatedScalarFieldContainer[str]
     num_tokens: int
-    cache_salt: str
-    def __init__(self, pin_id: _Optional[str] = ..., replicas: _Optional[int] = ..., num_blocks: _Optional[int] = ..., node_ids: _Optional[_Iterable[str]] = ..., num_tokens: _Optional[int] = ..., cache_salt: _Optional[str] = ...) -> None: ...
+    def __init__(self, pin_id: _Optional[str] = ..., replicas: _Optional[int] = ..., num_blocks: _Optional[int] = ..., node_ids: _Optional[_Iterable[str]] = ..., num_tokens: _Optional[int] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
     __slots__ = ("nodes", "num_blocks", "num_entries", "counters", "pins", "redis_used_memory_bytes")

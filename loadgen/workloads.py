@@ -1,7 +1,7 @@
 """The standard prefix-sharing workloads as request generators (token ids), and the Mooncake traces.
 
-Used by the simulator (benchmarks/simulator), by `prefixcache bench` and by the
-benchmarks. Every generator is deterministic for a given seed. Token ids are
+Used by `prefixcache bench` (spec.py scales them for a live stack), by the
+simulator and by the benchmarks. Every generator is deterministic for a given seed. Token ids are
 drawn from ``[first_token_id, vocab_size)`` so that a small vocabulary (the
 demo model's) and reserved ids (BOS/EOS) can be honoured.
 
@@ -24,12 +24,21 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
 MOONCAKE_BLOCK_SIZE = 512
 DEFAULT_VOCAB_SIZE = 32000
+
+
+def default_workloads_dir() -> Path:
+    """$PREFIXCACHE_WORKLOADS_DIR, else ../shared/workloads beside the repository (the Mooncake traces)."""
+    env = os.environ.get("PREFIXCACHE_WORKLOADS_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "shared" / "workloads"
 
 
 class WorkloadError(ValueError):

@@ -6,9 +6,12 @@
                                             peer, allocate (LRU eviction)      (BlockStored events)   (LRU order)
 
 Every pool change becomes BlockStored/BlockRemoved events, applied at once to
-the ClusterIndex (what the cache service does from published events), which
-answers the policy's ``matches``. Events at one instant run completions
+the router's own index mirror (SimRoutingIndex wraps router/index_mirror.py),
+which answers the policy's ``matches``. Events at one instant run completions
 first, then arrivals (blocks freed at t are visible to a request arriving at t).
+With ``pending`` the router also notes the blocks of each request it routes
+(IndexMirror.note_routed): they count for routing until the node's events
+confirm or drop them, or until the mirror's TTL (in simulated seconds) ends.
 
 ``global`` is the upper bound: one pool of num_nodes x capacity shared by
 all nodes (every block visible to every node for free); requests go to the
@@ -23,19 +26,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
-from router.policies import (
-    POLICY_NAMES,
-    CostWeights,
-    RouteQuery,
-    RoutingPolicy,
-    WorkerLoad,
-    make_policy,
-)
+from cache_service.records import WorkerLoad
+from router.policies import POLICY_NAMES, CostWeights, RouteQuery, RoutingPolicy, make_policy
 from workers.block_pool import BlockPool
 
-from .cluster_index import ClusterIndex
 from .node import SimNode
 from .results import NodeStats, RunRecorder, SimResult
+from .routing_index import SimRoutingIndex
 from .sim_request import SimRequest, hit_tokens
 from .time_model import TimeModel
 
@@ -105,7 +102,7 @@ class Simulator:
             self.nodes = [SimNode(i, BlockPool(capacity_blocks, self.bs), self.tm) for i in range(n)]
         self.loads: list[WorkerLoad] = [node.load for node in self.nodes]
         self.by_id = {node.worker_id: node for node in self.nodes}
-        self.index = ClusterIndex()
+        self.index = SimRoutingIndex()
         # The pool checks a hit's tokens against the request's; block identity here is the hash
         # itself, so every block carries the same token tuple and the check passes cheaply.
         self.tokens = (0,) * self.bs
@@ -161,6 +158,8 @@ class Simulator:
         rec.num_requests += 1
         rec.first_arrival_s = min(rec.first_arrival_s, now)
         hashes = req.hashes()
+        if self.config.pending and not self.is_global:
+            self.index.expire(now)  # the router's registry does this every poll; routing is what sees it
         # (global: the index stays empty, every node sees every block; only load matters)
         workers, by_node = self._candidates(hashes)
         nodes = self.nodes
@@ -176,7 +175,7 @@ class Simulator:
             req.transfer_from = self.by_id[decision.transfer_from].index
             req.num_planned_transfer = decision.num_transfer_blocks
         if self.config.pending and not self.is_global:
-            self.index.add_pending(node.index, hashes)
+            self.index.note_routed(node.index, hashes, now)
         node.num_requests += 1
         node.num_prompt_tokens += req.num_prompt_tokens
         node.prefill_queue.append(req)
@@ -314,9 +313,7 @@ class Simulator:
             self._reschedule_decode(node, now)
         else:
             self._finish(node, req, now)
-        self._publish(node)
-        if self.config.pending and not self.is_global:
-            self.index.release_pending(node.index, hashes)
+        self._publish(node)  # its BlockStored events confirm the pending entries its routing noted
         self._load_changed(node)
         self._start_prefills(node, now)
 
@@ -343,8 +340,7 @@ class Simulator:
     def _reject(self, node: SimNode, req: SimRequest) -> None:
         req.rejected = True
         self.rec.num_rejected += 1
-        if self.config.pending and not self.is_global:
-            self.index.release_pending(node.index, req.hashes())
+        # Its pending entries stay until they expire: the router is not told either.
         node.load.num_waiting -= 1
         node.load.num_waiting_blocks -= req.num_blocks - req.predicted_cached_blocks
         self._load_changed(node)

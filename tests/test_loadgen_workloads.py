@@ -1,4 +1,4 @@
-"""benchmarks/workloads.py: the standard workloads and the Mooncake trace reader."""
+"""loadgen/workloads.py: the standard workloads and the Mooncake trace reader."""
 
 import json
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.workloads import (
+from loadgen.workloads import (
     WorkloadError,
     expand_mooncake_tokens,
     llmd_shared_prefix,

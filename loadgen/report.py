@@ -6,25 +6,17 @@ matplotlib's Agg backend (no display) and small figures so a PNG stays well unde
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
 
+from loadgen.stats import percentile
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 _NUM_BINS = 24
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100); None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
-    return ordered[rank - 1]
 
 
 def _ratio(num: float, den: float) -> float | None:
@@ -69,12 +61,12 @@ def summarize(requests: list[dict], wall_s: float) -> dict:
         # Realised / predicted cached tokens: 1.0 means the router's index was exact.
         "prediction_accuracy": _ratio(cached, predicted),
         "predicted_cached_tokens": predicted,
-        "ttft_s": {"mean": _ratio(sum(ttfts), len(ttfts)), "p50": _percentile(ttfts, 50),
-                   "p90": _percentile(ttfts, 90), "p99": _percentile(ttfts, 99)},
-        "latency_s": {"mean": _ratio(sum(lats), len(lats)), "p50": _percentile(lats, 50),
-                      "p99": _percentile(lats, 99)},
-        "itl_s": {"mean": _ratio(sum(itls), len(itls)), "p50": _percentile(itls, 50),
-                  "p99": _percentile(itls, 99)},
+        "ttft_s": {"mean": _ratio(sum(ttfts), len(ttfts)), "p50": percentile(ttfts, 50),
+                   "p90": percentile(ttfts, 90), "p99": percentile(ttfts, 99)},
+        "latency_s": {"mean": _ratio(sum(lats), len(lats)), "p50": percentile(lats, 50),
+                      "p99": percentile(lats, 99)},
+        "itl_s": {"mean": _ratio(sum(itls), len(itls)), "p50": percentile(itls, 50),
+                  "p99": percentile(itls, 99)},
         "per_worker": dict(sorted(per_worker.items())),
         "per_tenant": dict(sorted(per_tenant.items())),
     }
@@ -103,7 +95,7 @@ def _bins(requests: list[dict]) -> tuple[list[float], list[float | None], list[f
         run_p += prompt[i]
         run_c += cached[i]
         cum.append(_ratio(run_c, run_p))
-    med = [_percentile(t, 50) for t in ttfts]
+    med = [percentile(t, 50) for t in ttfts]
     return centres, rate, cum, med
 
 

@@ -19,10 +19,10 @@ import sys
 import uuid
 from pathlib import Path
 
-from deploy.bench_report import plot_compare, plot_timeline, summarize
-from deploy.bench_runner import RequestResult, run_requests
-from deploy.bench_workloads import WORKLOAD_NAMES, WorkloadSpec, build_requests
 from common.logs import get_logger
+from loadgen.driver import RequestResult, run_requests
+from loadgen.report import plot_compare, plot_timeline, summarize
+from loadgen.spec import WORKLOAD_NAMES, WorkloadSpec, build_requests
 
 log = get_logger("bench")
 

@@ -13,9 +13,10 @@ import os
 import sys
 from typing import Any, Iterable
 
-from benchmarks.workloads import WORKLOADS, WorkloadError, load_mooncake, make_workload, mooncake_requests
+from loadgen.workloads import WORKLOADS, WorkloadError, load_mooncake, make_workload, mooncake_requests
 
 from .cluster import SIM_POLICY_NAMES, SimConfig, simulate
+from .results import format_percent
 from .sim_request import SimRequest, from_workload, replicate
 from .time_model import TimeModel
 
@@ -66,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tile a Mooncake trace N times with disjoint ids (N x the load, same per-tenant reuse)")
     p.add_argument("--pending", type=_on_off, default=False,
                    help="on|off: the router also counts blocks of requests it routed whose prefill has not"
-                        " finished (affinity for bursts that share a new prefix)")
+                        " finished, as its index mirror does (affinity for bursts that share a new prefix)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab-size", type=int, default=32000, help="synthetic workloads' vocabulary")
     p.add_argument("--candidates", type=int, default=None,
@@ -128,9 +129,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    def pct(x):
-        return "-" if x is None else f"{100 * x:.2f}%"
-
+    pct = format_percent
     return (
         f"requests {s['requests']}  block hit {pct(s['block_hit_rate'])} (local {pct(s['local_block_hit_rate'])})"
         f"  token hit {pct(s['token_hit_rate'])}  load imbalance {s['load_imbalance']}"

@@ -9,11 +9,14 @@ from typing import Any
 
 import numpy as np
 
+from loadgen.stats import percentile
+
 from .sim_request import SimRequest, hit_tokens
 
 
-def _pct(values: np.ndarray, q: float) -> float | None:
-    return float(np.percentile(values, q)) if values.size else None
+def format_percent(x: float | None) -> str:
+    """A rate as the tables print it: 36.64%, or - for none."""
+    return "-" if x is None else f"{100 * x:.2f}%"
 
 
 @dataclass(slots=True)
@@ -121,10 +124,10 @@ class SimResult:
             "load_imbalance": imbalance(prefill),
             "routed_token_imbalance": imbalance(routed),
             "request_imbalance": imbalance(reqs),
-            "ttft_p50_s": _round(_pct(ttft, 50)),
-            "ttft_p99_s": _round(_pct(ttft, 99)),
+            "ttft_p50_s": _round(percentile(ttft, 50)),
+            "ttft_p99_s": _round(percentile(ttft, 99)),
             "ttft_mean_s": _round(float(ttft.mean()) if ttft.size else None),
-            "e2e_p50_s": _round(_pct(e2e, 50)),
+            "e2e_p50_s": _round(percentile(e2e, 50)),
             "transferred_blocks": r.num_transferred_blocks,
             "transfers": r.num_transfers,
             "blocks": r.num_blocks,

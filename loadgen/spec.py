@@ -1,4 +1,4 @@
-"""The standard workloads of benchmarks/workloads.py, scaled for a live stack and turned into BenchRequests.
+"""A standard workload (workloads.py) scaled for a live stack and turned into the driver's BenchRequests.
 
 Scaling: ``scale`` multiplies every token length (system prompt, question, suffix, answer, and the Mooncake
 block size: scale 1/32 makes each 512-token Mooncake block 16 tokens, i.e. exactly one prefixcache block, so
@@ -11,12 +11,12 @@ model's byte tokenizer takes 0..255.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import workloads as wl
-from deploy.bench_runner import BenchRequest
+from loadgen import workloads as wl
+from loadgen.driver import BenchRequest
+from loadgen.workloads import default_workloads_dir
 
 SYNTHETIC = ("sgl-shared-prefix", "prefix-repetition", "multi-turn")
 MOONCAKE = {"mooncake-conversation": "conversation_trace.jsonl", "mooncake-synthetic": "synthetic_trace.jsonl"}
@@ -41,14 +41,6 @@ class WorkloadSpec:
     max_tokens: int | None = None
     trace_path: str | None = None
     params: dict | None = None  # overrides of the generator's keyword arguments
-
-
-def default_workloads_dir() -> Path:
-    """$PREFIXCACHE_WORKLOADS_DIR, else ../shared/workloads beside the repository."""
-    env = os.environ.get("PREFIXCACHE_WORKLOADS_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared" / "workloads"
 
 
 def _scaled(value: int, scale: float) -> int:

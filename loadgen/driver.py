@@ -1,4 +1,7 @@
-"""Drives a running stack over gRPC: bounded concurrency, optional arrival times, per-request measurements.
+"""The project's one gRPC load driver: bounded concurrency, optional arrival times, per-request measurements.
+
+`prefixcache bench` and the benchmark scripts (benchmarks/bench_serving.py) both drive a stack through
+``run_requests``, so TTFT and the usage counters mean the same thing in every figure.
 
 One ``GenerateStream`` call per request (grpc.aio). TTFT is the time from issuing the call to the first message
 that carries tokens; latency is the time to the last message (which carries ``usage`` and the worker). Requests

@@ -19,7 +19,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 
-from router.policies import WorkerLoad
+from cache_service.records import WorkerLoad
 from workers.block_pool import BlockPool
 
 from .sim_request import SimRequest

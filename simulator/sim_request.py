@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import heapq
 from typing import Iterator, Sequence
 
-from benchmarks.workloads import WorkloadRequest
 from cache_service.block_hash import BlockHash, hash_prompt_blocks
+from loadgen.workloads import WorkloadRequest
 from workers.block_pool import Block
 
 SIM_MODEL_ID = "prefixcache-sim"

@@ -1,0 +1,64 @@
+"""The cache service a stack runs inside its own process: a Valkey child (unless a Redis URL is given) and the
+CacheService gRPC server on a thread of its own.
+
+    cache = EmbeddedCacheService(redis_url=None, host="127.0.0.1", port=50052)
+    cache.start()          # -> the address workers dial, e.g. "127.0.0.1:50052"
+    cache.stop()           # the server, then the Valkey we started (a given Redis is left alone)
+
+``stop`` undoes whatever part of ``start`` ran, so a start that failed half way leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cache_service.embedded_redis import EmbeddedRedis
+    from cache_service.server import CacheServiceThread
+
+__all__ = ["EmbeddedCacheService", "reachable"]
+
+
+class EmbeddedCacheService:
+    def __init__(self, redis_url: str | None, host: str, port: int) -> None:
+        self.redis_url = redis_url  # None until start(): then the embedded Valkey's
+        self.host = host
+        self.port = port
+        self.redis: EmbeddedRedis | None = None  # ours to stop; None with a given Redis
+        self.server: CacheServiceThread | None = None
+        self.address: str | None = None  # what workers dial (never a wildcard)
+
+    def start(self) -> str:
+        from cache_service.embedded_redis import EmbeddedRedis
+        from cache_service.server import CacheServiceConfig, CacheServiceThread
+
+        if self.redis_url is None:
+            self.redis = EmbeddedRedis()
+            self.redis_url = self.redis.start()
+        self.server = CacheServiceThread(CacheServiceConfig(redis_url=self.redis_url, host=self.host,
+                                                            port=self.port))
+        self.server.start()
+        self.address = reachable(self.server.address)
+        return self.address
+
+    def stop(self) -> None:
+        """Safe to call twice and after a failed start; every step runs even if an earlier one failed."""
+        if self.server is not None:
+            with contextlib.suppress(Exception):
+                self.server.stop()
+            self.server = None
+        if self.redis is not None:
+            with contextlib.suppress(Exception):
+                self.redis.stop()
+            self.redis = None
+
+
+def reachable(address: str) -> str:
+    """A wildcard bind address is not something a worker on another machine can dial: use our IP."""
+    host, _, port = address.rpartition(":")
+    if host in ("0.0.0.0", "::", "[::]", ""):
+        import ray
+
+        host = ray.util.get_node_ip_address()
+    return f"{host}:{port}"
