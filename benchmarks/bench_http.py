@@ -20,8 +20,9 @@ first, so the workers do the same work for every edge:
     http   POST /v1/completions with the same token ids (one keep-alive connection per stream)
     chat   POST /v1/chat/completions (HTTP only): messages rendered by the template into the same ids
 
-each as unary calls and as streams (``stream=true``: SSE up to ``data: [DONE]``). The HTTP client is a
-minimal asyncio HTTP/1.1 one, so that what is measured is the server, not an HTTP library.
+each as unary calls and as streams (``stream=true``: SSE up to ``data: [DONE]``). The HTTP client is the
+load driver's minimal asyncio HTTP/1.1 one (loadgen/http_driver.py), so that what is measured is the
+server, not an HTTP library.
 
 Per edge and mode: requests/s, client-side latency p50/p99, and this process's CPU time per request (stack:
 router + cache service + Ray driver, the workers are other processes; edges: the router alone); then what
@@ -42,6 +43,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+from loadgen.http_driver import HttpConnection
 from loadgen.stats import percentile as pct
 
 BS = 16
@@ -73,45 +75,6 @@ class Row:
 
 
 # ---- the client process -----------------------------------------------------------------------------------
-class HttpConnection:
-    """HTTP/1.1 keep-alive over asyncio streams: POST a JSON body, read a sized or chunked answer."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    @classmethod
-    async def open(cls, port: int) -> HttpConnection:
-        return cls(*await asyncio.open_connection("127.0.0.1", port))
-
-    async def post(self, path: str, body: bytes) -> bytes:
-        self.writer.write(b"POST %s HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
-                          b"content-length: %d\r\n\r\n%s" % (path.encode(), len(body), body))
-        status = await self.reader.readline()
-        if not status.startswith(b"HTTP/1.1 200"):
-            raise RuntimeError(f"HTTP {status!r}")
-        length, chunked = None, False
-        while (line := await self.reader.readline()) != b"\r\n":
-            name, _, value = line.partition(b":")
-            name = name.strip().lower()
-            if name == b"content-length":
-                length = int(value)
-            elif name == b"transfer-encoding" and b"chunked" in value:
-                chunked = True
-        if length is not None:
-            return await self.reader.readexactly(length)
-        assert chunked, "neither content-length nor chunked"
-        parts = []
-        while True:
-            size = int((await self.reader.readline()).split(b";")[0], 16)
-            data = await self.reader.readexactly(size + 2)
-            if size == 0:
-                return b"".join(parts)
-            parts.append(data[:-2])
-
-    def close(self) -> None:
-        self.writer.close()
-
-
 async def run_round(edge: str, mode: str, key: str, grpc_address: str, http_port: int,
                     streams: list[list[dict]]) -> Round:
     import grpc
@@ -140,7 +103,7 @@ async def run_round(edge: str, mode: str, key: str, grpc_address: str, http_port
         path = "/v1/chat/completions" if edge == "chat" else "/v1/completions"
 
         async def one_stream(reqs: list[dict]) -> None:
-            conn = await HttpConnection.open(http_port)
+            conn = await HttpConnection.open("127.0.0.1", http_port)
             try:
                 for r in reqs:
                     body = {"model": "demo", "max_tokens": r["max_tokens"], "temperature": 0, "ignore_eos": True,

@@ -71,13 +71,15 @@ class ChatTemplate:
         except jinja2.TemplateError as exc:  # raise_exception(...), or undefined names, or a sandbox refusal
             raise ChatTemplateError(f"the chat template rejected the messages: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - a template bug on this input (a TypeError, ...): the request's error
-            raise ChatTemplateError(f"the chat template failed on these messages: {type(exc).__name__}: {exc}") from None
+            raise ChatTemplateError(
+                f"the chat template failed on these messages: {type(exc).__name__}: {exc}") from None
 
 
 def load_chat_template(model: str) -> ChatTemplate | None:
     """The model's chat template, the built-in one for the demo, or None when the checkpoint has none."""
     if model == DEMO:
-        return ChatTemplate(DEMO_TEMPLATE, {"bos_token": "", "eos_token": ""}, add_special_tokens=True, origin="built-in")
+        return ChatTemplate(DEMO_TEMPLATE, {"bos_token": "", "eos_token": ""}, add_special_tokens=True,
+                            origin="built-in")
     folder = Path(model).expanduser()
     config = _read_json(folder / "tokenizer_config.json")
     specials = _read_json(folder / "special_tokens_map.json")
@@ -105,6 +107,7 @@ class PrefixCheck:
     detail: str = ""
 
 
+PROBE_SYSTEM = "You are a helpful assistant."
 PROBE_CONVERSATION: tuple[tuple[str, str], ...] = (
     ("user", "What is a KV cache?"),
     ("assistant", "It stores the attention keys and values of earlier tokens."),
@@ -116,7 +119,7 @@ PROBE_CONVERSATION: tuple[tuple[str, str], ...] = (
 
 def check_prefix_stable(template: ChatTemplate, encode: Callable[[str, bool], list[int]],
                         conversation: Sequence[tuple[str, str]] = PROBE_CONVERSATION,
-                        system: str | None = "You are a helpful assistant.") -> PrefixCheck:
+                        system: str | None = PROBE_SYSTEM) -> PrefixCheck:
     """Whether each turn's prompt tokens start with the previous turn's prompt tokens followed by its
     answer's tokens, so that a cache holding turn k-1 (prompt + generated answer) covers all of turn k but
     its new user message. ``encode(text, add_special_tokens)`` is the tokenizer's ``encode``."""
@@ -139,6 +142,18 @@ def check_prefix_stable(template: ChatTemplate, encode: Callable[[str, bool], li
                                                 f"{same} of {len(expected)}: everything after it is recomputed")
         previous = ids
     return PrefixCheck(True)
+
+
+def probe_template(template: ChatTemplate, encode: Callable[[str, bool], list[int]]) -> PrefixCheck:
+    """``check_prefix_stable`` on the probe conversation, with a system message and, for templates that
+    refuse one (Mistral's [INST] raises), without; a template that refuses both is reported, not raised."""
+    failure = ""
+    for system in (PROBE_SYSTEM, None):
+        try:
+            return check_prefix_stable(template, encode, system=system)
+        except ChatTemplateError as exc:
+            failure = str(exc)
+    return PrefixCheck(False, 0, f"the probe conversation could not be rendered ({failure})")
 
 
 # ---- rendering environment, as transformers builds it ---------------------------------------------------------

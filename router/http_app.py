@@ -40,9 +40,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cache_service.records import Delta, InvalidRequestError
+from common.grpc_edge import bound_details
 from common.logs import get_logger, request_context
 from router.auth import AuthError
-from router.chat_template import ChatTemplate, check_prefix_stable
+from router.chat_template import ChatTemplate, probe_template
 from router.dispatch import OverloadedError, StreamBrokenError
 from router.front_door import FrontDoor
 from router.http_stream import DisconnectGuard, EventStream
@@ -95,7 +96,7 @@ def map_error(exc: BaseException, chat: bool = False) -> _Mapped | None:
     """The status and OpenAI error body of an exception; None when it is not a request's fault (a bug)."""
     for cls, status, type_, code in _ERRORS:
         if isinstance(exc, cls):
-            message = str(exc)
+            message = bound_details(str(exc))  # 2 KiB: a message may quote a field of any size
             if isinstance(exc, OpenAIRequestError):
                 param = exc.param
             elif isinstance(exc, UnknownWorkerError):
@@ -131,7 +132,7 @@ class OpenAIApp:
         self.max_body_bytes = max_body_bytes
         self.created = int(time.time())
         if template is not None:
-            check = check_prefix_stable(template, self.encoder.tokenizer.encode)
+            check = probe_template(template, self.encoder.tokenizer.encode)
             if not check.stable:
                 log.warning("the chat template rewrites earlier turns: multi-turn chats reuse the cache only up "
                             "to the change", extra={"template": template.origin, "detail": check.detail})
@@ -214,17 +215,21 @@ class OpenAIApp:
     async def _events(self, deltas: AsyncIterator[Delta], first: Delta, oreq: OpenAIRequest, head: ResponseHead,
                       prompt_ids: list[int]) -> AsyncIterator[bytes]:
         usage_on, ids = oreq.include_usage, oreq.return_token_ids
+        prompt = prompt_ids if ids else None  # in the first chunk only
         try:
             if head.chat:  # OpenAI's first chat chunk: the role, empty content
-                yield chunk(head, "", None, include_usage=usage_on, role=True, token_ids=[] if ids else None)
+                yield chunk(head, "", None, include_usage=usage_on, role=True, token_ids=[] if ids else None,
+                            prompt_ids=prompt)
+                prompt = None
             delta = first
             while True:
                 if delta.text or (ids and delta.token_ids):
                     yield chunk(head, delta.text, None, include_usage=usage_on,
-                                token_ids=delta.token_ids if ids else None)
+                                token_ids=delta.token_ids if ids else None, prompt_ids=prompt)
+                    prompt = None
                 if delta.finished:
                     yield chunk(head, None, delta.finish_reason, include_usage=usage_on,
-                                token_ids=[] if ids else None)
+                                token_ids=[] if ids else None, prompt_ids=prompt)
                     if usage_on and delta.usage is not None:
                         yield usage_chunk(head, delta.usage)
                     break

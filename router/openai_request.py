@@ -54,20 +54,10 @@ class ModelNotFoundError(OpenAIRequestError):
 @dataclass(slots=True)
 class OpenAIRequest:
     chat: bool
-    model: str
+    # The sampling fields and extensions as the gRPC edge has them (OpenAI's defaults applied); a completion's
+    # prompt too. A chat's prompt is its messages, rendered by ``generate_args``.
+    args: GenerateArgs
     messages: list[dict[str, str]] = field(default_factory=list)  # chat: role, content (text), name
-    prompt_text: str = ""  # completions: exactly one of prompt_text / prompt_ids
-    prompt_ids: list[int] = field(default_factory=list)
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int = 0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
-    cache_salt: str = ""
-    session_id: str = ""
-    target_worker: str = ""
     stream: bool = False
     include_usage: bool = False
     return_token_ids: bool = False
@@ -100,13 +90,14 @@ def parse_chat(body: dict[str, Any], served_model: str) -> OpenAIRequest:
     req.messages = _parse_messages(body.get("messages"))
     # The newer name wins (OpenAI deprecated max_tokens for chat); either must be positive.
     max_completion = _opt_positive_int(body, "max_completion_tokens")
-    req.max_tokens = max_completion if max_completion is not None else req.max_tokens
+    if max_completion is not None:
+        req.args.max_tokens = max_completion
     return req
 
 
 def parse_completion(body: dict[str, Any], served_model: str) -> OpenAIRequest:
     req = _parse_common(body, served_model, chat=False, unsupported=_UNSUPPORTED_COMPLETION)
-    req.prompt_text, req.prompt_ids = _parse_prompt(body.get("prompt"))
+    req.args.text, req.args.token_ids = _parse_prompt(body.get("prompt"))
     return req
 
 
@@ -115,7 +106,8 @@ def generate_args(req: OpenAIRequest, encoder: PromptEncoder, template: ChatTemp
     """The request as the router's ``GenerateArgs``. A chat is rendered and tokenized here (its prompt
     length sets the default ``max_tokens``: whatever the context leaves, as OpenAI's chat API does); a
     completion defaults to the gRPC default (16, as OpenAI's completions API)."""
-    text, token_ids, max_tokens = req.prompt_text, req.prompt_ids, req.max_tokens
+    args = req.args
+    args.request_id = request_id
     if req.chat:
         if template is None:
             raise OpenAIRequestError("this model has no chat template (tokenizer_config.json 'chat_template' or "
@@ -124,16 +116,10 @@ def generate_args(req: OpenAIRequest, encoder: PromptEncoder, template: ChatTemp
             rendered = template.render(req.messages)
         except ChatTemplateError as exc:
             raise OpenAIRequestError(str(exc), "messages") from None
-        text, token_ids = "", encoder.tokenizer.encode(rendered, add_special_tokens=template.add_special_tokens)
-        if max_tokens is None:
-            max_tokens = max(1, encoder.info.max_context - len(token_ids))
-    return GenerateArgs(
-        request_id=request_id, text=text, token_ids=token_ids, max_tokens=max_tokens,
-        # OpenAI's defaults: temperature 1, top_p 1 (the gRPC API's unset temperature is greedy).
-        temperature=1.0 if req.temperature is None else req.temperature, top_p=req.top_p, top_k=req.top_k,
-        seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos, cache_salt=req.cache_salt,
-        session_id=req.session_id, target_worker=req.target_worker,
-    )
+        args.token_ids = encoder.tokenizer.encode(rendered, add_special_tokens=template.add_special_tokens)
+        if args.max_tokens is None:
+            args.max_tokens = max(1, encoder.info.max_context - len(args.token_ids))
+    return args
 
 
 # Words that lead validate_generate's messages and are the body's field names: the error's ``param``.
@@ -174,16 +160,18 @@ def _parse_common(body: dict[str, Any], served_model: str, *, chat: bool,
             raise OpenAIRequestError(f"stream_options must be an object, got {_json_type(options)}", "stream_options")
         include_usage = bool(_opt_bool(options, "include_usage", "stream_options.include_usage"))
     top_k = _opt_int(body, "top_k")
-    session_id = _opt_str(body, "session_id") or _opt_str(body, "user") or ""
-    return OpenAIRequest(
-        chat=chat, model=served_model, max_tokens=_opt_positive_int(body, "max_tokens"),
-        temperature=_opt_number(body, "temperature"), top_p=_opt_number(body, "top_p"),
-        top_k=0 if top_k is None or top_k == -1 else top_k,  # vLLM spells "off" -1
+    temperature = _opt_number(body, "temperature")
+    args = GenerateArgs(
+        max_tokens=_opt_positive_int(body, "max_tokens"),
+        temperature=1.0 if temperature is None else temperature,  # OpenAI's default (gRPC's unset is greedy)
+        top_p=_opt_number(body, "top_p"), top_k=0 if top_k is None or top_k == -1 else top_k,  # vLLM: -1 is off
         seed=_opt_int(body, "seed"), stop=_parse_stop(body.get("stop")),
         ignore_eos=bool(_opt_bool(body, "ignore_eos")), cache_salt=_opt_str(body, "cache_salt") or "",
-        session_id=session_id, target_worker=_opt_str(body, "target_worker") or "", stream=stream,
-        include_usage=include_usage, return_token_ids=bool(_opt_bool(body, "return_token_ids")),
+        target_worker=_opt_str(body, "target_worker") or "",
+        session_id=_opt_str(body, "session_id") or _opt_str(body, "user") or "",
     )
+    return OpenAIRequest(chat=chat, args=args, stream=stream, include_usage=include_usage,
+                         return_token_ids=bool(_opt_bool(body, "return_token_ids")))
 
 
 def _parse_messages(value: Any) -> list[dict[str, str]]:

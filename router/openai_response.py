@@ -68,9 +68,11 @@ def completion_body(head: ResponseHead, text: str, finish_reason: str, usage: Us
 
 
 def chunk(head: ResponseHead, text: str | None, finish_reason: str | None, *, include_usage: bool,
-          role: bool = False, token_ids: list[int] | None = None) -> bytes:
+          role: bool = False, token_ids: list[int] | None = None, prompt_ids: list[int] | None = None) -> bytes:
     """One SSE event with one choice: ``text`` (None in a chat's closing chunk: an empty delta),
-    ``finish_reason`` on the last. With include_usage every choice chunk says ``"usage": null``, as OpenAI's."""
+    ``finish_reason`` on the last. With include_usage every choice chunk says ``"usage": null``, as OpenAI's.
+    ``token_ids`` / ``prompt_ids`` (``return_token_ids``; the prompt's in the first chunk only) as in
+    ``completion_body``."""
     choice: dict[str, Any] = {"index": 0}
     if head.chat:
         delta: dict[str, Any] = {"role": "assistant"} if role else {}
@@ -85,6 +87,11 @@ def chunk(head: ResponseHead, text: str | None, finish_reason: str | None, *, in
         choice["token_ids"] = token_ids
     body: dict[str, Any] = {"id": head.id, "object": head.chunk_object, "created": head.created, "model": head.model,
                             "choices": [choice]}
+    if prompt_ids is not None:
+        if head.chat:
+            body["prompt_token_ids"] = prompt_ids
+        else:
+            choice["prompt_token_ids"] = prompt_ids
     if include_usage:
         body["usage"] = None
     return sse(body)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from router.chat_template import (ChatTemplate, ChatTemplateError, check_prefix_stable, load_chat_template)
+from router.chat_template import (ChatTemplate, ChatTemplateError, check_prefix_stable, load_chat_template,
+                                  probe_template)
 from router.openai_request import OpenAIRequestError, parse_chat
 from tests.model_fixtures import build_tiny_checkpoint, write_chat_template
 from workers.model import load_tokenizer
@@ -17,8 +18,10 @@ SYSTEM = {"role": "system", "content": "You are a terse assistant. Answer in one
 CONVERSATIONS = {
     "one user turn": [{"role": "user", "content": "hello there"}],
     "system + user": [SYSTEM, {"role": "user", "content": "what is a cache?"}],
-    "three turns": [SYSTEM, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello, how can I help?"},
-                    {"role": "user", "content": "the block size?"}, {"role": "assistant", "content": " sixteen tokens "},
+    "three turns": [SYSTEM, {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "hello, how can I help?"},
+                    {"role": "user", "content": "the block size?"},
+                    {"role": "assistant", "content": " sixteen tokens "},
                     {"role": "user", "content": "and the hash?\nxxh3"}],
 }
 # (architecture, template style, template in chat_template.jinja rather than tokenizer_config.json)
@@ -103,6 +106,44 @@ def test_templates_keep_earlier_turns_unchanged(checkpoints, style):
     assert check.stable, check.detail
 
 
+def test_the_startup_probe_copes_with_a_template_that_refuses_system_messages(checkpoints):
+    folder = checkpoints["mistral"]
+    assert probe_template(load_chat_template(str(folder)), load_tokenizer(str(folder)).encode).stable
+    refuses_all = ChatTemplate("{{ raise_exception('no') }}", {})
+    check = probe_template(refuses_all, load_tokenizer("demo").encode)
+    assert not check.stable and "could not be rendered" in check.detail
+
+
+def test_an_hf_checkpoint_behind_the_http_door(checkpoints, tmp_path):
+    """A router over a checkpoint (no workers: what happens before dispatch): the folder's name is the model
+    id, the template's own refusal is a 400 naming it, and a checkpoint without a template refuses chats."""
+    import openai
+
+    from router.server import RouterConfig, RouterThread
+
+    def router(model: str) -> RouterThread:
+        r = RouterThread(RouterConfig(model=model, port=0, metrics_port=None, http_port=0), [])
+        r.start()
+        return r
+
+    mistral, plain = router(str(checkpoints["mistral"])), router(str(build_tiny_checkpoint(tmp_path, "llama")))
+    try:
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{mistral.server.http_port}/v1", api_key="x", max_retries=0)
+        name = checkpoints["mistral"].name
+        assert [m.id for m in c.models.list()] == [name]
+        with pytest.raises(openai.BadRequestError, match="Conversation roles must alternate") as err:
+            c.chat.completions.create(model=name, messages=[SYSTEM, {"role": "user", "content": "hi"}])
+        assert err.value.body["param"] == "messages"
+        with pytest.raises(openai.InternalServerError):  # rendered and valid: refused only for want of a worker
+            c.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{plain.server.http_port}/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="this model has no chat template"):
+            c.chat.completions.create(model=c.models.list().data[0].id, messages=[{"role": "user", "content": "hi"}])
+    finally:
+        mistral.stop()
+        plain.stop()
+
+
 def test_demo_template_keeps_earlier_turns_unchanged():
     check = check_prefix_stable(load_chat_template("demo"), load_tokenizer("demo").encode)
     assert check.stable, check.detail
@@ -129,9 +170,10 @@ def test_openai_message_forms():
     req = parse_chat(body, "demo")
     assert req.messages == [{"role": "system", "content": "a\nb"}, {"role": "user", "content": "q", "name": "ann"},
                             {"role": "assistant", "content": ""}]
-    assert req.temperature is None and req.max_tokens is None  # OpenAI's defaults are applied later
+    # OpenAI's defaults: temperature 1; max_tokens set once the prompt's length is known (generate_args).
+    assert req.args.temperature == 1.0 and req.args.max_tokens is None
     both = parse_chat({**body, "max_tokens": 5, "max_completion_tokens": 7, "user": "u-1", "top_k": -1}, "demo")
-    assert (both.max_tokens, both.session_id, both.top_k) == (7, "u-1", 0)
+    assert (both.args.max_tokens, both.args.session_id, both.args.top_k) == (7, "u-1", 0)
     with pytest.raises(OpenAIRequestError, match="messages is required"):
         parse_chat({"model": "demo"}, "demo")
     with pytest.raises(OpenAIRequestError, match=r"messages\[0\].content must be a string or a list of text parts"):

@@ -11,6 +11,7 @@ cached. Greedy output must be the gRPC edge's, token for token.
 from __future__ import annotations
 
 import asyncio
+import json
 
 import grpc
 import httpx2 as httpx
@@ -135,6 +136,7 @@ def test_streamed_chat_with_usage(client):
 def test_three_turn_conversation_hits_all_but_the_new_message(client):
     messages = [{"role": "system", "content": "You answer questions about caches. Keep answers short. " * 3}]
     previous: list[int] | None = None
+    last_answer: list[int] = []
     for turn, question in enumerate(["What is a prefix cache?", "And a block?", "Why 16 tokens?"], start=1):
         messages.append({"role": "user", "content": question})
         r = chat(client, messages, max_tokens=12, extra_body={"return_token_ids": True, "ignore_eos": True})
@@ -169,8 +171,10 @@ def test_completions_with_text_and_token_ids(client):
     assert by_ids.usage.prompt_tokens_details.cached_tokens == expected_hit(TOKENIZER.encode(text),
                                                                             TOKENIZER.encode(text))
     streamed = list(client.completions.create(model="demo", prompt=text, max_tokens=6, temperature=0, stream=True,
-                                              extra_body={"ignore_eos": True}))
+                                              extra_body={"ignore_eos": True, "return_token_ids": True}))
     assert "".join(c.choices[0].text for c in streamed) == choice.text
+    assert streamed[0].choices[0].model_extra["prompt_token_ids"] == TOKENIZER.encode(text)
+    assert [t for c in streamed for t in c.choices[0].model_extra["token_ids"]] == choice.model_extra["token_ids"]
 
 
 def test_greedy_output_equals_the_grpc_edge(stack, client):
@@ -255,3 +259,31 @@ def test_models_health_metrics(stack, client):
     names = {s.name for s in samples(via_http)}
     assert names == {s.name for s in samples(via_metrics_port)}  # one registry, two ports
     assert "prefixcache_prefix_cache_hits_tokens_total" in names
+
+
+def test_bench_drives_the_http_endpoint_as_grpc(stack, tmp_path):
+    """`prefixcache bench --endpoint http`: a multi-turn workload through /v1/completions feeds the generated
+    answers back (token ids via return_token_ids) and measures what the gRPC driver measures."""
+    from deploy import cli
+
+    def bench(endpoint: str, target: str) -> dict:
+        out = tmp_path / endpoint
+        assert cli.main(["bench", "--no-progress", "--out", str(out), "--endpoint", endpoint, "--target", target,
+                         "--workload", "multi-turn", "--requests", "6", "--scale", str(1 / 16), "--time-scale",
+                         "0.01", "--param", "num_turns=3", "--policy-label", "chat", "--seed", "5"]) == 0
+        result = json.loads((out / "chat.json").read_text())
+        assert result["meta"]["endpoint"] == endpoint and result["summary"]["num_ok"] == 6
+        return {r["request_id"].split("-", 1)[1]: r for r in result["requests"]}
+
+    http = bench("http", f"127.0.0.1:{stack.router_server.http_port}")
+    prompt_lengths = {k: r["prompt_tokens"] for k, r in http.items()}
+    for s in range(2):
+        for k in (1, 2):
+            prev, cur = http[f"chat-{s}-{k - 1}"], http[f"chat-{s}-{k}"]
+            assert cur["prompt_tokens"] > prev["prompt_tokens"] + prev["completion_tokens"]
+            assert cur["cached_tokens"] >= prev["prompt_tokens"] // BS * BS, (prev, cur)
+            assert cur["ttft_s"] > 0 and cur["finish_reason"] == "length"
+    grpc_rows = bench("grpc", stack.router_address)  # same seed: the same sessions, greedy: the same answers
+    assert {k: r["prompt_tokens"] for k, r in grpc_rows.items()} == prompt_lengths
+    assert {k: r["completion_tokens"] for k, r in grpc_rows.items()} == {k: r["completion_tokens"]
+                                                                         for k, r in http.items()}
