@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     embedded: EmbeddedRedis | None = None
     url = args.redis_url
     if url is None:
-        embedded = EmbeddedRedis()
+        embedded = EmbeddedRedis(supervise=True, durable=True)
         url = embedded.start()
         print(f"embedded Valkey at {url}", flush=True)
     try:

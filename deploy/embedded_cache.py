@@ -5,6 +5,12 @@ CacheService gRPC server on a thread of its own.
     cache.start()          # -> the address workers dial, e.g. "127.0.0.1:50052"
     cache.stop()           # the server, then the Valkey we started (a given Redis is left alone)
 
+The embedded Valkey is supervised and durable (``cache_service/embedded_redis.py``): if its process dies, it
+is started again on the same port from its own append-only file, so the index, the nodes' registrations and
+the pins are back as they were; the service's health goes NOT_SERVING meanwhile, the workers keep serving
+from their own caches and republish what failed to reach it. It listens on 127.0.0.1 whatever ``host`` is:
+only this process talks to it.
+
 ``stop`` undoes whatever part of ``start`` ran, so a start that failed half way leaves nothing behind.
 """
 
@@ -21,10 +27,11 @@ __all__ = ["EmbeddedCacheService", "reachable"]
 
 
 class EmbeddedCacheService:
-    def __init__(self, redis_url: str | None, host: str, port: int) -> None:
+    def __init__(self, redis_url: str | None, host: str, port: int, advertise_host: str | None = None) -> None:
         self.redis_url = redis_url  # None until start(): then the embedded Valkey's
-        self.host = host
+        self.host = host  # where the CacheService binds
         self.port = port
+        self.advertise_host = advertise_host  # what workers dial (None: host, or our IP for a wildcard)
         self.redis: EmbeddedRedis | None = None  # ours to stop; None with a given Redis
         self.server: CacheServiceThread | None = None
         self.address: str | None = None  # what workers dial (never a wildcard)
@@ -34,12 +41,14 @@ class EmbeddedCacheService:
         from cache_service.server import CacheServiceConfig, CacheServiceThread
 
         if self.redis_url is None:
-            self.redis = EmbeddedRedis()
+            self.redis = EmbeddedRedis(supervise=True, durable=True)
             self.redis_url = self.redis.start()
         self.server = CacheServiceThread(CacheServiceConfig(redis_url=self.redis_url, host=self.host,
                                                             port=self.port))
         self.server.start()
-        self.address = reachable(self.server.address)
+        bound = self.server.address
+        self.address = (f"{self.advertise_host}:{bound.rpartition(':')[2]}" if self.advertise_host
+                        else reachable(bound))
         return self.address
 
     def stop(self) -> None:
@@ -56,9 +65,7 @@ class EmbeddedCacheService:
 
 def reachable(address: str) -> str:
     """A wildcard bind address is not something a worker on another machine can dial: use our IP."""
-    host, _, port = address.rpartition(":")
-    if host in ("0.0.0.0", "::", "[::]", ""):
-        import ray
+    from workers.ray_env import advertise_host
 
-        host = ray.util.get_node_ip_address()
-    return f"{host}:{port}"
+    host, _, port = address.rpartition(":")
+    return f"{advertise_host(host)}:{port}"

@@ -35,7 +35,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="number of workers (default: one per GPU, or 2 on CPU)")
     parser.add_argument("--redis-url", default=None, help="Redis for the cache index (default: embedded Valkey)")
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local Ray)")
-    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 for a cluster)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="interface every listener binds: router, metrics, cache service, the workers' "
+                             "BlockTransfer and raw stream, a local Ray's own (0.0.0.0 for a multi-machine cluster)")
+    parser.add_argument("--advertise-host", default=None,
+                        help="address of this machine that others dial (workers reach the cache service on it; "
+                             "the ready line prints it); default: --host, or this machine's IP when --host is "
+                             "0.0.0.0 or ::")
     parser.add_argument("--port", type=int, default=50051, help="router gRPC port")
     parser.add_argument("--metrics-port", type=int, default=9400, help="Prometheus /metrics port")
     parser.add_argument("--http-port", type=int, default=8000,
@@ -100,7 +106,8 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
         raise ValueError(f"--http-port must be a port number (0: off), got {args.http_port}")
     return StackConfig(
         model=args.model, num_workers=args.workers, redis_url=args.redis_url, ray_address=args.ray_address,
-        host=args.host, port=args.port, metrics_port=args.metrics_port, policy=args.policy,
+        host=args.host, advertise_host=args.advertise_host, port=args.port, metrics_port=args.metrics_port,
+        policy=args.policy,
         http_port=args.http_port or None, served_model_name=args.served_model_name,
         policy_weights=parse_weights(args.policy_weight, args.transfer_aware), block_size=args.block_size,
         num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs, cache_service_port=args.cache_service_port,
@@ -135,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(s, on_signal)
         workers = ",".join(f"{w}@{i.node_id[:8]}" for w, i in sorted(stack.worker_infos.items()))
         http_port = stack.router_server.http_port
-        http = f" http=http://{config.host}:{http_port}/v1" if http_port is not None else ""
+        http = f" http=http://{config.dial_host()}:{http_port}/v1" if http_port is not None else ""
         print(f"ready router={stack.router_address} metrics={stack.metrics_url} "
               f"cache_service={stack.cache_service_address} redis={stack.redis_url} workers={workers}{http}",
               flush=True)

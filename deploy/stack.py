@@ -79,7 +79,11 @@ class StackConfig:
     num_workers: int | None = None  # None: one per GPU, or 2 on CPU
     redis_url: str | None = None  # None: embedded Valkey
     ray_address: str | None = None  # None: a local Ray (unless one is already initialised)
+    # Every listener of the stack binds to ``host``: the router and its metrics, the cache service, each
+    # worker's BlockTransfer and raw stream, and a local Ray's own (loopback stays loopback; on a cluster use
+    # 0.0.0.0). ``advertise_host`` is what others dial (None: ``host``, or this machine's IP for a wildcard).
     host: str = "127.0.0.1"
+    advertise_host: str | None = None
     port: int = 50051
     metrics_port: int | None = 9400
     http_port: int | None = None  # the OpenAI-compatible HTTP front door (serve: 8000); None: off; 0: any free
@@ -110,6 +114,15 @@ class StackConfig:
     # same Ray node; -1: without limit. Calls in flight then are not retried by Ray (the router does).
     worker_max_restarts: int = -1
 
+    def dial_host(self) -> str:
+        """What clients and workers dial to reach this machine's listeners: ``advertise_host``, else
+        ``host``, else (a wildcard) this machine's IP as Ray sees it."""
+        if self.advertise_host:
+            return self.advertise_host
+        from workers.ray_env import advertise_host
+
+        return advertise_host(self.host)
+
 
 class Stack:
     def __init__(self, config: StackConfig) -> None:
@@ -123,12 +136,12 @@ class Stack:
     # ---- addresses and parts ------------------------------------------------------------------------
     @property
     def router_address(self) -> str:
-        return self._router().address
+        return f"{self.config.dial_host()}:{self.router_server.port}"
 
     @property
     def metrics_url(self) -> str | None:
         port = self.router_server.metrics_port
-        return None if port is None else f"http://{self.config.host}:{port}/metrics"
+        return None if port is None else f"http://{self.config.dial_host()}:{port}/metrics"
 
     @property
     def router_server(self) -> RouterServer:
@@ -180,9 +193,10 @@ class Stack:
         # preexec_fn). Forked from a process whose gRPC server threads already run, that child can die or
         # hang, and Ray then waits for a GCS that never comes. So no thread of ours exists yet at this point.
         num_cpus = max(os.cpu_count() or 1, int((cfg.num_workers or 2) * cfg.worker_num_cpus) + 1)
-        self._owns_ray = join_or_start_ray(cfg.ray_address, num_cpus)
+        self._owns_ray = join_or_start_ray(cfg.ray_address, num_cpus, cfg.host)
         if cfg.enable_cache_service:
-            self.cache = EmbeddedCacheService(cfg.redis_url, cfg.host, cfg.cache_service_port)
+            self.cache = EmbeddedCacheService(cfg.redis_url, cfg.host, cfg.cache_service_port,
+                                              advertise_host=cfg.dial_host())
             self.cache.start()
             if cfg.ray_address and cfg.host in ("127.0.0.1", "localhost"):
                 log.warning("the cache service listens on 127.0.0.1: workers on other machines cannot reach it "
@@ -222,6 +236,7 @@ class Stack:
             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
             cache_service_address=self.cache_service_address, heartbeat_interval_s=cfg.heartbeat_interval_s,
             always_transfer=cfg.always_transfer, raw_transfer_stream=cfg.raw_transfer_stream,
+            transfer_host=cfg.host,  # each worker binds here (workers/ray_env.py: bind_host, advertise_host)
         )
         return WorkerActors(template, cpus_per_worker=cfg.worker_num_cpus, max_restarts=cfg.worker_max_restarts,
                             start_timeout_s=cfg.worker_start_timeout_s)

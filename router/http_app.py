@@ -19,6 +19,8 @@ status here and nowhere else:
     AuthError                                   401  authentication_error
     OverloadedError                             429  rate_limit_error (the router's in-flight cap)
     NoWorkerError, StreamBrokenError            503  service_unavailable_error
+    RequestFailedError                          500  server_error: the request failed on its worker, not
+                                                     retried; the worker's words go to the log only
     anything else                               500  server_error, logged; no traceback reaches the client
 
 A stream fails with its HTTP status while nothing was sent yet (the first delta is awaited before the
@@ -44,7 +46,7 @@ from common.grpc_edge import bound_details
 from common.logs import get_logger, request_context
 from router.auth import AuthError
 from router.chat_template import ChatTemplate, probe_template
-from router.dispatch import OverloadedError, StreamBrokenError
+from router.dispatch import OverloadedError, RequestFailedError, StreamBrokenError
 from router.front_door import FrontDoor
 from router.http_stream import DisconnectGuard, EventStream
 from router.openai_request import (ModelNotFoundError, OpenAIRequest, OpenAIRequestError, decode_body, generate_args,
@@ -78,7 +80,9 @@ _ERRORS: list[tuple[type[BaseException], int, str, str | None]] = [
     (OverloadedError, 429, "rate_limit_error", "too_many_requests"),
     (NoWorkerError, 503, "service_unavailable_error", "no_live_worker"),
     (StreamBrokenError, 503, "service_unavailable_error", "stream_broken"),
+    (RequestFailedError, 500, "server_error", "request_failed"),
 ]
+REQUEST_FAILED = "the request failed on its worker and was not retried (see the router log)"
 
 
 def default_served_model_name(model: str) -> str:
@@ -97,6 +101,9 @@ def map_error(exc: BaseException, chat: bool = False) -> _Mapped | None:
     for cls, status, type_, code in _ERRORS:
         if isinstance(exc, cls):
             message = bound_details(str(exc))  # 2 KiB: a message may quote a field of any size
+            if isinstance(exc, RequestFailedError):  # the worker's words are for the operator, as over gRPC
+                log.warning("request failed on its worker", extra={"error": message})
+                message = REQUEST_FAILED
             if isinstance(exc, OpenAIRequestError):
                 param = exc.param
             elif isinstance(exc, UnknownWorkerError):

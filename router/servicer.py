@@ -25,7 +25,7 @@ from protos.prefixcache.v1 import generation_pb2 as pb
 from protos.prefixcache.v1 import generation_pb2_grpc
 from router.auth import AuthError, TokenAuth
 from router.cache_link import CacheServiceError
-from router.dispatch import Dispatcher, OverloadedError, StreamBrokenError
+from router.dispatch import Dispatcher, OverloadedError, RequestFailedError, StreamBrokenError
 from router.front_door import FrontDoor
 from router.pins import PinManager, PinNotFoundError, PinNotYoursError
 from router.routing import NoWorkerError, UnknownWorkerError
@@ -57,6 +57,10 @@ def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
         return grpc.StatusCode.UNAVAILABLE, short_detail(exc)
     if isinstance(exc, TimeoutError):
         return grpc.StatusCode.UNAVAILABLE, "the workers did not answer in time"
+    if isinstance(exc, RequestFailedError):
+        # The request's own failure on its worker (not retried): the worker's words stay in the router's log.
+        log.warning("request failed on its worker", extra={"error": str(exc)})
+        return grpc.StatusCode.INTERNAL, "the request failed on its worker and was not retried (see the router log)"
     for cls, code in _STATUS:
         if isinstance(exc, cls):
             return code, str(exc)

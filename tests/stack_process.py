@@ -1,4 +1,5 @@
-"""Helpers for tests that run real processes: free ports, `prefixcache serve` as a subprocess, stopping by PID.
+"""Helpers for tests that run real processes: free ports, `prefixcache serve` as a subprocess, stopping by PID,
+and the listening TCP sockets of a set of processes (``listening_sockets``, read from /proc).
 
 Everything a test starts is stopped by that test: each process is started in its own session
 (``start_new_session``), and ``stop_session`` kills every process of that session by PID (the Ray raylet's
@@ -7,6 +8,7 @@ workers, for example, live in their own process groups but keep the session), ne
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import socket
@@ -125,3 +127,57 @@ def tail(path: Path, num_lines: int = 60) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-num_lines:])
     except OSError:
         return "(no log)"
+
+
+# ---- listening sockets (no psutil: /proc/net/tcp{,6} and /proc/<pid>/fd) ----------------------------------------
+
+TCP_LISTEN = "0A"  # the `st` column of /proc/net/tcp for a listening socket
+
+
+def _decode_address(hex_address: str) -> str:
+    """/proc/net/tcp writes an address as 32-bit words in host (little-endian) byte order."""
+    raw = bytes.fromhex(hex_address)
+    address = ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
+    # A dual-stack socket bound to an IPv4 address shows it IPv4-mapped (::ffff:127.0.0.1): name the IPv4 one.
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped or address)
+
+
+def _listening_inodes() -> dict[int, tuple[str, int]]:
+    """{socket inode: (address, port)} of every listening TCP socket in this network namespace."""
+    inodes: dict[int, tuple[str, int]] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii") as f:
+                lines = f.read().splitlines()[1:]  # the first line names the columns
+        except OSError:
+            continue  # no IPv6 in this kernel
+        for line in lines:
+            fields = line.split()
+            if fields[3] != TCP_LISTEN:
+                continue
+            address, _, port = fields[1].partition(":")
+            inodes[int(fields[9])] = (_decode_address(address), int(port, 16))
+    return inodes
+
+
+def listening_sockets(pids: list[int]) -> list[tuple[int, str, str, int]]:
+    """(pid, command name, address, port) of every listening TCP socket the processes ``pids`` hold, sorted.
+    A socket shared by several of them (inherited) is listed once per holder."""
+    inodes = _listening_inodes()
+    found = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+                name = f.read().strip()
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue  # gone meanwhile
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and int(target[8:-1]) in inodes:
+                found.append((pid, name, *inodes[int(target[8:-1])]))
+    return sorted(set(found))

@@ -157,8 +157,6 @@ def test_the_routers_policy_prices_load_with_the_configured_weights():
 
     assert policy_weights(CostWeights(queue_weight=0.5)) == CostWeights(queue_weight=0.5)
     assert policy_weights(None) == CostWeights()
-    # benchmarks/bench_serving.py still passes the fields as a dict.
-    assert policy_weights({"queue_weight": 0.2}) == CostWeights(queue_weight=0.2)
     assert make_policy("least_loaded", weights=CostWeights(queue_weight=3.0)).weights == CostWeights(queue_weight=3.0)
     with pytest.raises(TypeError, match="weights or CostWeights fields, not both"):
         make_policy("cache_aware", weights=CostWeights(), queue_weight=1.0)

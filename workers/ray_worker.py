@@ -49,7 +49,7 @@ class WorkerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     cache_service_address: str | None = None  # host:port of the CacheService; None: standalone
-    transfer_host: str | None = None  # address peers reach our BlockTransfer on (None: the node's IP)
+    transfer_host: str | None = None  # where BlockTransfer + the raw stream bind: the stack's --host (None: node IP)
     enable_transfer_server: bool = True  # serve BlockTransfer even without a cache service
     always_transfer: bool = False  # pull from a peer whenever one holds more (skip the cost test)
     raw_transfer_stream: bool = True  # serve and use the raw block stream beside gRPC
@@ -113,13 +113,13 @@ class WorkerActor:
         from cache_service.prefix_fetcher import FetcherConfig
 
         cfg = self.config
-        host = cfg.transfer_host or ray_env.node_ip()
+        host = ray_env.bind_host(cfg.transfer_host)  # the stack's --host, made valid on this machine
         node = CacheNode.for_engine(
             self.engine, cfg.worker_id, engine_call=self.loop.call, cache_address=cfg.cache_service_address,
             config=CacheNodeConfig(
                 client=CacheClientConfig(ttl_s=cfg.heartbeat_ttl_s, heartbeat_interval_s=cfg.heartbeat_interval_s),
                 fetcher=FetcherConfig(always_transfer=cfg.always_transfer),
-                transfer_host=host, advertise_host=host, raw_stream=cfg.raw_transfer_stream,
+                transfer_host=host, advertise_host=ray_env.advertise_host(host), raw_stream=cfg.raw_transfer_stream,
             ),
             ray_node_id=self.node_id,
         )

@@ -45,7 +45,8 @@ class RequestStream:
                                     min(self.num_transferred_tokens, out.cached_tokens))
                 if out.error:
                     delta.finish_reason = "error"
-                    delta.failure = EngineFailure(FailureKind.ENGINE, out.error)
+                    # The kind travels to the router, which retries only ENGINE failures elsewhere.
+                    delta.failure = EngineFailure(out.error_kind or FailureKind.ENGINE, out.error)
                 break
         self.finished = delta.finished
         return delta

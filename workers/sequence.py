@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 from cache_service.block_hash import BlockHash
+from cache_service.records import FailureKind, SamplingParams
 from workers.block_pool import Block
-from cache_service.records import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
@@ -48,6 +48,10 @@ class Sequence:
     num_preemptions: int = 0
     finish_reason: str | None = None
     error: str | None = None
+    # Whose failure ``error`` is, when set. ENGINE by default: the scheduler fails a request when this worker's
+    # KV cache has no room for it (pins hold the rest), and another worker may have room. The engine sets
+    # REQUEST when the request's own part of a step failed (workers/engine.py ``_fail_request``).
+    error_kind: FailureKind = FailureKind.ENGINE
     # Incremental detokenization and what was reported so far (workers/detokenizer.py).
     output_text: str = ""
     num_emitted_chars: int = 0
@@ -90,3 +94,4 @@ class RequestOutput:
     completion_tokens: int
     cached_tokens: int
     error: str | None = None
+    error_kind: FailureKind | None = None  # set with ``error``: whether another worker could serve it
