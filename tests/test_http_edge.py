@@ -232,3 +232,16 @@ def test_served_model_name_is_what_clients_name():
         assert body["error"]["param"] == "max_tokens"  # a missing model means the served one (vLLM's leniency)
     finally:
         r.stop()
+
+
+def test_error_mapping_keeps_worker_words_and_long_fields_out():
+    from router.dispatch import RequestFailedError
+    from router.http_app import map_error
+    from router.openai_request import OpenAIRequestError
+
+    failed = map_error(RequestFailedError("worker-0 failed the request: Traceback ... secret.py line 3"))
+    assert failed.status == 500 and failed.body["error"]["code"] == "request_failed"
+    assert "secret" not in failed.body["error"]["message"] and "not retried" in failed.body["error"]["message"]
+    long = map_error(OpenAIRequestError("stop must be ... " + "x" * 100_000, "stop"))
+    assert long.status == 400 and len(long.body["error"]["message"].encode()) <= 2048
+    assert map_error(ValueError("a bug")) is None  # not a request's fault: the app's 500 handler, logged
