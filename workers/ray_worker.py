@@ -143,17 +143,19 @@ class WorkerActor:
 
     # ---- generation -------------------------------------------------------------------------------------
     async def generate(self, call: GenerateCall) -> AsyncIterator[Delta]:
+        # The request id is bound around admission (where the fetch and the engine log), never across a
+        # yield: a consumer may resume this generator from another context (an in-process router does).
         with request_context(call.request_id):
             stream = await self._admit(call)
-            if isinstance(stream, Delta):  # refused at admission
-                yield stream
-                return
-            try:
-                while not stream.finished:
-                    yield await stream.next_delta()
-            finally:
-                if not stream.finished:  # the consumer went away (router cancelled): free the engine's slot
-                    self._abort_soon(call.request_id)
+        if isinstance(stream, Delta):  # refused at admission
+            yield stream
+            return
+        try:
+            while not stream.finished:
+                yield await stream.next_delta()
+        finally:
+            if not stream.finished:  # the consumer went away (router cancelled): free the engine's slot
+                self._abort_soon(call.request_id)
 
     async def _admit(self, call: GenerateCall) -> RequestStream | Delta:
         """Pull a longer prefix from a peer when worth it, then hand the request to the engine."""
