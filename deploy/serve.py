@@ -60,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "stream, one more port per worker) or 'grpc' (the gRPC stream only)")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker (default: by memory)")
+    parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                        help="workers' KV cache storage: 'auto' = the model's dtype, 'fp8' = float8 e4m3 with "
+                             "per-token scales (~4x the blocks of float32); blocks move only between equal dtypes")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch per worker")
     parser.add_argument("--cache-service-port", type=int, default=50052, help="CacheService gRPC port")
     parser.add_argument("--auth-tokens", default=None, metavar="FILE",
@@ -110,7 +113,7 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
         policy=args.policy,
         http_port=args.http_port or None, served_model_name=args.served_model_name,
         policy_weights=parse_weights(args.policy_weight, args.transfer_aware), block_size=args.block_size,
-        num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs, cache_service_port=args.cache_service_port,
+        num_blocks=args.num_blocks, kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=args.max_num_seqs, cache_service_port=args.cache_service_port,
         auth_tokens_file=args.auth_tokens, index_source=args.index_source, max_in_flight=args.max_in_flight,
         elastic=args.elastic, raw_transfer_stream=args.transfer_stream == "raw",
     )

@@ -92,6 +92,7 @@ class StackConfig:
     policy_weights: CostWeights = field(default_factory=default_policy_weights)
     block_size: int = 16
     num_blocks: int | None = None
+    kv_cache_dtype: str = "auto"  # workers' KV cache storage: "auto" (the model's dtype) | "fp8"
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     cache_service_port: int = 50052
@@ -233,6 +234,7 @@ class Stack:
         cfg = self.config
         template = WorkerConfig(  # worker_id and torch_threads: filled in per placement
             worker_id="", model=cfg.model, block_size=cfg.block_size, num_blocks=cfg.num_blocks,
+            kv_cache_dtype=cfg.kv_cache_dtype,
             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
             cache_service_address=self.cache_service_address, heartbeat_interval_s=cfg.heartbeat_interval_s,
             always_transfer=cfg.always_transfer, raw_transfer_stream=cfg.raw_transfer_stream,

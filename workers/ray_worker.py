@@ -46,6 +46,7 @@ class WorkerConfig:
     dtype: str | None = None
     block_size: int = 16
     num_blocks: int | None = None
+    kv_cache_dtype: str = "auto"  # "auto" | "fp8" (workers/model/kv_cache.py)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     cache_service_address: str | None = None  # host:port of the CacheService; None: standalone
@@ -74,7 +75,7 @@ class WorkerActor:
         self.engine = Engine(EngineConfig(
             model=config.model, dtype=config.dtype, device=self.device, block_size=config.block_size,
             num_blocks=config.num_blocks, max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_batched_tokens=config.max_num_batched_tokens, kv_cache_dtype=config.kv_cache_dtype,
         ))
         self.feed = EventFeed(config.feed_capacity)
         self.counters = WorkerCounters()
