@@ -168,6 +168,12 @@ class _WorkerCollector:
                                         labels=["worker", "outcome"])
         tbytes = CounterMetricFamily(f"{PREFIX}_transfer_bytes", "Bytes pulled from peers", labels=["worker"])
         tsec = HistogramMetricFamily(f"{PREFIX}_transfer_seconds", "Block transfer latency", labels=["worker"])
+        verified = CounterMetricFamily(f"{PREFIX}_block_verifications", "Imported runs recomputed and compared, "
+                                       "by outcome", labels=["worker", "outcome"])
+        quarantines = CounterMetricFamily(f"{PREFIX}_peer_quarantines",
+                                          "Peers quarantined after a failed verification", labels=["worker"])
+        skips = CounterMetricFamily(f"{PREFIX}_quarantine_skips",
+                                    "Fetches that passed over a quarantined peer", labels=["worker"])
         for w in self._snapshot():
             wid = w.worker_id
             up.add_metric([wid], 1.0 if w.live else 0.0)
@@ -187,4 +193,8 @@ class _WorkerCollector:
                 buckets.append((repr(float(bound)), cumulative))
             buckets.append(("+Inf", s.num_transfers_ok + s.num_transfers_fallback))
             tsec.add_metric([wid], buckets, s.transfer_seconds_sum)
-        yield from (up, depth, running, free, stored, evicted, transfers, tbytes, tsec)
+            verified.add_metric([wid, "ok"], s.num_verifications - s.num_verification_failures)
+            verified.add_metric([wid, "failed"], s.num_verification_failures)
+            quarantines.add_metric([wid], s.num_quarantines)
+            skips.add_metric([wid], s.num_quarantine_skips)
+        yield from (up, depth, running, free, stored, evicted, transfers, tbytes, tsec, verified, quarantines, skips)

@@ -197,6 +197,9 @@ class WorkerActor:
         """Tokens imported from a peer for this request (0 when nothing was pulled)."""
         result = await self.cache_node.fetch_prefix(call.prompt_ids, call.cache_salt, call.peer,
                                                     peer_known=call.peer_known)
+        check = result.verification
+        self.counters.observe_verification(check is not None, check is not None and not check.ok,
+                                           result.quarantined_until is not None, bool(result.quarantined_peers))
         if not result.attempted:
             return 0
         self.counters.observe_transfer(result.imported, result.num_bytes, result.num_blocks, result.seconds)
