@@ -298,6 +298,12 @@ class WorkerCounters:
     transfer_bucket_counts: list[int] = field(default_factory=lambda: [0] * len(TRANSFER_BUCKETS))
     transfer_seconds_sum: float = 0.0
     num_transfer_observations: int = 0
+    # Imported runs recomputed and compared (cache_service/peer_trust.py), those that failed, the peer
+    # quarantines the failures started, and fetches that passed over a quarantined peer.
+    num_verifications: int = 0
+    num_verification_failures: int = 0
+    num_quarantines: int = 0
+    num_quarantine_skips: int = 0
 
     def observe_transfer(self, ok: bool, num_bytes: int, num_blocks: int, seconds: float) -> None:
         if ok:
@@ -312,6 +318,14 @@ class WorkerCounters:
             if seconds <= bound:
                 self.transfer_bucket_counts[i] += 1
                 break
+
+    def observe_verification(self, verified: bool, failed: bool, quarantined: bool, skipped: bool) -> None:
+        """One fetch's trust figures: it verified its run (``failed``: the run did not match), its failure
+        quarantined the peer, it passed over a quarantined peer."""
+        self.num_verifications += verified
+        self.num_verification_failures += failed
+        self.num_quarantines += quarantined
+        self.num_quarantine_skips += skipped
 
     def observe_events(self, events: list[BlockEvent]) -> None:
         for ev in events:

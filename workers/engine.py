@@ -64,6 +64,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
     kv_cache_memory_bytes: int = DEFAULT_KV_CACHE_BYTES
+    kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "fp8": float8 e4m3 with scales (model/kv_cache.py)
     seed: int = 0  # the shared generator of unseeded sampled requests
 
 
@@ -78,13 +79,15 @@ class Engine(EngineCache):
         self.tokenizer = lm.tokenizer
         num_blocks = config.num_blocks
         if num_blocks is None:
-            num_blocks = KVCache.blocks_for_memory(lm.config, config.block_size, lm.dtype, config.kv_cache_memory_bytes)
+            num_blocks = KVCache.blocks_for_memory(lm.config, config.block_size, lm.dtype, config.kv_cache_memory_bytes,
+                                                   config.kv_cache_dtype)
         if num_blocks < 1:
             raise ValueError(f"the KV cache must hold at least one block (num_blocks={num_blocks})")
         # Only the KVManager touches the block pool.
         kv = KVManager(BlockPool(num_blocks, config.block_size, enable_caching=config.enable_prefix_caching),
                        lm.model_id)
-        super().__init__(lm.model_id, kv, KVCache(lm.config, num_blocks, config.block_size, lm.dtype, lm.device))
+        super().__init__(lm.model_id, kv, KVCache(lm.config, num_blocks, config.block_size, lm.dtype, lm.device,
+                                                  config.kv_cache_dtype))
         self.scheduler = Scheduler(kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.max_model_len = lm.config.max_position_embeddings
         self.limits = RequestLimits(lm.config.vocab_size, self.max_model_len, config.block_size, num_blocks)
