@@ -1,0 +1,205 @@
+"""Attention kernels with their log-sum-exp, one KV head at a time: the pieces paged and cascade attention merge.
+
+``attend(q, k, v, scale, causal_offset)``: queries ``q [T, H, D]`` (all heads of ``T`` tokens, as the QKV
+projection produces them) against keys/values ``k, v [S, KVH, D]`` (tokens-major, as the cache stores them:
+a view of consecutive cache slots, a gather, or the batch's fresh K/V). Query heads ``h*G .. h*G+G-1`` read
+KV head ``h``. ``causal_offset=c``: query token ``t`` sees keys ``0 .. c + t`` (bottom-right aligned: a
+chunk of new tokens after ``c`` earlier ones); ``None``: every query sees every key. Returns the output
+``[T, H, D]`` in the queries' dtype and the log-sum-exp ``[T, H]`` in float32, so that attention over a
+concatenation of key ranges is the LSE-weighted merge of attention over each range (``merge``).
+
+On CPU in bfloat16 it is row-tiled GEMMs through oneDNN (measured 1.5-2.2x torch's CPU flash kernel on this
+project's shapes, one thread: 150-190 vs 77-88 GFLOP/s; flash does its bfloat16 products in scalar-ish
+fp32 tiles); float32 and every other device use torch's kernels (the CPU flash kernel returns the LSE itself;
+elsewhere an explicit fp32 softmax), which keeps float32 greedy output as it was.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from workers.model.kv_cache import dequantize, gather_slots
+
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+
+# Scores of one row tile are [tile_rows, S] float32: ~1 MiB keeps a tile's scores in L2 while it is
+# exponentiated and multiplied by V (measured: 256 rows x 2048 keys ran 1.3x faster than 512 x 2048).
+TILE_SCORES = 1 << 20
+SCORE_DTYPE: dict[torch.dtype, torch.dtype] = {}
+_TRIU_CACHE: dict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+# A prefix made of at most this many runs of consecutive cache slots is read as views joined by one memcpy
+# (torch.cat) rather than a row gather: a shared prefix whose prompt was prefilled in two chunks is two runs,
+# and index_select of 2048 slot rows measured 4-8x slower than copying the two ranges.
+MAX_RUNS = 16
+
+
+def slot_runs(blocks: list[int], block_size: int, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
+    """Positions ``start .. end-1`` of a sequence with block table ``blocks`` as ``[a, b)`` slot ranges, one per
+    run of consecutive blocks (so one range when the whole span is consecutive)."""
+    if end is None:
+        end = len(blocks) * block_size
+    runs: list[tuple[int, int]] = []
+    p = start
+    while p < end:
+        b = p // block_size
+        off = p % block_size
+        a = blocks[b] * block_size + off
+        take = min(block_size - off, end - p)
+        if runs and runs[-1][1] == a:
+            runs[-1] = (runs[-1][0], a + take)
+        else:
+            runs.append((a, a + take))
+        p += take
+    return runs
+
+
+def read_rows(cache: torch.Tensor, scales: torch.Tensor | None, runs: list[tuple[int, int]] | None,
+              slots: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of a layer's K or V ``[num_slots, KVH, D]`` in ``dtype``: slot ranges ``runs`` (one range: a view,
+    no copy, when unquantized; a few: one copy of the ranges) or else the ``slots`` gather. fp8 caches are
+    dequantized from the same views / gathers."""
+    if runs is not None:
+        if len(runs) == 1:
+            a, b = runs[0]
+            values = cache[a:b]
+            sc = None if scales is None else scales[a:b]
+        else:
+            values = torch.cat([cache[a:b].view(torch.uint8) if scales is not None else cache[a:b] for a, b in runs])
+            if scales is not None:
+                values = values.view(cache.dtype)
+            sc = None if scales is None else torch.cat([scales[a:b] for a, b in runs])
+        return values.to(dtype) if sc is None else dequantize(values, sc, dtype)
+    return gather_slots(cache, scales, slots, dtype).to(dtype)
+
+
+# float32 attention goes through the GEMM kernel from this many query rows per KV head (tokens x G); below
+# it torch's flash kernel was faster (measured at 8 decode rows x G=4 over 2048 keys: 60 vs 51 GFLOP/s;
+# at 448 x 4: 89 vs 131, a 2048-token causal prefill: 71 vs 105).
+FP32_GEMM_MIN_ROWS = 64
+
+
+def _gemm_path(q: torch.Tensor, rows: int) -> bool:
+    if q.device.type != "cpu" or _LINEAR is None or not torch.backends.mkldnn.is_available():
+        return False
+    if q.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return q.dtype == torch.float32 and rows >= FP32_GEMM_MIN_ROWS
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_offset: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention with GQA: ``q [T, H, D]`` x ``k, v [S, KVH, D]`` -> (out ``[T, H, D]``, lse ``[T, H]``)."""
+    if _gemm_path(q, q.shape[0] * (q.shape[1] // k.shape[1])):
+        return _attend_gemm(q, k, v, scale, causal_offset)
+    return _attend_sdpa(q, k, v, scale, causal_offset)
+
+
+def _causal_mask(num_tokens: int, num_keys: int, offset: int, dtype, device) -> torch.Tensor:
+    """Additive [T, S] mask: token t sees keys <= offset + t."""
+    key = (num_tokens, num_keys - offset, dtype, device)
+    tri = _TRIU_CACHE.get(key)
+    if tri is None:
+        pos = torch.arange(num_keys - offset, device=device)
+        tri = torch.zeros((num_tokens, num_keys - offset), dtype=dtype, device=device)
+        tri.masked_fill_(pos[None, :] > torch.arange(num_tokens, device=device)[:, None], float("-inf"))
+        if len(_TRIU_CACHE) > 64:
+            _TRIU_CACHE.clear()
+        _TRIU_CACHE[key] = tri
+    if offset == 0:
+        return tri
+    return torch.cat([torch.zeros((num_tokens, offset), dtype=dtype, device=device), tri], dim=1)
+
+
+def _attend_sdpa(q, k, v, scale, causal_offset):
+    num_tokens, num_heads, head_dim = q.shape
+    num_keys, num_kv_heads = k.shape[0], k.shape[1]
+    qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
+    kh = k.transpose(0, 1).unsqueeze(0)  # [1, KVH, S, D]
+    vh = v.transpose(0, 1).unsqueeze(0)
+    mask, is_causal = None, False
+    if causal_offset is not None:
+        if causal_offset == 0 and num_keys == num_tokens:
+            is_causal = True
+        else:
+            mask = _causal_mask(num_tokens, num_keys, causal_offset, q.dtype, q.device)
+    if q.device.type == "cpu" and _CPU_FLASH is not None and q.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        # GQA as is: the CPU flash op reads KV head h // G for query head h (no expanded K/V copy).
+        out, lse = _CPU_FLASH(qh, kh, vh, 0.0, is_causal, attn_mask=mask, scale=scale)
+        return out[0].transpose(0, 1), lse[0].transpose(0, 1).float()
+    # Any device: explicit scores in float32 (off CPU this is what cascade.attend_with_lse_reference does).
+    g = num_heads // num_kv_heads
+    kh = kh.repeat_interleave(g, dim=1)
+    vh = vh.repeat_interleave(g, dim=1)
+    s = torch.matmul(qh, kh.transpose(-1, -2)).float() * scale
+    if is_causal:
+        mask = _causal_mask(num_tokens, num_keys, 0, torch.float32, q.device)
+    if mask is not None:
+        s = s + mask.float()
+    lse = torch.logsumexp(s, dim=-1)
+    out = torch.matmul(torch.exp(s - lse[..., None]).to(v.dtype), vh)
+    return out[0].transpose(0, 1), lse[0].transpose(0, 1)
+
+
+def _attend_gemm(q, k, v, scale, causal_offset, score_dtype=None):
+    """Row tiles of (q_tile @ K^T -> float32 softmax -> @ V) through oneDNN, one KV head at a time.
+
+    Per tile: the scores GEMM (the scale folded into the queries in float32 first), one fused float32
+    softmax, the probabilities in the queries' dtype for the P @ V GEMM, and the log-sum-exp from the
+    softmax's own output (``lse = max(s) - log(max(p))``: the probability at the row max is exactly
+    ``exp(max - lse)``), so that a tile costs two GEMMs and four passes over its scores. P @ V is oneDNN's
+    linear on a contiguous V^T for tiles of 64 rows and more (1.5x torch.matmul there; float32 matmul is MKL,
+    slow on this AMD EPYC), torch.matmul below (oneDNN for bfloat16; its setup cost is lower for few rows).
+    """
+    score_dtype = score_dtype or SCORE_DTYPE.get(q.dtype, q.dtype)
+    num_tokens, num_heads, head_dim = q.shape
+    num_keys, num_kv_heads = k.shape[0], k.shape[1]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    lse = torch.empty((num_tokens, num_heads), dtype=torch.float32, device=q.device)
+    tile = max(1, min(num_tokens, TILE_SCORES // max(1, num_keys * group)))
+    for h in range(num_kv_heads):
+        # oneDNN's linear needs a contiguous weight (a strided one runs a reference kernel, ~1000x slower).
+        k_h = k[:, h].to(score_dtype).contiguous()  # [S, D]: the "weight" of the scores GEMM
+        linear_pv = tile * group >= 64
+        v_h = v[:, h].t().contiguous() if linear_pv else v[:, h].contiguous()  # [D, S] / [S, D]
+        q_h = q[:, h * group : (h + 1) * group]  # [T, G, D]
+        for t0 in range(0, num_tokens, tile):
+            t1 = min(num_tokens, t0 + tile)
+            n = t1 - t0
+            keys = num_keys if causal_offset is None else min(num_keys, causal_offset + t1)
+            rows = (q_h[t0:t1].reshape(n * group, head_dim).float() * scale).to(score_dtype)
+            s = _LINEAR(rows, k_h[:keys] if keys < num_keys else k_h, None, "none", [], "")
+            if causal_offset is not None and causal_offset + t0 + 1 < keys:
+                # The tile's diagonal: token t0+i sees keys <= causal_offset + t0 + i.
+                first = causal_offset + t0
+                tri = _causal_mask(n, keys - first, 0, s.dtype, q.device)  # [n, keys - first]
+                s.view(n, group, keys)[:, :, first:].add_(tri[:, None, :])
+            m = s.amax(dim=-1)
+            p = torch.softmax(s, dim=-1, dtype=torch.float32)
+            tile_lse = m.float() - p.amax(dim=-1).log()
+            if linear_pv:
+                o = _LINEAR(p.to(q.dtype), v_h if keys == num_keys else v_h[:, :keys].contiguous(), None, "none", [], "")
+            else:
+                o = torch.matmul(p.to(q.dtype), v_h[:keys])
+            out[t0:t1, h * group : (h + 1) * group] = o.view(n, group, head_dim)
+            lse[t0:t1, h * group : (h + 1) * group] = tile_lse.view(n, group)
+    return out, lse
+
+
+def merge(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> torch.Tensor:
+    """Attention over keys A and B from attention over each: ``out [..., D]``, ``lse [...]`` (fp32)."""
+    m = torch.maximum(lse_a, lse_b)
+    w_a = torch.exp(lse_a - m).unsqueeze(-1)
+    w_b = torch.exp(lse_b - m).unsqueeze(-1)
+    merged = (out_a.float() * w_a + out_b.float() * w_b) / (w_a + w_b)
+    return merged.to(out_a.dtype)
+
+
+__all__ = ["MAX_RUNS", "attend", "merge", "read_rows", "slot_runs"]
