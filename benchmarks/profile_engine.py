@@ -6,7 +6,7 @@ Each component below is wrapped with a timer of this thread's CPU time (``time.t
 machine wall time mostly measures the neighbours, and with one torch thread the CPU time of this thread is the
 work done). Wrapped calls nest (attention runs inside the layer); each is reported without its children:
 
-    linear      every projection and the LM head (oneDNN / F.linear)
+    linear      every projection and the LM head (oneDNN / F.linear), fused epilogues included
     attention   paged / cascade attention, the K/V gathers and dequantization included
     kv write    storing the step's new K/V into the cache
     model other embeddings, norms, rope, activations, residuals, the attention plan, logits copy
@@ -73,6 +73,8 @@ def install(split: Split) -> None:
     split.wrap(nn.Linear, "forward", "linear")
     if hasattr(layers, "Linear") and layers.Linear.forward is not nn.Linear.forward:
         split.wrap(layers.Linear, "forward", "linear")
+        if hasattr(layers.Linear, "silu_mul"):  # the MLP's gate/up GEMMs with their fused epilogues
+            split.wrap(layers.Linear, "silu_mul", "linear")
     split.wrap(layers, "paged_attention", "attention")
     if hasattr(layers, "write_kv"):
         split.wrap(layers, "write_kv", "kv write")

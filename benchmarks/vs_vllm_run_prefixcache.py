@@ -11,8 +11,6 @@ import os
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import workers  # noqa: E402,F401 - before torch: the engine's OpenMP defaults (workers/threads.py)
-
 
 def make_engine(spec: dict):
     import torch

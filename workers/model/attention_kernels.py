@@ -76,25 +76,36 @@ def read_rows(cache: torch.Tensor, scales: torch.Tensor | None, runs: list[tuple
     return gather_slots(cache, scales, slots, dtype).to(dtype)
 
 
-# float32 attention goes through the GEMM kernel from this many query rows per KV head (tokens x G); below
-# it torch's flash kernel was faster (measured at 8 decode rows x G=4 over 2048 keys: 60 vs 51 GFLOP/s;
-# at 448 x 4: 89 vs 131, a 2048-token causal prefill: 71 vs 105).
-FP32_GEMM_MIN_ROWS = 64
+# Attention goes through the GEMM kernel from this many query rows per KV head (tokens x G). Below it (a
+# decode group's prefix pass) torch's flash kernel is one parallel region where the tiles are a dozen small
+# ones, each a wake-up of the other OpenMP threads: with 2 threads flash ran as fast (90-98 vs 99-114
+# GFLOP/s) and far steadier on a busy machine. With one thread there are no wake-ups, and for bfloat16 the
+# GEMMs win at any size (89 vs 49 GFLOP/s at 8 decode rows x G=4 over 2048 keys); float32 flash is faster
+# there (60 vs 51), and slower from 64 rows (448 x 4: 92 vs 134; a 2048-token causal prefill: 72 vs 106).
+GEMM_MIN_ROWS = 64
+# ... and from this many keys: below it flash was as fast (one thread, 96-99 keys: 29-44 vs 17-32 GFLOP/s)
+# and, being one kernel, rounds a chunk's attention exactly alike whatever follows it (block_verifier.py's
+# bfloat16 recomputation of a short run matches the prefill that made it bit for bit).
+GEMM_MIN_KEYS = 256
 
 
-def _gemm_path(q: torch.Tensor, rows: int) -> bool:
+def _gemm_path(q: torch.Tensor, rows: int, keys: int) -> bool:
     if q.device.type != "cpu" or _LINEAR is None or not torch.backends.mkldnn.is_available():
         return False
+    if keys < GEMM_MIN_KEYS:
+        return False
     if q.dtype == torch.bfloat16:
+        if rows < GEMM_MIN_ROWS and torch.get_num_threads() > 1:
+            return False
         return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return q.dtype == torch.float32 and rows >= FP32_GEMM_MIN_ROWS
+    return q.dtype == torch.float32 and rows >= GEMM_MIN_ROWS
 
 
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_offset: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention with GQA: ``q [T, H, D]`` x ``k, v [S, KVH, D]`` -> (out ``[T, H, D]``, lse ``[T, H]``)."""
-    if _gemm_path(q, q.shape[0] * (q.shape[1] // k.shape[1])):
+    if _gemm_path(q, q.shape[0] * (q.shape[1] // k.shape[1]), k.shape[0]):
         return _attend_gemm(q, k, v, scale, causal_offset)
     return _attend_sdpa(q, k, v, scale, causal_offset)
 
@@ -162,17 +173,23 @@ def _attend_gemm(q, k, v, scale, causal_offset, score_dtype=None):
     out = torch.empty_like(q)
     lse = torch.empty((num_tokens, num_heads), dtype=torch.float32, device=q.device)
     tile = max(1, min(num_tokens, TILE_SCORES // max(1, num_keys * group)))
+    if causal_offset is not None:
+        # A causal tile computes its whole [tile, keys] block and masks the upper triangle of its diagonal
+        # part: tiles of an eighth of the keys keep that waste under ~6% (one 512-token tile ran at 25
+        # GFLOP/s where the same chunk in 64-token tiles ran like the 2048-token prefill's 128-token ones).
+        tile = min(tile, max(32, num_keys // 8))
     for h in range(num_kv_heads):
         # oneDNN's linear needs a contiguous weight (a strided one runs a reference kernel, ~1000x slower).
         k_h = k[:, h].to(score_dtype).contiguous()  # [S, D]: the "weight" of the scores GEMM
         linear_pv = tile * group >= 64
         v_h = v[:, h].t().contiguous() if linear_pv else v[:, h].contiguous()  # [D, S] / [S, D]
-        q_h = q[:, h * group : (h + 1) * group]  # [T, G, D]
+        # [T*G, D], row t*G + g: query head h*G+g of token t, scaled once for all tiles.
+        q_h = (q[:, h * group : (h + 1) * group].float() * scale).to(score_dtype).reshape(num_tokens * group, head_dim)
         for t0 in range(0, num_tokens, tile):
             t1 = min(num_tokens, t0 + tile)
             n = t1 - t0
             keys = num_keys if causal_offset is None else min(num_keys, causal_offset + t1)
-            rows = (q_h[t0:t1].reshape(n * group, head_dim).float() * scale).to(score_dtype)
+            rows = q_h[t0 * group : t1 * group]
             s = _LINEAR(rows, k_h[:keys] if keys < num_keys else k_h, None, "none", [], "")
             if causal_offset is not None and causal_offset + t0 + 1 < keys:
                 # The tile's diagonal: token t0+i sees keys <= causal_offset + t0 + i.
