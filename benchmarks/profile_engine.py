@@ -4,7 +4,8 @@
 
 Each component below is wrapped with a timer of this thread's CPU time (``time.thread_time``: on a shared
 machine wall time mostly measures the neighbours, and with one torch thread the CPU time of this thread is the
-work done). Wrapped calls nest (attention runs inside the layer); each is reported without its children:
+work done; ``--wall`` times wall clock instead, for more threads). Wrapped calls nest (attention runs inside
+the layer); each is reported without its children:
 
     linear      every projection and the LM head (oneDNN / F.linear), fused epilogues included
     attention   paged / cascade attention, the K/V gathers and dequantization included
@@ -34,21 +35,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 class Split:
-    def __init__(self) -> None:
+    def __init__(self, clock=time.thread_time) -> None:
         self.totals: dict[str, float] = {}
         self.stack: list[list] = []  # [name, start, child time]
+        self.clock = clock
 
     def wrap(self, owner, attr: str, name: str) -> None:
         fn = getattr(owner, attr)
 
         @functools.wraps(fn)
         def timed(*a, **k):
-            self.stack.append([name, time.thread_time(), 0.0])
+            self.stack.append([name, self.clock(), 0.0])
             try:
                 return fn(*a, **k)
             finally:
                 _, start, child = self.stack.pop()
-                spent = time.thread_time() - start
+                spent = self.clock() - start
                 self.totals[name] = self.totals.get(name, 0.0) + spent - child
                 if self.stack:
                     self.stack[-1][2] += spent
@@ -87,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workload", default="A", choices=("A", "B", "C"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--ops", action="store_true", help="also print torch.profiler's top operators")
+    parser.add_argument("--wall", action="store_true",
+                        help="split wall-clock time instead of this thread's CPU time (for --threads > 1)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "prefixcache-profile")
     parser.add_argument("--json", help="append the split as one JSON line to this file")
     args = parser.parse_args(argv)
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         work = [(prompts["c"], prompts["c_output_len"])]
 
-    split = Split()
+    split = Split(time.perf_counter if args.wall else time.thread_time)
     install(split)
     profiler = None
     if args.ops:

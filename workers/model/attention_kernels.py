@@ -24,10 +24,14 @@ from workers.model.kv_cache import dequantize, gather_slots
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 
-# Scores of one row tile are [tile_rows, S] float32: ~1 MiB keeps a tile's scores in L2 while it is
-# exponentiated and multiplied by V (measured: 256 rows x 2048 keys ran 1.3x faster than 512 x 2048).
-TILE_SCORES = 1 << 20
-SCORE_DTYPE: dict[torch.dtype, torch.dtype] = {}
+# Scores of one row tile are [tile_rows, S] float32, ~2 MiB. Measured (median of 5 interleaved runs, GFLOP/s,
+# 1 / 2 threads, bfloat16; the 2048-token causal prefill, a 448-token group pass over 2048 keys): 1 MiB tiles
+# 116-151 / 127-201, 2 MiB 129-165 / 168-241, 4 MiB 100-103 / 134-271 (out of L2 with one thread).
+TILE_SCORES = 1 << 19
+# Scores are computed and exponentiated in float32 for bfloat16 models too, as torch's flash kernel does:
+# the bfloat16 x bfloat16 -> float32 products cost a conversion of the tile's queries and the keys, and a
+# softmax on bfloat16 scores was the slow path (3.6 ms vs 0.41 ms for 512 x 2048, one thread).
+SCORE_DTYPE: dict[torch.dtype, torch.dtype] = {torch.bfloat16: torch.float32}
 _TRIU_CACHE: dict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
 
 
