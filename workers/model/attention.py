@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from workers.model.attention_kernels import attend, merge, read_rows
+from workers.model.attention_kernels import attend, merge, read_rows, sdpa_causal
 from workers.model.cascade import cascade_decode_attention
 from workers.model.forward_batch import AttentionPlan
 from workers.model.kv_cache import LayerKV, gather_slots, quantize_fp8
@@ -71,10 +71,13 @@ def paged_attention(
                 v_seq.transpose(0, 1).unsqueeze(0), attn_mask=p.mask, scale=scale, enable_gqa=True)
             out[p.token_start : end] = o[0].transpose(0, 1)
             continue
-        o, lse = attend(q[p.token_start : end], k_seq, v_seq, scale, p.causal_offset)
+        if p.prefix or q.device.type == "cpu":
+            o, lse = attend(q[p.token_start : end], k_seq, v_seq, scale, p.causal_offset)
+            if p.prefix:
+                rest_lse[p.token_start : end] = lse
+        else:  # no LSE needed: the device's own SDPA kernels (flash / memory-efficient on CUDA)
+            o = sdpa_causal(q[p.token_start : end], k_seq, v_seq, scale, p.causal_offset)
         out[p.token_start : end] = o
-        if p.prefix:
-            rest_lse[p.token_start : end] = lse
     for pp in plan.prefix_passes:
         k_pre = read_rows(k_cache, k_scale, pp.runs, pp.slots, q.dtype)
         v_pre = read_rows(v_cache, v_scale, pp.runs, pp.slots, q.dtype)

@@ -8,10 +8,10 @@ chunk of new tokens after ``c`` earlier ones); ``None``: every query sees every 
 ``[T, H, D]`` in the queries' dtype and the log-sum-exp ``[T, H]`` in float32, so that attention over a
 concatenation of key ranges is the LSE-weighted merge of attention over each range (``merge``).
 
-On CPU in bfloat16 it is row-tiled GEMMs through oneDNN (measured 1.5-2.2x torch's CPU flash kernel on this
-project's shapes, one thread: 150-190 vs 77-88 GFLOP/s; flash does its bfloat16 products in scalar-ish
-fp32 tiles); float32 and every other device use torch's kernels (the CPU flash kernel returns the LSE itself;
-elsewhere an explicit fp32 softmax), which keeps float32 greedy output as it was.
+On CPU a causal chunk of 64+ query rows over 256+ keys (and a bfloat16 prefix pass of 1024+ rows) is
+row-tiled GEMMs through oneDNN with a float32 softmax (``_attend_gemm``: 1.4-1.7x torch's CPU flash kernel
+there); the rest is torch's CPU flash kernel, which returns the LSE itself, on GQA-folded queries when
+unmasked. Other devices use an explicit float32 softmax (device-agnostic; see ``_attend_sdpa``).
 """
 
 from __future__ import annotations
@@ -80,35 +80,44 @@ def read_rows(cache: torch.Tensor, scales: torch.Tensor | None, runs: list[tuple
     return gather_slots(cache, scales, slots, dtype).to(dtype)
 
 
-# Attention goes through the GEMM kernel from this many query rows per KV head (tokens x G). Below it (a
-# decode group's prefix pass: 8 decodes x G=4 over 2048 keys) torch's flash kernel on GQA-folded queries is
-# one parallel region where the tiles are a dozen small ones, each a wake-up of the other OpenMP threads:
-# with 2 threads it ran as fast (0.36-0.40 vs 0.46-0.51 ms) and far steadier on a busy machine. The choice
-# does not depend on the thread count, so that a run rounds alike with 1 or N threads.
-GEMM_MIN_ROWS = 64
-# ... and from this many keys: below it flash was as fast (one thread, 96-99 keys: 29-44 vs 17-32 GFLOP/s)
-# and, being one kernel, rounds a chunk's attention exactly alike whatever follows it (block_verifier.py's
-# bfloat16 recomputation of a short run matches the prefill that made it bit for bit).
+# Which kernel, measured (median of 5 interleaved runs; ms for a pass over 2048 keys, 8 heads, G=4, 1 / 2
+# threads; flash on GQA-folded queries):
+#
+#   unmasked (prefix passes)   tokens  float32 flash / GEMM          bfloat16 flash / GEMM
+#                              16      0.81 / 1.49  0.49 / 1.15      0.89 / 0.69  0.54 / 0.62
+#                              64      2.92 / 3.75  1.57 / 2.69      3.11 / 3.39  1.83 / 2.62
+#                              128     5.84 / 6.82  3.07 / 4.68      6.32 / 5.42  3.61 / 4.88
+#                              448     19.5 / 19.8  10.4 / 12.7      20.4 / 16.0  10.5 / 9.6
+#   causal, 2048-token prefill GFLOP/s 72-76 / 106-122 (1 thread), 131-149 / 162-198 (2), both dtypes alike
+#
+# so unmasked passes use flash, except bfloat16 ones of many rows, and causal chunks use the GEMMs from
+# 64 rows and 256 keys. Below that flash was as fast (96-99 keys: 29-44 vs 17-32 GFLOP/s) and, being one
+# kernel, rounds a chunk's attention exactly alike whatever follows it (block_verifier.py's bfloat16
+# recomputation of a short run matches the prefill that made it bit for bit). Flash is also one parallel
+# region where a GEMM tile loop is a dozen, each a wake-up of the other OpenMP threads: steadier on a busy
+# machine. The choice never depends on the thread count, so a run rounds alike with 1 or N threads.
+GEMM_MIN_ROWS = 64  # query rows per KV head (tokens x G), causal chunks
 GEMM_MIN_KEYS = 256
+GEMM_MIN_ROWS_UNMASKED_BF16 = 1024
 
 
-def _gemm_path(q: torch.Tensor, rows: int, keys: int) -> bool:
+def _gemm_path(q: torch.Tensor, rows: int, keys: int, causal: bool) -> bool:
     if q.device.type != "cpu" or _LINEAR is None or not torch.backends.mkldnn.is_available():
         return False
-    if keys < GEMM_MIN_KEYS:
-        return False
-    if rows < GEMM_MIN_ROWS:
+    if keys < GEMM_MIN_KEYS or rows < GEMM_MIN_ROWS:
         return False
     if q.dtype == torch.bfloat16:
+        if not causal and rows < GEMM_MIN_ROWS_UNMASKED_BF16:
+            return False
         return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return q.dtype == torch.float32
+    return q.dtype == torch.float32 and causal
 
 
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_offset: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention with GQA: ``q [T, H, D]`` x ``k, v [S, KVH, D]`` -> (out ``[T, H, D]``, lse ``[T, H]``)."""
-    if _gemm_path(q, q.shape[0] * (q.shape[1] // k.shape[1]), k.shape[0]):
+    if _gemm_path(q, q.shape[0] * (q.shape[1] // k.shape[1]), k.shape[0], causal_offset is not None):
         return _attend_gemm(q, k, v, scale, causal_offset)
     return _attend_sdpa(q, k, v, scale, causal_offset)
 
@@ -127,6 +136,22 @@ def _causal_mask(num_tokens: int, num_keys: int, offset: int, dtype, device) -> 
     if offset == 0:
         return tri
     return torch.cat([torch.zeros((num_tokens, offset), dtype=dtype, device=device), tri], dim=1)
+
+
+def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_offset: int) -> torch.Tensor:
+    """``attend``'s output alone through ``F.scaled_dot_product_attention`` (bottom-right causal), for any
+    device: where no LSE is needed, the device's fused kernels never materialize the scores."""
+    num_tokens, num_keys = q.shape[0], k.shape[0]
+    is_causal = causal_offset == 0 and num_keys == num_tokens
+    mask = None if is_causal else _causal_mask(num_tokens, num_keys, causal_offset, q.dtype, q.device)
+    o = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0),
+                                       v.transpose(0, 1).unsqueeze(0), attn_mask=mask, is_causal=is_causal,
+                                       scale=scale, enable_gqa=True)
+    return o[0].transpose(0, 1)
+
+
+# The explicit-softmax path materializes [heads, rows, keys] float32 scores: at most this many at a time.
+REFERENCE_SCORES = 1 << 26
 
 
 def _attend_sdpa(q, k, v, scale, causal_offset):
@@ -155,17 +180,23 @@ def _attend_sdpa(q, k, v, scale, causal_offset):
         # GQA as is: the CPU flash op reads KV head h // G for query head h (no expanded K/V copy).
         out, lse = _CPU_FLASH(qh, kh, vh, 0.0, is_causal, attn_mask=mask, scale=scale)
         return out[0].transpose(0, 1), lse[0].transpose(0, 1).float()
-    # Any device: explicit scores in float32 (off CPU this is what cascade.attend_with_lse_reference does).
+    # Any device: explicit scores in float32 (off CPU this is what cascade.attend_with_lse_reference does),
+    # in row tiles so that a long prefix pass never holds more than REFERENCE_SCORES scores.
     g = num_heads // num_kv_heads
     kh = kh.repeat_interleave(g, dim=1)
     vh = vh.repeat_interleave(g, dim=1)
-    s = torch.matmul(qh, kh.transpose(-1, -2)).float() * scale
     if is_causal:
         mask = _causal_mask(num_tokens, num_keys, 0, torch.float32, q.device)
-    if mask is not None:
-        s = s + mask.float()
-    lse = torch.logsumexp(s, dim=-1)
-    out = torch.matmul(torch.exp(s - lse[..., None]).to(v.dtype), vh)
+    out = torch.empty_like(qh)
+    lse = torch.empty(qh.shape[:-1], dtype=torch.float32, device=q.device)
+    step = max(1, REFERENCE_SCORES // max(1, num_heads * num_keys))
+    for t0 in range(0, num_tokens, step):
+        t1 = min(num_tokens, t0 + step)
+        s = torch.matmul(qh[:, :, t0:t1], kh.transpose(-1, -2)).float() * scale
+        if mask is not None:
+            s = s + mask[t0:t1].float()
+        lse[:, :, t0:t1] = torch.logsumexp(s, dim=-1)
+        out[:, :, t0:t1] = torch.matmul(torch.exp(s - lse[:, :, t0:t1, None]).to(v.dtype), vh)
     return out[0].transpose(0, 1), lse[0].transpose(0, 1)
 
 
