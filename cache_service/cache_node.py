@@ -35,7 +35,7 @@ from cache_service.transfer_server import (
     TransferFaults,
     TransferServer,
 )
-from cache_service.records import BlockEvent, PeerHint, WorkerLoad
+from cache_service.records import BlockEvent, HeldBlock, PeerHint, WorkerLoad
 from cache_service.types import NodeInfo, PrefixMatch
 from common.logs import get_logger
 
@@ -169,8 +169,8 @@ class CacheNode:
         if self.client is not None and result.attempted:
             self.client.record_transfer(result.ok, result.num_blocks, result.num_bytes)
 
-    async def _snapshot(self) -> list[BlockHash]:
-        return await self.engine_call(lambda e: e.cached_hashes())
+    async def _snapshot(self) -> list[HeldBlock]:
+        return await self.engine_call(lambda e: e.cached_blocks())  # (hash, fastest tier) per block held
 
     async def _load(self) -> WorkerLoad:
         return await self.engine_call(lambda e: e.load())

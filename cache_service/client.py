@@ -30,12 +30,13 @@ from cache_service.types import NodeInfo, PinAssignment, PrefixMatch, TransferCo
 from cache_service.validation import MAX_EVENTS_PER_PUBLISH, MAX_MESSAGE_BYTES
 from protos.prefixcache.v1 import cache_pb2 as pb
 from protos.prefixcache.v1 import cache_pb2_grpc
-from cache_service.records import AllBlocksCleared, BlockEvent, BlockRemoved, BlockStored, WorkerLoad
+from cache_service.records import AllBlocksCleared, BlockEvent, BlockRemoved, BlockStored, HeldBlock, WorkerLoad
 from common.logs import get_logger, request_id_metadata
 
 log = get_logger("cache_service")
 
-SnapshotFn = Callable[[], "list[BlockHash] | Awaitable[list[BlockHash]]"]
+# The node's held set: one HeldBlock (hash, fastest tier) per block (records.WorkerPoll.snapshot's format).
+SnapshotFn = Callable[[], "list[HeldBlock] | Awaitable[list[HeldBlock]]"]
 LoadFn = Callable[[], "WorkerLoad | Awaitable[WorkerLoad]"]
 PinsFn = Callable[[list[PinAssignment]], "None | Awaitable[None]"]
 
@@ -273,7 +274,8 @@ class CacheClient:
             cut = self.queue.cut()
             self._snapshot_in_flight = True
             try:
-                hashes = list(await _maybe_await(self._snapshot()))
+                # The index learns holders only for now: the tier stays behind until the proto carries it.
+                hashes = [h for h, _tier in await _maybe_await(self._snapshot())]
                 await self._publish_snapshot(epoch, hashes)
             except BaseException:
                 self.queue.request_resync()

@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker (default: by memory)")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch per worker")
+    from workers.generate_cli import add_tier_arguments  # torch-free: the flags only
+
+    add_tier_arguments(parser)  # --host-cache-gb, --disk-cache DIR (per worker: DIR/<worker id>), --disk-cache-gb
     parser.add_argument("--cache-service-port", type=int, default=50052, help="CacheService gRPC port")
     parser.add_argument("--auth-tokens", default=None, metavar="FILE",
                         help="JSON {token: tenant}; enables bearer-token auth "
@@ -94,8 +97,11 @@ def parse_weights(items: list[str], transfer_aware: bool) -> CostWeights:
 def config_from_args(args: argparse.Namespace) -> StackConfig:
     from deploy.stack import StackConfig
 
+    from workers.generate_cli import check_tier_arguments
+
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    check_tier_arguments(args)
     return StackConfig(
         model=args.model, num_workers=args.workers, redis_url=args.redis_url, ray_address=args.ray_address,
         host=args.host, advertise_host=args.advertise_host, port=args.port, metrics_port=args.metrics_port,
@@ -104,6 +110,7 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
         num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs, cache_service_port=args.cache_service_port,
         auth_tokens_file=args.auth_tokens, index_source=args.index_source, max_in_flight=args.max_in_flight,
         elastic=args.elastic, raw_transfer_stream=args.transfer_stream == "raw",
+        host_cache_gb=args.host_cache_gb, disk_cache=args.disk_cache, disk_cache_gb=args.disk_cache_gb,
     )
 
 

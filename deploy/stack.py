@@ -92,6 +92,10 @@ class StackConfig:
     num_blocks: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    # Tiers under each worker's device pool (workers/lower_tiers.py); worker w keeps its files in disk_cache/w.
+    host_cache_gb: float = 0.0
+    disk_cache: str | None = None
+    disk_cache_gb: float = 16.0
     cache_service_port: int = 50052
     auth_tokens_file: str | None = None
     auth: TokenAuth | None = None  # tests; None: from auth_tokens_file / the environment
@@ -234,6 +238,7 @@ class Stack:
             cache_service_address=self.cache_service_address, heartbeat_interval_s=cfg.heartbeat_interval_s,
             always_transfer=cfg.always_transfer, raw_transfer_stream=cfg.raw_transfer_stream,
             transfer_host=cfg.host,  # each worker binds here (workers/ray_env.py: bind_host, advertise_host)
+            host_cache_gb=cfg.host_cache_gb, disk_cache=cfg.disk_cache, disk_cache_gb=cfg.disk_cache_gb,
         )
         return WorkerActors(template, cpus_per_worker=cfg.worker_num_cpus, max_restarts=cfg.worker_max_restarts,
                             start_timeout_s=cfg.worker_start_timeout_s)

@@ -45,6 +45,9 @@ class Sequence:
     # Leading blocks of block_table already registered in the pool's hash map (hits, or cached by us).
     num_registered_blocks: int = 0
     num_cached_tokens: int | None = None  # the prefix hit at first admission (reported as cached_tokens)
+    # Of that hit, tokens loaded back from the host / disk tier for this sequence (kv_manager.lookup_prefix).
+    num_host_hit_tokens: int = 0
+    num_disk_hit_tokens: int = 0
     num_preemptions: int = 0
     finish_reason: str | None = None
     error: str | None = None
