@@ -296,3 +296,38 @@ def test_generate_flags_keep_a_disk_cache_across_runs(never_left, tmp_path):
     assert [r["token_ids"] for r in second] == [never_left["A"], never_left["B"]]
     assert [r["cached_tokens"] for r in second] == [28, 0]
     assert main(argv[:-1] + ["0", "--output", str(tmp_path / "x.jsonl")]) == 2  # --disk-cache-gb 0: refused
+
+
+# ---- the disk tier alone ------------------------------------------------------------------------------------
+def test_disk_lru_order_and_bound_survive_a_restart(tmp_path):
+    import os
+
+    from cache_service.block_hash import BlockHash
+    from cache_service.block_wire import encode_payload
+    from workers.disk_tier import DiskTier
+
+    shape = (1, 2, BS, 1, 2)  # 64 bytes of float32
+
+    def open_disk(capacity):
+        return DiskTier(tmp_path, capacity, model_id="m", dtype="float32", block_shape=shape)
+
+    def payload(h):
+        return encode_payload("m", h, "float32", shape, bytes(range(64)))
+
+    hs = [BlockHash(bytes([i + 1]) * 16) for i in range(3)]
+    disk = open_disk(10**6)
+    for h in hs:
+        assert disk.put(h, (1, 2, 3, 4), payload(h)) == [] and h in disk
+    size = disk.get(hs[0]).num_bytes
+    # The order a restart reads back is the files' modification times: written h0, h1, h2, then h0 used.
+    for i, h in enumerate(hs):
+        os.utime(disk.path(h), ns=(10**18 + i, 10**18 + i))
+    os.utime(disk.path(hs[0]), ns=(2 * 10**18, 2 * 10**18))
+    again = open_disk(2 * size)  # a smaller bound than before: the least recently used file goes
+    assert list(again.hashes()) == [hs[2], hs[0]] and not again.path(hs[1]).exists()
+    assert again.num_bytes == 2 * size and again.num_dropped == 0
+    assert again.put(hs[1], (1, 2, 3, 4), payload(hs[1])) == [hs[2]]  # room made, least recently used first
+    assert again.read(hs[0]) == payload(hs[0])  # checked, and now the most recent
+    assert list(again.hashes()) == [hs[1], hs[0]]
+    assert again.put(hs[2], (1, 2, 3, 4), payload(hs[2]) + b"x" * 10**6) == [] and hs[2] not in again  # too big
+    again.check_integrity()
