@@ -123,7 +123,7 @@ def working_set(lm, scale: Scale, tok: Tokens, res: Results) -> None:
         hits = sum(o.cached_tokens for o in outs)
         outputs[name] = [o.new_token_ids for o in outs]
         out[name] = {"seconds": round(elapsed, 3), "round_seconds": rounds, "hit_tokens": hits, "hit_rate": round(hits / total, 4),
-                     "of_ideal": round(hits / ideal, 4), "host_hit_tokens": load.host_hit_tokens,
+                     "of_ideal": round(hits / ideal, 4), "host_hit_tokens": load.prefix_host_hit_tokens,
                      "host_blocks_at_end": load.num_host_blocks}
         print(f"  {name}: {elapsed:.1f} s (rounds {rounds}), hits {hits}/{total} ({hits / ideal:.1%} of ideal)",
               flush=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import math
+import struct
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -22,7 +23,8 @@ from cache_service.block_hash import BlockHash
 
 __all__ = [
     "AllBlocksCleared", "BlockEvent", "BlockRemoved", "BlockStored", "Delta", "EngineFailure", "FailureKind",
-    "GenerateCall", "HeldBlock", "InvalidRequestError", "PeerHint", "SamplingParams", "Tier", "Usage", "WorkerCounters",
+    "GenerateCall", "HeldBlock", "InvalidRequestError", "MAX_STOP_CHARS", "MAX_STOP_STRINGS", "MAX_TEMPERATURE",
+    "MAX_TOP_K", "MIN_TEMPERATURE", "MIN_TOP_P", "PeerHint", "SamplingParams", "Tier", "Usage", "WorkerCounters",
     "WorkerInfo",
     "WorkerLoad", "WorkerPoll", "TRANSFER_BUCKETS",
 ]
@@ -85,7 +87,12 @@ class InvalidRequestError(ValueError):
 
 
 class FailureKind(str, enum.Enum):
+    """Whose failure it was, which decides whether the router tries another worker."""
+
     INVALID = "invalid"  # the request's own fault (INVALID_ARGUMENT): retrying elsewhere cannot help
+    # This request's own failure in the per-request part of a step (sampling its row, detokenizing, its
+    # stop strings) although it passed validation: retrying elsewhere would fail the same way.
+    REQUEST = "request"
     ENGINE = "engine"  # the worker could not serve it (a failed step, shutdown): another worker may
 
 
@@ -102,8 +109,56 @@ class EngineFailure:
 
 
 # ---- a request, router -> worker -------------------------------------------------------------------------
+# The bounds of SamplingParams.validate (why these: its docstring).
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 100.0
+MIN_TOP_P = 1e-6
+MAX_TOP_K = 1 << 20
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+_F32 = struct.Struct("<f")
+
+
+def _float32(x: float) -> float:
+    return _F32.unpack(_F32.pack(x))[0]
+
+
+# The gRPC fields are float32: a client that sends exactly a documented bound must be accepted however float32
+# rounded it (1e-6 arrives as 9.99999997e-07), so a lower bound also admits its float32 rounding.
+_TEMPERATURE_LOW = min(MIN_TEMPERATURE, _float32(MIN_TEMPERATURE))
+_TOP_P_LOW = min(MIN_TOP_P, _float32(MIN_TOP_P))
+
+
 @dataclass(slots=True)
 class SamplingParams:
+    """How a request samples its tokens. ``validate`` admits only what can be computed, with the same rules
+    at every edge (the router, ``prefixcache generate``, ``Engine.add_request``), and workers/sampling.py is
+    numerically safe over exactly the admitted range:
+
+    - temperature: 0 (greedy) or in [MIN_TEMPERATURE, MAX_TEMPERATURE] = [1e-3, 100]. A positive temperature
+      below a floor once reached the sampler as logits / 1e-38 = inf and a NaN softmax, which failed the
+      engine step and every request in it. vLLM raises temperatures below 1e-2 to 1e-2 ("may cause numerical
+      errors") and treats < 1e-5 as greedy; we refuse rather than silently change a request. Since the sampler
+      subtracts the row max before dividing, any temperature that is a normal float32 is computable; the floor
+      of 1e-3 keeps 35 orders of magnitude of margin over float32's least normal (hardware that flushes
+      denormals to zero would turn 1e-45 into 0, and 0 / 0 is NaN) while admitting every temperature a client
+      plausibly means (at 1e-3 a logit gap of 0.01 is a factor e^10: greedy in all but name). OpenAI allows
+      0..2; the ceiling of 100 is generous (the distribution is all but uniform well before it) and only
+      refuses mistakes.
+    - top_p: in [MIN_TOP_P, 1] = [1e-6, 1]. The most likely token has probability >= 1 / vocab, so a top_p
+      below that keeps exactly that token; 1e-6 is below 1 / vocab for every vocabulary under a million, so
+      refusing smaller values refuses nothing that behaves differently, and the floor is a normal float32 (a
+      JSONL top_p of 1e-46 was 0.0 in float32 and dropped every token).
+    - top_k: 0 (off) or at most MAX_TOP_K = 2^20. A top_k at or above the vocabulary keeps every token and is
+      not refused (clients send one top_k to models of different vocabularies); the cap only bounds the field.
+    - stop: at most MAX_STOP_STRINGS = 16 non-empty strings of at most MAX_STOP_CHARS = 256 characters. Every
+      step searches each one in a window of the newest text and the stream holds back max(len) - 1 characters
+      (workers/detokenizer.py): per-request costs, so bounded (OpenAI allows 4).
+    - max_tokens: positive; with the prompt, within the model's context (that depends on the prompt and the
+      model: the router's validation and workers/admission.py check it).
+    - seed: [0, 2^64), the proto's uint64.
+    """
+
     max_tokens: int = 16
     # 0 means greedy. Also the proto3 default, so an unset gRPC field and an unset JSONL field agree.
     temperature: float = 0.0
@@ -124,21 +179,41 @@ class SamplingParams:
         return self.temperature == 0.0
 
     def validate(self) -> None:
-        """Checks that do not depend on the prompt or the model (raises ``InvalidRequestError``)."""
+        """Checks that do not depend on the prompt or the model (raises ``InvalidRequestError`` naming the
+        field); the bounds and why: the class docstring."""
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise InvalidRequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature!r}")
+        t = self.temperature
+        if not _is_number(t) or not math.isfinite(t) or t < 0:
+            raise InvalidRequestError(f"temperature must be >= 0, got {t!r}")
+        if t != 0 and not _TEMPERATURE_LOW <= t <= MAX_TEMPERATURE:
+            raise InvalidRequestError(
+                f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {t!r}")
         if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_p < _TOP_P_LOW:
+            raise InvalidRequestError(
+                f"top_p must be at least {MIN_TOP_P:g} (anything smaller keeps only the most likely token "
+                f"already), got {self.top_p!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise InvalidRequestError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if self.top_k > MAX_TOP_K:
+            raise InvalidRequestError(
+                f"top_k must be at most {MAX_TOP_K} (a top_k at or above the vocabulary keeps every token), "
+                f"got {self.top_k!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed < 2**64):
             raise InvalidRequestError(f"seed must be an integer in [0, 2^64), got {self.seed!r}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise InvalidRequestError(f"stop must be a list of non-empty strings, got {list(self.stop)!r}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequestError(
+                f"stop has {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed")
+        for i, s in enumerate(self.stop):
+            if len(s) > MAX_STOP_CHARS:
+                raise InvalidRequestError(
+                    f"stop[{i}] is {len(s)} characters long; at most {MAX_STOP_CHARS} are allowed")
         if not isinstance(self.ignore_eos, bool):
             raise InvalidRequestError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
 
@@ -178,6 +253,8 @@ class Usage:
     cached_tokens: int = 0
     transferred_tokens: int = 0  # of cached_tokens, those pulled from a peer for this request
     predicted_cached_tokens: int = 0  # what the router predicted (set by the router)
+    host_cached_tokens: int = 0  # of cached_tokens, those loaded back from the worker's host tier
+    disk_cached_tokens: int = 0  # of cached_tokens, those loaded back from the worker's disk tier
 
 
 @dataclass(slots=True)
@@ -225,11 +302,11 @@ class WorkerLoad:
     # The tiers under the device pool (--host-cache-gb, --disk-cache): blocks in host memory (never also on
     # the device) and on disk (files: a block loaded back keeps its file), and of prefix_hit_tokens those
     # loaded back from each (cumulative, like prefix_hit_tokens; the device's own share is
-    # prefix_hit_tokens - host_hit_tokens - disk_hit_tokens).
+    # prefix_hit_tokens - prefix_host_hit_tokens - prefix_disk_hit_tokens: router/metrics.py load_tier_tokens).
     num_host_blocks: int = 0
     num_disk_blocks: int = 0
-    host_hit_tokens: int = 0
-    disk_hit_tokens: int = 0
+    prefix_host_hit_tokens: int = 0
+    prefix_disk_hit_tokens: int = 0
 
 
 TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -249,6 +326,12 @@ class WorkerCounters:
     transfer_bucket_counts: list[int] = field(default_factory=lambda: [0] * len(TRANSFER_BUCKETS))
     transfer_seconds_sum: float = 0.0
     num_transfer_observations: int = 0
+    # Imported runs recomputed and compared (cache_service/peer_trust.py), those that failed, the peer
+    # quarantines the failures started, and fetches that passed over a quarantined peer.
+    num_verifications: int = 0
+    num_verification_failures: int = 0
+    num_quarantines: int = 0
+    num_quarantine_skips: int = 0
 
     def observe_transfer(self, ok: bool, num_bytes: int, num_blocks: int, seconds: float) -> None:
         if ok:
@@ -263,6 +346,14 @@ class WorkerCounters:
             if seconds <= bound:
                 self.transfer_bucket_counts[i] += 1
                 break
+
+    def observe_verification(self, verified: bool, failed: bool, quarantined: bool, skipped: bool) -> None:
+        """One fetch's trust figures: it verified its run (``failed``: the run did not match), its failure
+        quarantined the peer, it passed over a quarantined peer."""
+        self.num_verifications += verified
+        self.num_verification_failures += failed
+        self.num_quarantines += quarantined
+        self.num_quarantine_skips += skipped
 
     def observe_events(self, events: list[BlockEvent]) -> None:
         for ev in events:

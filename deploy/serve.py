@@ -2,11 +2,13 @@
 
     prefixcache serve --model demo --workers 2
     ready router=127.0.0.1:50051 metrics=http://127.0.0.1:9400/metrics cache_service=127.0.0.1:52052 ...
+          http=http://127.0.0.1:8000/v1
 
 Embedded Valkey unless ``--redis-url``; a local Ray unless ``--ray-address``; then the cache service,
 N workers (``worker-0`` .. ``worker-<N-1>``, spread over the cluster's machines; one per GPU when
-there are GPUs) and the router. With ``--ray-address`` (or ``--elastic``) machines that join later get workers
-(``worker-<N>``, ``worker-<N+1>``, ...) that enter the rotation; ``--no-elastic`` keeps the start-up set.
+there are GPUs) and the router (gRPC on ``--port``, the OpenAI-compatible HTTP API on ``--http-port``).
+With ``--ray-address`` (or ``--elastic``) machines that join later get workers (``worker-<N>``,
+``worker-<N+1>``, ...) that enter the rotation; ``--no-elastic`` keeps the start-up set.
 On SIGINT/SIGTERM everything is stopped in reverse order (router, workers
 via ``ray.kill``, ``ray.shutdown()`` for a Ray we started, cache service, Valkey): no process is left.
 """
@@ -42,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "0.0.0.0 or ::")
     parser.add_argument("--port", type=int, default=50051, help="router gRPC port")
     parser.add_argument("--metrics-port", type=int, default=9400, help="Prometheus /metrics port")
+    parser.add_argument("--http-port", type=int, default=8000,
+                        help="OpenAI-compatible HTTP API port (/v1/chat/completions, /v1/completions, ...); 0: off")
+    parser.add_argument("--served-model-name", default=None,
+                        help="the model id HTTP clients name (default: 'demo', or the model folder's name)")
     parser.add_argument("--policy", default="cache_aware", choices=POLICY_NAMES, help="routing policy")
     parser.add_argument("--policy-weight", action="append", default=[], metavar="NAME=VALUE",
                         help="a cache_aware cost weight (repeatable): prefill_weight, decode_load_weight, "
@@ -54,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "stream, one more port per worker) or 'grpc' (the gRPC stream only)")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker (default: by memory)")
+    parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                        help="workers' KV cache storage: 'auto' = the model's dtype, 'fp8' = float8 e4m3 with "
+                             "per-token scales (~4x the blocks of float32); blocks move only between equal dtypes")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch per worker")
     from workers.generate_cli import add_tier_arguments  # torch-free: the flags only
 
@@ -102,12 +111,15 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     check_tier_arguments(args)
+    if not 0 <= args.http_port <= 65535:
+        raise ValueError(f"--http-port must be a port number (0: off), got {args.http_port}")
     return StackConfig(
         model=args.model, num_workers=args.workers, redis_url=args.redis_url, ray_address=args.ray_address,
         host=args.host, advertise_host=args.advertise_host, port=args.port, metrics_port=args.metrics_port,
         policy=args.policy,
+        http_port=args.http_port or None, served_model_name=args.served_model_name,
         policy_weights=parse_weights(args.policy_weight, args.transfer_aware), block_size=args.block_size,
-        num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs, cache_service_port=args.cache_service_port,
+        num_blocks=args.num_blocks, kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=args.max_num_seqs, cache_service_port=args.cache_service_port,
         auth_tokens_file=args.auth_tokens, index_source=args.index_source, max_in_flight=args.max_in_flight,
         elastic=args.elastic, raw_transfer_stream=args.transfer_stream == "raw",
         host_cache_gb=args.host_cache_gb, disk_cache=args.disk_cache, disk_cache_gb=args.disk_cache_gb,
@@ -139,8 +151,10 @@ def run(args: argparse.Namespace) -> int:
         for s in previous:
             signal.signal(s, on_signal)
         workers = ",".join(f"{w}@{i.node_id[:8]}" for w, i in sorted(stack.worker_infos.items()))
+        http_port = stack.router_server.http_port
+        http = f" http=http://{config.dial_host()}:{http_port}/v1" if http_port is not None else ""
         print(f"ready router={stack.router_address} metrics={stack.metrics_url} "
-              f"cache_service={stack.cache_service_address} redis={stack.redis_url} workers={workers}",
+              f"cache_service={stack.cache_service_address} redis={stack.redis_url} workers={workers}{http}",
               flush=True)
         while not stop.wait(0.5):
             pass

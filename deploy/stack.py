@@ -86,10 +86,13 @@ class StackConfig:
     advertise_host: str | None = None
     port: int = 50051
     metrics_port: int | None = 9400
+    http_port: int | None = None  # the OpenAI-compatible HTTP front door (serve: 8000); None: off; 0: any free
+    served_model_name: str | None = None  # None: "demo" or the model folder's name
     policy: str = "cache_aware"
     policy_weights: CostWeights = field(default_factory=default_policy_weights)
     block_size: int = 16
     num_blocks: int | None = None
+    kv_cache_dtype: str = "auto"  # workers' KV cache storage: "auto" (the model's dtype) | "fp8"
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     # Tiers under each worker's device pool (workers/lower_tiers.py); worker w keeps its files in disk_cache/w.
@@ -215,6 +218,7 @@ class Stack:
             cache_service_address=self.cache_service_address, index_source=cfg.index_source, auth=auth,
             max_in_flight=cfg.max_in_flight, poll_interval_s=cfg.poll_interval_s,
             unresponsive_after_s=cfg.unresponsive_after_s,
+            http_port=cfg.http_port, served_model_name=cfg.served_model_name,
         ), router_endpoints(self.actors, self.actors.infos))
         self.router.start()
         log.info("stack ready", extra={"router": self.router_address, "metrics": self.metrics_url,
@@ -234,6 +238,7 @@ class Stack:
         cfg = self.config
         template = WorkerConfig(  # worker_id and torch_threads: filled in per placement
             worker_id="", model=cfg.model, block_size=cfg.block_size, num_blocks=cfg.num_blocks,
+            kv_cache_dtype=cfg.kv_cache_dtype,
             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
             cache_service_address=self.cache_service_address, heartbeat_interval_s=cfg.heartbeat_interval_s,
             always_transfer=cfg.always_transfer, raw_transfer_stream=cfg.raw_transfer_stream,

@@ -3,6 +3,7 @@
     prefixcache bench --target 127.0.0.1:50051 --workload sgl-shared-prefix --requests 256 --scale 0.125 \\
         --concurrency 8 --policy-label cache_aware --out results/bench
     prefixcache bench --compare results/bench/cache_aware.json results/bench/round_robin.json --out results/bench
+    prefixcache bench --endpoint http --target 127.0.0.1:8000 ...   # the same through the OpenAI-compatible API
 
 A run writes ``<out>/<label>.json`` ({"meta", "summary", "requests"}) and ``<out>/<label>_timeline.png`` (hit
 rate and TTFT over time); ``--compare`` writes ``<out>/compare_<workload>.png`` from several results files (one
@@ -20,7 +21,8 @@ import uuid
 from pathlib import Path
 
 from common.logs import get_logger
-from loadgen.driver import RequestResult, run_requests
+from loadgen.driver import RequestResult, grpc_calls, run_requests
+from loadgen.http_driver import http_calls
 from loadgen.report import plot_compare, plot_timeline, summarize
 from loadgen.spec import WORKLOAD_NAMES, WorkloadSpec, build_requests
 
@@ -65,7 +67,10 @@ def _param(value: str) -> tuple[str, object]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", type=_target, help="the router's gRPC address HOST:PORT (required unless --compare)")
+    p.add_argument("--target", type=_target, help="the router's gRPC address HOST:PORT (required unless --compare); "
+                                                    "with --endpoint http its HTTP front door's")
+    p.add_argument("--endpoint", choices=("grpc", "http"), default="grpc",
+                   help="drive the gRPC Generation service or the OpenAI-compatible HTTP API (/v1/completions)")
     p.add_argument("--workload", choices=WORKLOAD_NAMES, help="which standard workload to send")
     p.add_argument("--requests", type=_positive_int, default=None,
                    help="number of requests (groups/sessions are sized to match; Mooncake: the first N records)")
@@ -204,7 +209,8 @@ def run(args: argparse.Namespace) -> int:
     before = _scrape_counters(args.metrics_url) if args.metrics_url else None
     try:
         results, wall_s = asyncio.run(run_requests(args.target, requests, args.concurrency, args.timeout,
-                                                   on_done=on_done))
+                                                   on_done=on_done,
+                                                   calls=http_calls if args.endpoint == "http" else grpc_calls))
     finally:
         if bar is not None:
             bar.close()
@@ -213,7 +219,8 @@ def run(args: argparse.Namespace) -> int:
     after = _scrape_counters(args.metrics_url) if before is not None else None
     if before is not None and after is not None:
         summary["stack_counters"] = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
-    meta = {"workload": args.workload, "policy_label": label, "target": args.target, "concurrency": args.concurrency,
+    meta = {"workload": args.workload, "policy_label": label, "target": args.target, "endpoint": args.endpoint,
+            "concurrency": args.concurrency,
             "scale": args.scale, "time_scale": args.time_scale, "num_tenants": args.tenants, "params": params,
             "started_at": started_at}
     out = Path(args.out)

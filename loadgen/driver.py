@@ -3,10 +3,11 @@
 `prefixcache bench` and the benchmark scripts (benchmarks/bench_serving.py) both drive a stack through
 ``run_requests``, so TTFT and the usage counters mean the same thing in every figure.
 
-One ``GenerateStream`` call per request (grpc.aio). TTFT is the time from issuing the call to the first message
-that carries tokens; latency is the time to the last message (which carries ``usage`` and the worker). Requests
-with an ``arrival_s`` are issued at that offset from the start (open loop, a trace's timestamps); the others as
-soon as one of the ``concurrency`` slots is free (closed loop). Either way at most ``concurrency`` calls are in
+One ``GenerateStream`` call per request (grpc.aio; or, with ``calls=loadgen.http_driver.http_calls``, one
+streamed ``/v1/completions`` request to the HTTP front door, measured alike). TTFT is the time from issuing the
+call to the first message that carries tokens; latency is the time to the last message (which carries ``usage``
+and the worker). Requests with an ``arrival_s`` are issued at that offset from the start (open loop, a trace's
+timestamps); the others as soon as one of the ``concurrency`` slots is free (closed loop). Either way at most ``concurrency`` calls are in
 flight, so a slow stack cannot make the client pile up unbounded calls.
 
 Multi-turn sessions: a request with ``follows`` is issued only after the request it names finished, and its
@@ -17,8 +18,9 @@ message). That is the reuse pattern of a chat client, and the only way the cache
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -109,9 +111,26 @@ async def _run_one(stub: generation_pb2_grpc.GenerationStub, req: BenchRequest, 
     return res
 
 
+# One request's call: (request, its prompt, the run's start) -> its measurements.
+RunOne = Callable[[BenchRequest, list[int], float], Awaitable[RequestResult]]
+# What makes those calls for a target and a deadline: gRPC here (``grpc_calls``), HTTP in loadgen/http_driver.py.
+Calls = Callable[[str, float], contextlib.AbstractAsyncContextManager[RunOne]]
+
+
+@contextlib.asynccontextmanager
+async def grpc_calls(target: str, timeout_s: float) -> AsyncIterator[RunOne]:
+    options = [("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+               ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)]
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        yield lambda req, prompt, t0: _run_one(stub, req, prompt, t0, timeout_s)
+
+
 async def run_requests(target: str, requests: list[BenchRequest], concurrency: int, timeout_s: float = 600.0,
-                       on_done: Callable[[RequestResult], None] | None = None) -> tuple[list[RequestResult], float]:
-    """Issue every request against ``target`` (host:port); returns the results in request order and the wall time."""
+                       on_done: Callable[[RequestResult], None] | None = None,
+                       calls: Calls = grpc_calls) -> tuple[list[RequestResult], float]:
+    """Issue every request against ``target`` (host:port); returns the results in request order and the wall time.
+    ``calls``: through the gRPC Generation service (default) or ``loadgen.http_driver.http_calls``."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     by_id = {r.request_id: r for r in requests}
@@ -120,15 +139,12 @@ async def run_requests(target: str, requests: list[BenchRequest], concurrency: i
     for r in requests:
         if r.follows is not None and r.follows not in by_id:
             raise ValueError(f"request {r.request_id} follows unknown request {r.follows}")
-    options = [("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-               ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)]
     results: dict[str, RequestResult] = {}
     # Set when a request finished (successfully or not): later turns of its session wait on it.
     finished = {r.request_id: asyncio.Event() for r in requests}
     prompts: dict[str, list[int]] = {}
     slots = asyncio.Semaphore(concurrency)
-    async with grpc.aio.insecure_channel(target, options=options) as channel:
-        stub = generation_pb2_grpc.GenerationStub(channel)
+    async with calls(target, timeout_s) as run_one:
         t0 = time.perf_counter()
 
         async def drive(req: BenchRequest) -> None:
@@ -150,7 +166,7 @@ async def run_requests(target: str, requests: list[BenchRequest], concurrency: i
                 prompts[req.request_id] = prompt
                 ready_at = time.perf_counter()
                 async with slots:
-                    res = await _run_one(stub, req, prompt, t0, timeout_s)
+                    res = await run_one(req, prompt, t0)
                 res.queue_s = res.start_s - (ready_at - t0)
                 results[req.request_id] = res
             finally:

@@ -10,6 +10,15 @@ is taken out of rotation and, if the client has seen no token yet, the request i
 among the remaining workers. Once tokens reached a streaming client the request cannot be replayed
 invisibly, so it ends with ``StreamBrokenError`` (UNAVAILABLE). A unary ``Generate`` client sees
 nothing before the end, so it is always restartable.
+
+A failure the worker reports (``Delta.failure``) is retried elsewhere only when it is the worker's
+(``FailureKind.ENGINE``: a failed step, shutdown, no room in its KV cache). The request's own failures are
+never retried, since every worker would fail them the same way and a retry would carry one request's failure
+to the next worker's batch: INVALID (the worker's validation refused it) is ``InvalidRequestError``
+(INVALID_ARGUMENT, the worker's message); REQUEST (its own part of a step failed although it passed
+validation) is ``RequestFailedError``, which the servicer answers INTERNAL with a generic message (the
+detail goes to the log): the parameters were valid by our own rules, so the fault is the server's, not
+the client's, and INVALID_ARGUMENT would tell the client to change a request that is not wrong.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import time
 import uuid
 from typing import AsyncIterator
 
-from cache_service.records import Delta, GenerateCall, InvalidRequestError, Usage
+from cache_service.records import Delta, FailureKind, GenerateCall, InvalidRequestError, Usage
 from common.logs import get_logger
 from router.metrics import RouterMetrics
 from router.registry import WorkerRegistry, WorkerState
@@ -41,6 +50,10 @@ class StreamBrokenError(Exception):
 
 class WorkerLostError(Exception):
     """One attempt failed because its worker died, hung or left rotation."""
+
+
+class RequestFailedError(Exception):
+    """The worker failed this request alone (``FailureKind.REQUEST``): not retried (INTERNAL)."""
 
 
 class Dispatcher:
@@ -141,10 +154,13 @@ class Dispatcher:
                 if delta is None:
                     raise WorkerLostError("the worker ended the stream without a final message")
                 if delta.failure is not None:
-                    if delta.failure.invalid:
-                        finished = True
+                    kind = delta.failure.kind
+                    if kind in (FailureKind.INVALID, FailureKind.REQUEST):  # the request's own: not retried
+                        finished = True  # the worker ended it itself: no abort
                         self.metrics.record_failed(w.worker_id, tenant, "error")
-                        raise InvalidRequestError(delta.failure.message)
+                        if kind is FailureKind.INVALID:
+                            raise InvalidRequestError(delta.failure.message)
+                        raise RequestFailedError(f"{w.worker_id} failed the request: {delta.failure.message}")
                     raise WorkerLostError(f"the worker failed the request: {delta.failure.message}")
                 now_p = time.perf_counter()
                 if delta.token_ids:
@@ -202,7 +218,7 @@ class Dispatcher:
 
     def _record(self, req: ValidRequest, tenant: str, decision: Decision, usage: Usage, finish_reason: str) -> None:
         self.metrics.record_finished(decision.worker_id, tenant, usage.prompt_tokens, usage.cached_tokens,
-                                     decision.predicted_cached_tokens)
+                                     decision.predicted_cached_tokens, usage=usage)
         log.debug("finished", extra={
             "request_id": req.request_id, "worker": decision.worker_id, "prompt_tokens": usage.prompt_tokens,
             "cached_tokens": usage.cached_tokens, "transferred_tokens": usage.transferred_tokens,

@@ -192,7 +192,7 @@ class WorkerRegistry:
         if w.dead:
             return
         if poll.snapshot is not None:
-            self.mirror.replace_worker(w.worker_id, [h for h, _tier in poll.snapshot])  # holders (any tier)
+            self.mirror.replace_worker(w.worker_id, poll.snapshot)
         elif poll.feed_epoch == asked_epoch and w.feed_epoch == asked_epoch:
             self.mirror.apply_events(w.worker_id, poll.events)
         else:

@@ -1,5 +1,6 @@
 """The router process: assembles encoder, registry, mirror, policy, dispatcher, pins and metrics behind
-the gRPC ``Generation`` service (grpc.aio, with health checking and reflection).
+the gRPC ``Generation`` service (grpc.aio, with health checking and reflection) and, with ``http_port``,
+the OpenAI-compatible HTTP front door (router/http_app.py) on the same loop, over the same dispatcher.
 
 ``RouterServer`` runs on the caller's asyncio loop; ``RouterThread`` runs one on a private loop in a
 daemon thread (the ``serve`` launcher and the tests). Health is NOT_SERVING until the workers
@@ -26,6 +27,7 @@ from protos.prefixcache.v1 import generation_pb2, generation_pb2_grpc
 from router.auth import TokenAuth
 from router.cache_link import CacheLink
 from router.dispatch import Dispatcher
+from router.front_door import FrontDoor
 from router.index_mirror import IndexMirror
 from router.metrics import RouterMetrics
 from router.pins import PinManager
@@ -71,6 +73,8 @@ class RouterConfig:
     unresponsive_after_s: float = 3.0
     stall_after_s: float = 30.0
     ready_timeout_s: float = 120.0
+    http_port: int | None = None  # the OpenAI-compatible HTTP front door; None: off; 0: any free port
+    served_model_name: str | None = None  # the model id HTTP clients name; None: "demo" or the folder's name
 
 
 class RouterServer:
@@ -89,7 +93,7 @@ class RouterServer:
                      if config.cache_service_address else None)
         self.policy = make_policy(config.policy, seed=config.seed, weights=config.policy_weights)
         self.routing = RoutingCore(self.encoder, self.registry, self.mirror, self.policy, self.metrics,
-                                   service_lookup=self.link.lookup if self.link else None,
+                                   service_lookup=self.link.lookup_tiers if self.link else None,
                                    index_source=config.index_source, transfer_hints=config.transfer_hints)
         self.dispatcher = Dispatcher(self.routing, self.registry, self.metrics,
                                      max_in_flight=config.max_in_flight, max_attempts=config.max_attempts)
@@ -97,8 +101,10 @@ class RouterServer:
         self.health = health_aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._health_task: asyncio.Task | None = None
+        self.http: Any = None  # router.http_server.HttpServer, imported only when HTTP is on
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -123,18 +129,36 @@ class RouterServer:
         port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         if port == 0:
             raise OSError(f"cannot bind the router to {cfg.host}:{cfg.port}")
+        if cfg.http_port is not None:  # bound now too: a port in use fails the start before any wait
+            self.http = self._http_front_door()
+            self.http_port = self.http.bind()
         await self._set_health(False)
         self.registry.start()
         if wait_for_workers and self.registry.workers:
             await self.registry.wait_ready(len(self.registry.workers), cfg.ready_timeout_s)
         await server.start()
         self._server, self.port = server, port
+        if self.http is not None:
+            await self.http.start()
         if cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(cfg.metrics_port, cfg.host)
         self._health_task = asyncio.get_running_loop().create_task(self._health_loop(), name="router-health")
         log.info("router listening", extra={"address": self.address, "metrics_port": self.metrics_port,
-                                            "policy": cfg.policy, "model_id": self.encoder.model_id})
+                                            "http_port": self.http_port, "policy": cfg.policy,
+                                            "model_id": self.encoder.model_id})
         return port
+
+    def _http_front_door(self) -> Any:
+        from router.chat_template import load_chat_template
+        from router.http_app import OpenAIApp, default_served_model_name
+        from router.http_server import HttpServer
+
+        cfg = self.config
+        app = OpenAIApp(FrontDoor(self.encoder, self.dispatcher, cfg.auth), load_chat_template(cfg.model),
+                        cfg.served_model_name or default_served_model_name(cfg.model),
+                        is_live=lambda: bool(self.registry.live_workers()), metrics_registry=self.metrics.registry)
+        # Connections beyond the in-flight cap, with room for idle keep-alive clients, get uvicorn's 503.
+        return HttpServer(app.build(), cfg.host, cfg.http_port, limit_concurrency=4 * cfg.max_in_flight + 64)
 
     async def _set_health(self, ok: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -156,10 +180,14 @@ class RouterServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
             self._health_task = None
+        stops = []  # both doors stop taking requests together; those in flight get grace_s
         if self._server is not None:
             await self.health.enter_graceful_shutdown()
-            await self._server.stop(grace_s)
-            self._server = None
+            stops.append(self._server.stop(grace_s))
+        if self.http is not None:
+            stops.append(self.http.stop(grace_s))
+        await asyncio.gather(*stops)
+        self._server = self.http = None
         await self.registry.stop()
         if self.link is not None:
             await self.link.close()

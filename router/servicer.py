@@ -23,16 +23,16 @@ from common.grpc_edge import abort_internal, short_detail
 from common.logs import get_logger, request_context
 from protos.prefixcache.v1 import generation_pb2 as pb
 from protos.prefixcache.v1 import generation_pb2_grpc
-from router.auth import AuthError, TokenAuth, tenant_salt
+from router.auth import AuthError, TokenAuth
 from router.cache_link import CacheServiceError
-from router.dispatch import Dispatcher, OverloadedError, StreamBrokenError
-from router.metrics import anonymous_tenant
+from router.dispatch import Dispatcher, OverloadedError, RequestFailedError, StreamBrokenError
+from router.front_door import FrontDoor
 from router.pins import PinManager, PinNotFoundError, PinNotYoursError
 from router.routing import NoWorkerError, UnknownWorkerError
 from router.tokenize import PromptEncoder
-from router.validation import GenerateArgs, ValidRequest, validate_generate
+from router.validation import GenerateArgs, ValidRequest
 from router.worker_client import WorkerCallError
-from cache_service.records import Delta, InvalidRequestError
+from cache_service.records import InvalidRequestError, Usage
 
 log = get_logger("router")
 
@@ -57,6 +57,10 @@ def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
         return grpc.StatusCode.UNAVAILABLE, short_detail(exc)
     if isinstance(exc, TimeoutError):
         return grpc.StatusCode.UNAVAILABLE, "the workers did not answer in time"
+    if isinstance(exc, RequestFailedError):
+        # The request's own failure on its worker (not retried): the worker's words stay in the router's log.
+        log.warning("request failed on its worker", extra={"error": str(exc)})
+        return grpc.StatusCode.INTERNAL, "the request failed on its worker and was not retried (see the router log)"
     for cls, code in _STATUS:
         if isinstance(exc, cls):
             return code, str(exc)
@@ -82,8 +86,7 @@ def args_from_proto(req: pb.GenerateRequest) -> GenerateArgs:
     )
 
 
-def _usage_proto(delta: Delta) -> pb.Usage | None:
-    u = delta.usage
+def _usage_proto(u: Usage | None) -> pb.Usage | None:
     if u is None:
         return None
     return pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
@@ -98,14 +101,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self.dispatcher = dispatcher
         self.pins = pins
         self.auth = auth
+        self.door = FrontDoor(encoder, dispatcher, auth)  # auth -> tenant salt, validation: shared with HTTP
 
     # ---- shared edge logic ------------------------------------------------------------------------------
     def _tenant_and_salt(self, context: grpc.aio.ServicerContext, client_salt: str) -> tuple[str, str]:
-        if self.auth is None:
-            # The salt is the client's only isolation then: metrics see its digest, never the salt.
-            return anonymous_tenant(client_salt), client_salt
-        tenant = self.auth.authenticate(context.invocation_metadata())
-        return tenant, tenant_salt(tenant, client_salt)
+        return self.door.tenant_and_salt(context.invocation_metadata(), client_salt)
 
     def _pin_owner(self, tenant: str) -> str | None:
         """The tenant a pin belongs to: the authenticated one; with auth off every client is the default
@@ -113,16 +113,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         return tenant if self.auth is not None else None
 
     def _prepare(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> tuple[ValidRequest, str]:
-        tenant = "unauthenticated"
-        try:
-            tenant, salt = self._tenant_and_salt(context, request.cache_salt)
-            req = validate_generate(args_from_proto(request), self.encoder)
-        except (AuthError, InvalidRequestError):
-            # Refused at the edge: counted (worker "none") so that error rates include bad requests.
-            self.dispatcher.metrics.record_failed(None, tenant, "error")
-            raise
-        req.cache_salt = salt
-        return req, tenant
+        tenant = self.door.authenticate(context.invocation_metadata())
+        return self.door.admit(tenant, lambda: args_from_proto(request))
 
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
@@ -148,20 +140,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         async def go() -> pb.GenerateResponse:
             req, tenant = self._prepare(request, context)
             with request_context(req.request_id):
-                token_ids: list[int] = []
-                text: list[str] = []
-                last = Delta()
-                async for delta in self.dispatcher.stream(req, tenant, started, restartable=True):
-                    if delta.restart:
-                        token_ids.clear()
-                        text.clear()
-                        continue
-                    token_ids.extend(delta.token_ids)
-                    text.append(delta.text)
-                    last = delta
-                return pb.GenerateResponse(request_id=req.request_id, token_ids=token_ids, text="".join(text),
-                                           finish_reason=last.finish_reason or "", usage=_usage_proto(last),
-                                           worker_id=last.worker_id)
+                out = await self.door.complete(req, tenant, started)
+                return pb.GenerateResponse(request_id=req.request_id, token_ids=out.token_ids, text=out.text,
+                                           finish_reason=out.finish_reason, usage=_usage_proto(out.usage),
+                                           worker_id=out.worker_id)
 
         return await self._guard(context, go)
 
@@ -173,7 +155,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             with request_context(req.request_id):
                 async for delta in self.dispatcher.stream(req, tenant, started, restartable=False):
                     yield pb.GenerateResponse(request_id=req.request_id, token_ids=delta.token_ids, text=delta.text,
-                                              finish_reason=delta.finish_reason or "", usage=_usage_proto(delta),
+                                              finish_reason=delta.finish_reason or "", usage=_usage_proto(delta.usage),
                                               worker_id=delta.worker_id)
         except grpc.aio.AbortError:
             raise

@@ -3,7 +3,9 @@
 Everything a worker would reject is rejected here, at the edge, with a message naming the field: a
 bad request must never occupy a worker, be retried on another one, or count against a worker's
 health. The servicer converts the proto into ``GenerateArgs`` (plain values, ``None`` for an unset
-optional field) and turns ``InvalidRequestError`` into INVALID_ARGUMENT.
+optional field) and turns ``InvalidRequestError`` into INVALID_ARGUMENT. The sampling parameters' rules
+(what can be computed: the temperature, top_p, top_k and stop bounds) are ``SamplingParams.validate``'s,
+the same that ``Engine.add_request`` and ``prefixcache generate`` apply.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from router.validation import ValidRequest
 from router.worker_client import InProcessWorkerClient, WorkerCallError
 
 BS = 16
-ENDS = ("finish", "die", "restarting", "crash", "invalid", "engine", "silent")
+ENDS = ("finish", "die", "restarting", "crash", "invalid", "engine", "silent", "request")
 TEST_TIMEOUT_S = 5.0  # a safety net against a deadlocked test, never a timing assertion
 
 
@@ -43,8 +43,9 @@ class Plan:
     """One generate call: ``tokens`` deltas of one token each, then (after ``gate``, if any) ``end``.
 
     ``finish``: a final delta with usage; ``die`` / ``restarting``: ``WorkerCallError(dead / restarting)``;
-    ``crash``: a plain exception (the client reports it as an unreachable worker); ``invalid`` / ``engine``:
-    a final delta with that ``EngineFailure``; ``silent``: the stream ends without a final delta.
+    ``crash``: a plain exception (the client reports it as an unreachable worker); ``invalid`` / ``engine`` /
+    ``request``: a final delta with that ``EngineFailure`` kind; ``silent``: the stream ends without a final
+    delta.
     """
 
     tokens: int = 3
@@ -130,8 +131,8 @@ class FakeWorker:
             raise WorkerCallError(f"{self.worker_id} is restarting", restarting=True)
         elif end == "crash":
             raise RuntimeError(f"{self.worker_id} crashed")
-        elif end in ("invalid", "engine"):
-            kind = FailureKind.INVALID if end == "invalid" else FailureKind.ENGINE
+        elif end in ("invalid", "engine", "request"):
+            kind = {"invalid": FailureKind.INVALID, "engine": FailureKind.ENGINE, "request": FailureKind.REQUEST}[end]
             yield Delta(finish_reason="error", failure=EngineFailure(kind, f"{self.worker_id}: {end} failure"))
 
     async def poll(self, feed_epoch: str, feed_seq: int) -> WorkerPoll:

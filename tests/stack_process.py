@@ -92,6 +92,10 @@ def start_session(cmd: list[str], log_path: Path, env: dict[str, str] | None = N
 
 
 def prefixcache_cmd(*args: str) -> list[str]:
+    # `serve` binds its HTTP front door on 8000 by default: a shared test machine may have it taken, so a
+    # test that does not name --http-port (a free port of its own) gets it off.
+    if args and args[0] == "serve" and not any(a == "--http-port" or a.startswith("--http-port=") for a in args):
+        args = (*args, "--http-port", "0")
     return [sys.executable, "-m", "deploy.cli", *args]
 
 

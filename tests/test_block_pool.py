@@ -253,7 +253,7 @@ def test_evicted_blocks_go_device_host_disk_then_gone_with_exact_events(tmp_path
 
     from cache_service.block_wire import check_payload
     for i, h in enumerate(hc):
-        host_bytes = tiers.host.data(tiers.host.get(h).slot)
+        (host_bytes,) = tiers.host.data(tiers.host.get(h).slot)  # one part: values (no fp8 scales)
         assert torch.equal(host_bytes.view(torch.float32).reshape(cache.block_shape),
                            torch.full(cache.block_shape, 30.0 + i))
     for i, h in enumerate(hb):

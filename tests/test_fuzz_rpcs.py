@@ -385,10 +385,6 @@ def test_a_message_quoting_a_huge_field_is_cut_not_lost(servers):
     ]
 
 
-@pytest.mark.xfail(strict=True, reason="found by this fuzz, fixed elsewhere: a temperature of 1.4e-45 (the least "
-                   "float32) passes SamplingParams.validate, and workers/sampling.py then fails the engine step, "
-                   "with every request in flight on the worker (engine_loop._fail_all); the router answers "
-                   "UNAVAILABLE after retrying it")
 def test_a_denormal_temperature_is_refused_at_the_edge(servers):
     request = generation_pb2.GenerateRequest(token_ids=PROMPT[:5], sampling=generation_pb2.SamplingParams(
         temperature=1e-45, max_tokens=2))

@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import re
 
+import pytest
+
 from cache_service.records import Delta, InvalidRequestError, Usage
-from router.dispatch import OverloadedError, StreamBrokenError
+from router.dispatch import OverloadedError, RequestFailedError, StreamBrokenError
 from router.routing import NoWorkerError
 from tests.fake_workers import Plan, Stack, async_test, drain, make_stack, prompt, request, tokens
 
@@ -288,3 +290,52 @@ async def test_a_client_closing_its_stream_aborts_the_attempt_at_once():
     assert s.state("worker-0").num_in_flight == 0 and s.dispatcher.num_in_flight == 0
     assert s.requests("worker-0", "aborted") == 1
     await assert_aborted_once(s, "worker-0")
+
+
+# ---- whose failure it is: the request's own failures are never retried ----------------------------------
+@pytest.mark.parametrize("num_tokens", [0, 2])
+@pytest.mark.parametrize("end", ["invalid", "request"])
+@async_test
+async def test_a_requests_own_failure_is_not_retried_even_before_its_first_token(end, num_tokens):
+    s = await held_stack(3)
+    s.workers["worker-0"].plans = [Plan(tokens=num_tokens, end=end)]
+    # Unary (restartable): an ENGINE failure here would be replayed invisibly on worker-1.
+    deltas, err = await drain(s.stream(request(IDS), restartable=True))
+    assert tokens(deltas) == [100, 101][:num_tokens] and not any(d.restart for d in deltas)
+    if end == "invalid":
+        assert type(err) is InvalidRequestError and str(err) == "worker-0: invalid failure"
+    else:
+        assert type(err) is RequestFailedError
+        assert str(err) == "worker-0 failed the request: worker-0: request failure"
+    assert [len(w.calls) for w in s.workers.values()] == [1, 0, 0]  # one attempt, on one worker
+    assert [w.worker_id for w in s.registry.live_workers()] == ["worker-0", "worker-1", "worker-2"]
+    assert s.abort_calls("worker-0") == []  # the worker ended it itself
+    assert s.requests("worker-0", "error") == 1
+    assert s.state("worker-0").num_in_flight == 0 and s.dispatcher.num_in_flight == 0
+
+
+@async_test
+async def test_engine_failures_still_fail_over_until_the_attempts_run_out():
+    s = await held_stack(3)
+    for w in s.workers.values():
+        w.plans = [Plan(tokens=0, end="engine")]
+    deltas, err = await drain(s.stream(request(IDS)))
+    assert deltas == []
+    assert type(err) is NoWorkerError
+    # worker-0 holds the prefix, so it goes first; the policy's tie-break then picks worker-2, then worker-1.
+    assert str(err) == ("the request failed on 3 workers; last failure: worker-1: the worker failed the request: "
+                        "worker-1: engine failure")
+    assert [len(w.calls) for w in s.workers.values()] == [1, 1, 1]
+    assert [s.requests(w, "error") for w in s.workers] == [1, 1, 1]
+    assert [w.worker_id for w in s.registry.live_workers()] == ["worker-0", "worker-1", "worker-2"]
+
+
+@async_test
+async def test_a_request_failure_after_an_engine_failure_stops_the_failover_there():
+    s = await held_stack(3)
+    s.workers["worker-0"].plans = [Plan(tokens=0, end="engine")]
+    s.workers["worker-2"].plans = [Plan(tokens=0, end="request")]  # the second choice (see above)
+    deltas, err = await drain(s.stream(request(IDS)))
+    assert deltas == [] and type(err) is RequestFailedError
+    assert str(err) == "worker-2 failed the request: worker-2: request failure"
+    assert [len(w.calls) for w in s.workers.values()] == [1, 0, 1]

@@ -95,7 +95,7 @@ def test_a_prefix_loaded_back_from_host_memory_is_token_identical(lm, block_gb, 
     assert again.new_token_ids == never_left["A"]
     assert again.cached_tokens == 28  # the same hit as on a pool that never evicted it
     load = engine.load()
-    assert (load.prefix_hit_tokens, load.host_hit_tokens, load.disk_hit_tokens) == (28, 28, 0)
+    assert (load.prefix_hit_tokens, load.prefix_host_hit_tokens, load.prefix_disk_hit_tokens) == (28, 28, 0)
     # A's 7 loaded blocks are back on the device (its 8th was recomputed: it holds the last prompt token),
     # B went down in their place.
     assert tiers_of(engine, cached8["A"])[:7] == [Tier.DEVICE] * 7
@@ -110,7 +110,7 @@ def test_a_prefix_loaded_back_from_disk_is_token_identical(lm, block_gb, never_l
     again = run(engine, A)
     assert again.new_token_ids == never_left["A"] and again.cached_tokens == 28
     load = engine.load()
-    assert (load.host_hit_tokens, load.disk_hit_tokens) == (8, 20)
+    assert (load.prefix_host_hit_tokens, load.prefix_disk_hit_tokens) == (8, 20)
     # A third prompt pushes B down and A again: A's files were kept (the disk is inclusive), so nothing of
     # A is rewritten and A is back on disk with all 8 blocks.
     files = {p.name: p.stat().st_mtime_ns for p in engine.kv.tiers.disk.directory.iterdir()}
@@ -135,7 +135,7 @@ def test_a_restarted_engine_hits_its_disk_cache_on_its_first_request(lm, never_l
     assert sorted(restarted.cached_blocks()) == sorted(HeldBlock(h, Tier.DISK) for h in cached8["A"])
     out = run(restarted, A)
     assert out.new_token_ids == never_left["A"]
-    assert out.cached_tokens == 28 and restarted.load().disk_hit_tokens == 28
+    assert out.cached_tokens == 28 and restarted.load().prefix_disk_hit_tokens == 28
 
 
 def _file(engine: Engine, block_hash):
@@ -252,7 +252,8 @@ def test_the_workers_snapshot_reports_the_tier_after_every_transition(block_gb, 
         assert [snap[h] for h in b8] == [Tier.DEVICE] * 8
         first = await actor.poll("", 0)
         deltas = await generate("a2", A)  # back up: A's 7 reusable blocks on the device again
-        assert deltas[-1].usage.cached_tokens == 28
+        usage = deltas[-1].usage
+        assert (usage.cached_tokens, usage.host_cached_tokens, usage.disk_cached_tokens) == (28, 12, 16)
         snap = await snapshot()
         assert [snap[h] for h in a8[:7]] == [Tier.DEVICE] * 7
         assert [snap[h] for h in b8] == [Tier.HOST] * 3 + [Tier.DISK] * 5
@@ -262,7 +263,7 @@ def test_the_workers_snapshot_reports_the_tier_after_every_transition(block_gb, 
         for ev in later.events:
             last[ev.block_hash] = ev.tier if isinstance(ev, BlockStored) else None
         assert all(last[h] is Tier.DEVICE for h in a8[:7]) and all(last[h] is snap[h] for h in b8)
-        assert later.load.host_hit_tokens + later.load.disk_hit_tokens == 28
+        assert (later.load.prefix_host_hit_tokens, later.load.prefix_disk_hit_tokens) == (12, 16)
         # Gone from every tier: out of the snapshot.
         await actor.loop.call(lambda e: e.evict(b8[:2]))
         snap = await snapshot()
@@ -331,3 +332,23 @@ def test_disk_lru_order_and_bound_survive_a_restart(tmp_path):
     assert list(again.hashes()) == [hs[1], hs[0]]
     assert again.put(hs[2], (1, 2, 3, 4), payload(hs[2]) + b"x" * 10**6) == [] and hs[2] not in again  # too big
     again.check_integrity()
+
+
+def test_an_fp8_cache_moves_its_scales_through_host_memory_and_disk(lm, tmp_path):
+    fp8 = {"kv_cache_dtype": "fp8"}
+    oracle = make(lm, num_blocks=64, **fp8)
+    want = run(oracle, A).new_token_ids  # fp8 against fp8: the same KV bytes must give the same tokens
+    assert run(oracle, A).new_token_ids == want
+    block_gb = make(lm, num_blocks=1, **fp8).block_nbytes / 2**30  # values + per-slot scales
+    engine = make(lm, host_cache_gb=2 * block_gb, disk_cache_dir=str(tmp_path), **fp8)
+    assert engine.kv.tiers.disk.directory.name.startswith("demo-float8_e4m3fn-")
+    run(engine, A)
+    run(engine, B)
+    again = run(engine, A)
+    assert again.new_token_ids == want and again.cached_tokens == 28
+    load = engine.load()
+    assert (load.prefix_host_hit_tokens, load.prefix_disk_hit_tokens) == (8, 20)
+    restarted = make(lm, disk_cache_dir=str(tmp_path), **fp8)
+    out = run(restarted, A)
+    assert out.new_token_ids == want and out.cached_tokens == 28
+    assert run(make(lm, disk_cache_dir=str(tmp_path)), A).cached_tokens == 0  # float32 keeps its own folder

@@ -11,6 +11,12 @@ A request's path (see also the README's walk-through):
                   output_builder.py         detokenize, stop strings / EOS / max_tokens, RequestOutput
     finish        kv.free()                 blocks go back to the pool; hashed ones stay cached (LRU)
 
+A step has a shared part (scheduling, the forward pass, commit: a failure there fails every request in the
+step, engine_loop.py ``_fail_all``) and a per-request part (sampling the request's row, detokenizing, its stop
+strings, its output delta: ``_advance``). A failure in the per-request part is that request's own: it alone
+finishes with an error of kind REQUEST (the router does not retry it: another worker would fail the same way)
+and every other request in the step goes on as if it had never been there.
+
 The port side (lookups, pins, export / import, events) is ``engine_cache.py``; the load report is
 ``engine_load.py``. Everything here is single-threaded: the worker actor drives ``step()`` in a loop and calls
 the other methods between steps.
@@ -25,7 +31,8 @@ from typing import Sequence as Seq
 
 import torch
 
-from cache_service.records import InvalidRequestError, SamplingParams, WorkerLoad
+from cache_service.records import FailureKind, InvalidRequestError, SamplingParams, WorkerLoad
+from common.logs import get_logger
 from workers.admission import RequestLimits, normalize_ids
 from workers.block_pool import BlockPool
 from workers.engine_cache import EngineCache
@@ -35,13 +42,16 @@ from workers.lower_tiers import LowerTiers
 from workers.model import KVCache, LoadedModel, load_model
 from workers.model_runner import build_forward_batch
 from workers.output_builder import OutputBuilder, accumulate, emit, rejected_output, request_output
-from workers.sampling import make_generator, sample
+from workers.sampling import SampleFailure, make_generator, sample
 from workers.scheduler import Scheduler
 from workers.sequence import RequestOutput, Sequence, SequenceStatus
 
 __all__ = ["Engine", "EngineConfig"]
 
 DEFAULT_KV_CACHE_BYTES = 256 << 20
+MAX_ERROR_CHARS = 300  # a request's own error as it travels to the router (the log has the traceback)
+
+log = get_logger("worker")
 
 
 @dataclass(slots=True)
@@ -55,6 +65,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
     kv_cache_memory_bytes: int = DEFAULT_KV_CACHE_BYTES
+    kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "fp8": float8 e4m3 with scales (model/kv_cache.py)
     seed: int = 0  # the shared generator of unseeded sampled requests
     # Tiers under the device pool (workers/lower_tiers.py): host memory (0: none) and a disk folder (None:
     # none) bounded by disk_cache_gb; evicted blocks move down, hits below the pool are loaded back.
@@ -74,10 +85,11 @@ class Engine(EngineCache):
         self.tokenizer = lm.tokenizer
         num_blocks = config.num_blocks
         if num_blocks is None:
-            num_blocks = KVCache.blocks_for_memory(lm.config, config.block_size, lm.dtype, config.kv_cache_memory_bytes)
+            num_blocks = KVCache.blocks_for_memory(lm.config, config.block_size, lm.dtype, config.kv_cache_memory_bytes,
+                                                   config.kv_cache_dtype)
         if num_blocks < 1:
             raise ValueError(f"the KV cache must hold at least one block (num_blocks={num_blocks})")
-        kv_cache = KVCache(lm.config, num_blocks, config.block_size, lm.dtype, lm.device)
+        kv_cache = KVCache(lm.config, num_blocks, config.block_size, lm.dtype, lm.device, config.kv_cache_dtype)
         tiers = None
         if config.enable_prefix_caching:
             tiers = LowerTiers.for_cache(kv_cache, lm.model_id, host_cache_gb=config.host_cache_gb,
@@ -171,13 +183,50 @@ class Engine(EngineCache):
                 self._generator,
             )
             for seq, token in zip(seqs, next_ids):
-                self.outputs.append_token(seq, token)
-                if seq.finish_reason is not None:
-                    self._finish(seq)  # before emit: the output says finished
-                if not seq.internal:
-                    outputs.append(emit(seq))
+                out = self._advance(seq, token)
+                if out is not None:
+                    outputs.append(out)
         self._rates.observe(sched, time.perf_counter() - t0)
         return outputs
+
+    def _advance(self, seq: Sequence, token: int | SampleFailure) -> RequestOutput | None:
+        """The per-request part of a step: the sampled token -> finished? -> the output delta.
+
+        What can fail here belongs to this request (its row, its text, its stop strings) and fails it alone.
+        Finishing (scheduler and blocks: state shared by every request) stays outside the guard: a failure
+        there is the engine's and fails the step.
+        """
+        if isinstance(token, SampleFailure):
+            self._fail_request(seq, "sampling its next token", token.error)
+        else:
+            try:
+                self.outputs.append_token(seq, token)  # EOS / max_tokens, detokenizing, stop strings
+            except Exception as exc:  # noqa: BLE001 - this request's failure, not the batch's
+                self._fail_request(seq, "adding its next token", exc)
+        if seq.finish_reason is not None:
+            self._finish(seq)  # before emit: the output says finished
+        if seq.internal:
+            return None
+        if seq.error is None:
+            try:
+                return emit(seq)
+            except Exception as exc:  # noqa: BLE001 - as above
+                self._fail_request(seq, "building its output", exc)
+                if not seq.is_finished:
+                    self._finish(seq)
+        # A failed request reports nothing more: the error ends it (its earlier deltas stand).
+        return request_output(seq, [], "")
+
+    @staticmethod
+    def _fail_request(seq: Sequence, what: str, exc: Exception) -> None:
+        """Mark ``seq`` failed by its own step part (``_finish`` then takes it out)."""
+        log.error("a request failed alone", exc_info=(type(exc), exc, exc.__traceback__),
+                  extra={"request_id": seq.request_id, "error_type": type(exc).__name__})
+        lines = str(exc).strip().splitlines()
+        message = f"the engine failed {what}: {type(exc).__name__}" + (f": {lines[0]}" if lines else "")
+        if len(message) > MAX_ERROR_CHARS:
+            message = message[: MAX_ERROR_CHARS - 3] + "..."
+        seq.error, seq.error_kind, seq.finish_reason = message, FailureKind.REQUEST, "error"
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)

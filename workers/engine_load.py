@@ -63,8 +63,8 @@ def worker_load(scheduler: Scheduler, kv: KVManager, num_pinned_blocks: int, rat
         decode_tokens_per_s=rates.decode.value or 0.0,
         num_host_blocks=kv.num_host_blocks,
         num_disk_blocks=kv.num_disk_blocks,
-        host_hit_tokens=s.num_host_hit_tokens,
-        disk_hit_tokens=s.num_disk_hit_tokens,
+        prefix_host_hit_tokens=s.num_host_hit_tokens,
+        prefix_disk_hit_tokens=s.num_disk_hit_tokens,
     )
 
 

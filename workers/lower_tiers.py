@@ -34,8 +34,7 @@ from cache_service.block_wire import ExportedBlock, encode_payload, read_header
 from cache_service.records import BlockEvent, BlockRemoved, BlockStored, HeldBlock, Tier
 from workers.block_pool import Evicted
 from workers.disk_tier import DiskTier
-from workers.host_tier import DeviceCopies, HostTier
-from workers.model.config import dtype_name
+from workers.host_tier import BlockBytes, DeviceCopies, HostTier
 from workers.model.kv_cache import KVCache
 
 GIB = 1 << 30
@@ -54,6 +53,13 @@ class Rising(NamedTuple):
 
 def _as_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).numpy())
+
+
+def _payload(model_id: str, h: BlockHash, dtype: str, shape: tuple[int, ...], data: BlockBytes) -> bytes:
+    """One block as a block-wire payload: its values, and an fp8 cache's scales section."""
+    if len(data) == 1:
+        return encode_payload(model_id, h, dtype, shape, _as_bytes(data[0]))
+    return encode_payload(model_id, h, dtype, shape, bytes(_as_bytes(data[0])), bytes(_as_bytes(data[1])))
 
 
 class LowerTiers:
@@ -76,7 +82,7 @@ class LowerTiers:
         copies = DeviceCopies(kv_cache)
         num_slots = int(host_cache_gb * GIB) // kv_cache.block_nbytes()
         host = HostTier(num_slots, copies) if num_slots > 0 else None
-        dtype = dtype_name(kv_cache.dtype)
+        dtype = kv_cache.dtype_name  # the storage dtype, as payloads name it (float8_e4m3fn for fp8)
         disk = None
         if disk_cache_dir is not None:
             disk = DiskTier(disk_cache_dir, int(disk_cache_gb * GIB), model_id=model_id, dtype=dtype,
@@ -121,13 +127,13 @@ class LowerTiers:
             self._announce(victim)
         return True
 
-    def _to_disk(self, h: BlockHash, token_ids: tuple[int, ...], data: Callable[[], torch.Tensor], *,
+    def _to_disk(self, h: BlockHash, token_ids: tuple[int, ...], data: Callable[[], BlockBytes], *,
                  touch: bool) -> None:
         if h in self.disk:
             if touch:  # it was just used on the device: the most recent file now; nothing to write
                 self.disk.touch(h)
             return
-        payload = encode_payload(self.model_id, h, self.dtype, self.block_shape, _as_bytes(data()))
+        payload = _payload(self.model_id, h, self.dtype, self.block_shape, data())
         for gone in self.disk.put(h, token_ids, payload):
             self._announce(gone)
 
@@ -201,8 +207,7 @@ class LowerTiers:
             self.host.release(block.slot)  # its copy in flight (CUDA) is waited for before the slot is reused
             return
         offset = read_header(block.payload).data_offset
-        data = torch.frombuffer(bytearray(memoryview(block.payload)[offset:]), dtype=torch.uint8)
-        self.copies.to_device(data.view(self.copies.block_shape), block_id)
+        self.copies.to_device(self.copies.split(memoryview(block.payload)[offset:]), block_id)
 
     # ---- peers ------------------------------------------------------------------------------------------
     def export(self, block_hashes: Sequence[BlockHash]) -> list[ExportedBlock]:
@@ -213,8 +218,7 @@ class LowerTiers:
             entry = self.host.get(h) if self.host is not None else None
             if entry is not None:
                 self.host.touch(h)
-                payload = encode_payload(self.model_id, h, self.dtype, self.block_shape,
-                                         _as_bytes(self.host.data(entry.slot)))
+                payload = _payload(self.model_id, h, self.dtype, self.block_shape, self.host.data(entry.slot))
                 out.append(ExportedBlock(h, entry.token_ids, payload))
                 continue
             on_disk = self.disk.get(h) if self.disk is not None else None

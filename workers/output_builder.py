@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cache_service.records import FailureKind
 from workers.detokenizer import take_delta, update_text
 from workers.model.tokenizer import Tokenizer
 from workers.sequence import RequestOutput, Sequence
@@ -55,12 +56,15 @@ def request_output(seq: Sequence, new_ids: list[int], new_text: str) -> RequestO
         completion_tokens=seq.num_output_tokens,
         cached_tokens=seq.num_cached_tokens or 0,
         error=seq.error,
+        error_kind=seq.error_kind if seq.error is not None else None,
+        host_cached_tokens=seq.num_host_hit_tokens,
+        disk_cached_tokens=seq.num_disk_hit_tokens,
     )
 
 
 def rejected_output(request_id: str, num_prompt_tokens: int, error: str) -> RequestOutput:
     """The whole output of a request refused at admission (``Engine.generate`` reports it in place)."""
-    return RequestOutput(request_id, [], "", True, "error", num_prompt_tokens, 0, 0, error)
+    return RequestOutput(request_id, [], "", True, "error", num_prompt_tokens, 0, 0, error, FailureKind.INVALID)
 
 
 def accumulate(total: RequestOutput, delta: RequestOutput) -> RequestOutput:
@@ -68,5 +72,7 @@ def accumulate(total: RequestOutput, delta: RequestOutput) -> RequestOutput:
     total.new_token_ids = total.new_token_ids + delta.new_token_ids
     total.new_text += delta.new_text
     total.finished, total.finish_reason, total.error = delta.finished, delta.finish_reason, delta.error
+    total.error_kind = delta.error_kind
     total.completion_tokens, total.cached_tokens = delta.completion_tokens, delta.cached_tokens
+    total.host_cached_tokens, total.disk_cached_tokens = delta.host_cached_tokens, delta.disk_cached_tokens
     return total

@@ -47,6 +47,7 @@ class WorkerConfig:
     dtype: str | None = None
     block_size: int = 16
     num_blocks: int | None = None
+    kv_cache_dtype: str = "auto"  # "auto" | "fp8" (workers/model/kv_cache.py)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     cache_service_address: str | None = None  # host:port of the CacheService; None: standalone
@@ -80,7 +81,8 @@ class WorkerActor:
         self.engine = Engine(EngineConfig(
             model=config.model, dtype=config.dtype, device=self.device, block_size=config.block_size,
             num_blocks=config.num_blocks, max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens, host_cache_gb=config.host_cache_gb,
+            max_num_batched_tokens=config.max_num_batched_tokens, kv_cache_dtype=config.kv_cache_dtype,
+            host_cache_gb=config.host_cache_gb,
             disk_cache_dir=None if config.disk_cache is None else os.path.join(config.disk_cache, config.worker_id),
             disk_cache_gb=config.disk_cache_gb,
         ))
@@ -151,17 +153,19 @@ class WorkerActor:
 
     # ---- generation -------------------------------------------------------------------------------------
     async def generate(self, call: GenerateCall) -> AsyncIterator[Delta]:
+        # The request id is bound around admission (where the fetch and the engine log), never across a
+        # yield: a consumer may resume this generator from another context (an in-process router does).
         with request_context(call.request_id):
             stream = await self._admit(call)
-            if isinstance(stream, Delta):  # refused at admission
-                yield stream
-                return
-            try:
-                while not stream.finished:
-                    yield await stream.next_delta()
-            finally:
-                if not stream.finished:  # the consumer went away (router cancelled): free the engine's slot
-                    self._abort_soon(call.request_id)
+        if isinstance(stream, Delta):  # refused at admission
+            yield stream
+            return
+        try:
+            while not stream.finished:
+                yield await stream.next_delta()
+        finally:
+            if not stream.finished:  # the consumer went away (router cancelled): free the engine's slot
+                self._abort_soon(call.request_id)
 
     async def _admit(self, call: GenerateCall) -> RequestStream | Delta:
         """Pull a longer prefix from a peer when worth it, then hand the request to the engine."""
@@ -202,6 +206,9 @@ class WorkerActor:
         """Tokens imported from a peer for this request (0 when nothing was pulled)."""
         result = await self.cache_node.fetch_prefix(call.prompt_ids, call.cache_salt, call.peer,
                                                     peer_known=call.peer_known)
+        check = result.verification
+        self.counters.observe_verification(check is not None, check is not None and not check.ok,
+                                           result.quarantined_until is not None, bool(result.quarantined_peers))
         if not result.attempted:
             return 0
         self.counters.observe_transfer(result.imported, result.num_bytes, result.num_blocks, result.seconds)

@@ -42,10 +42,13 @@ class RequestStream:
             if out.finished:
                 delta.finish_reason = out.finish_reason or "stop"
                 delta.usage = Usage(out.prompt_tokens, out.completion_tokens, out.cached_tokens,
-                                    min(self.num_transferred_tokens, out.cached_tokens))
+                                    min(self.num_transferred_tokens, out.cached_tokens),
+                                    host_cached_tokens=out.host_cached_tokens,
+                                    disk_cached_tokens=out.disk_cached_tokens)
                 if out.error:
                     delta.finish_reason = "error"
-                    delta.failure = EngineFailure(FailureKind.ENGINE, out.error)
+                    # The kind travels to the router, which retries only ENGINE failures elsewhere.
+                    delta.failure = EngineFailure(out.error_kind or FailureKind.ENGINE, out.error)
                 break
         self.finished = delta.finished
         return delta

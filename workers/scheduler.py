@@ -167,9 +167,10 @@ class Scheduler:
                 self.stats.num_hit_tokens += num_hit_tokens
                 # Loaded for this sequence by lookup_prefix (capped: blocks loaded while it waited may have
                 # been evicted again before it got in).
-                host = min(seq.num_host_hit_tokens, num_hit_tokens)
-                self.stats.num_host_hit_tokens += host
-                self.stats.num_disk_hit_tokens += min(seq.num_disk_hit_tokens, num_hit_tokens - host)
+                seq.num_host_hit_tokens = min(seq.num_host_hit_tokens, num_hit_tokens)
+                seq.num_disk_hit_tokens = min(seq.num_disk_hit_tokens, num_hit_tokens - seq.num_host_hit_tokens)
+                self.stats.num_host_hit_tokens += seq.num_host_hit_tokens
+                self.stats.num_disk_hit_tokens += seq.num_disk_hit_tokens
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             entry = ScheduledSequence(seq, num_new)

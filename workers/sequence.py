@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 from cache_service.block_hash import BlockHash
+from cache_service.records import FailureKind, SamplingParams
 from workers.block_pool import Block
-from cache_service.records import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
@@ -45,12 +45,17 @@ class Sequence:
     # Leading blocks of block_table already registered in the pool's hash map (hits, or cached by us).
     num_registered_blocks: int = 0
     num_cached_tokens: int | None = None  # the prefix hit at first admission (reported as cached_tokens)
-    # Of that hit, tokens loaded back from the host / disk tier for this sequence (kv_manager.lookup_prefix).
+    # Of that hit, tokens loaded back from the host / disk tier for this sequence (kv_manager.lookup_prefix;
+    # capped to the hit at first admission by the scheduler).
     num_host_hit_tokens: int = 0
     num_disk_hit_tokens: int = 0
     num_preemptions: int = 0
     finish_reason: str | None = None
     error: str | None = None
+    # Whose failure ``error`` is, when set. ENGINE by default: the scheduler fails a request when this worker's
+    # KV cache has no room for it (pins hold the rest), and another worker may have room. The engine sets
+    # REQUEST when the request's own part of a step failed (workers/engine.py ``_fail_request``).
+    error_kind: FailureKind = FailureKind.ENGINE
     # Incremental detokenization and what was reported so far (workers/detokenizer.py).
     output_text: str = ""
     num_emitted_chars: int = 0
@@ -93,3 +98,6 @@ class RequestOutput:
     completion_tokens: int
     cached_tokens: int
     error: str | None = None
+    error_kind: FailureKind | None = None  # set with ``error``: whether another worker could serve it
+    host_cached_tokens: int = 0  # of cached_tokens, loaded back from the host tier
+    disk_cached_tokens: int = 0  # of cached_tokens, loaded back from the disk tier
