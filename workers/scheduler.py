@@ -199,7 +199,8 @@ class Scheduler:
         if not in_flight:
             return False
         max_hits = num_reusable_blocks(seq.num_tokens, self.kv.block_size)
-        return num_hits < max_hits and seq.block_hashes[num_hits] in in_flight
+        # With prefix caching off a waiting sequence is never hashed: nothing to wait for.
+        return num_hits < min(max_hits, len(seq.block_hashes)) and seq.block_hashes[num_hits] in in_flight
 
     def _preempt(self, victim: Sequence, chosen: dict[int, ScheduledSequence], out: SchedulerOutput) -> int:
         """Free the victim's blocks and re-queue it first; returns budget given back if it was chosen."""
