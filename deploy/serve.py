@@ -31,6 +31,11 @@ if TYPE_CHECKING:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="demo", help="checkpoint folder (Hugging Face layout) or 'demo'")
+    parser.add_argument("--engine", default="native", choices=("native", "vllm"),
+                        help="the workers' engine: 'native' (this project's) or 'vllm' (vLLM's async engine with "
+                             "prefix caching and KV events; pip install \"prefixcache[vllm]\"; needs --model PATH)")
+    parser.add_argument("--dtype", default=None,
+                        help="the workers' dtype, either engine: float32, bfloat16, float16 (default: the checkpoint's)")
     parser.add_argument("--workers", type=int, default=None,
                         help="number of workers (default: one per GPU, or 2 on CPU)")
     parser.add_argument("--redis-url", default=None, help="Redis for the cache index (default: embedded Valkey)")
@@ -58,7 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transfer-stream", default="raw", choices=("raw", "grpc"),
                         help="how workers move KV blocks between them: 'raw' (gRPC hands each fetch to a plain TCP "
                              "stream, one more port per worker) or 'grpc' (the gRPC stream only)")
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="tokens per KV block (default 16; 32 for --engine vllm on CPU, whose attention needs "
+                             "multiples of 32)")
     parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker (default: by memory)")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch per worker")
     parser.add_argument("--cache-service-port", type=int, default=50052, help="CacheService gRPC port")
@@ -102,10 +109,15 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
 
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.engine == "vllm" and args.model == "demo":
+        raise ValueError("--engine vllm serves a checkpoint folder (--model PATH); the demo model is native only")
+    if args.block_size is not None and args.block_size <= 0:
+        raise ValueError(f"--block-size must be positive, got {args.block_size}")
     if not 0 <= args.http_port <= 65535:
         raise ValueError(f"--http-port must be a port number (0: off), got {args.http_port}")
     return StackConfig(
-        model=args.model, num_workers=args.workers, redis_url=args.redis_url, ray_address=args.ray_address,
+        model=args.model, engine=args.engine, dtype=args.dtype, num_workers=args.workers, redis_url=args.redis_url,
+        ray_address=args.ray_address,
         host=args.host, advertise_host=args.advertise_host, port=args.port, metrics_port=args.metrics_port,
         policy=args.policy,
         http_port=args.http_port or None, served_model_name=args.served_model_name,

@@ -73,9 +73,15 @@ def default_policy_weights() -> CostWeights:
     return CostWeights(**DEFAULT_POLICY_WEIGHTS)
 
 
+# --engine vllm on CPU: vLLM's CPU attention takes block sizes in multiples of 32 only.
+VLLM_CPU_BLOCK_SIZE = 32
+
+
 @dataclass(slots=True)
 class StackConfig:
     model: str = "demo"
+    engine: str = "native"  # the workers' engine: "native" (workers/ray_worker.py) or "vllm" (workers/vllm_worker.py)
+    dtype: str | None = None  # the workers' dtype (None: the checkpoint's), for either engine
     num_workers: int | None = None  # None: one per GPU, or 2 on CPU
     redis_url: str | None = None  # None: embedded Valkey
     ray_address: str | None = None  # None: a local Ray (unless one is already initialised)
@@ -90,7 +96,7 @@ class StackConfig:
     served_model_name: str | None = None  # None: "demo" or the model folder's name
     policy: str = "cache_aware"
     policy_weights: CostWeights = field(default_factory=default_policy_weights)
-    block_size: int = 16
+    block_size: int | None = 16  # None: 16, or VLLM_CPU_BLOCK_SIZE for vLLM workers without GPUs
     num_blocks: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -201,9 +207,12 @@ class Stack:
             if cfg.ray_address and cfg.host in ("127.0.0.1", "localhost"):
                 log.warning("the cache service listens on 127.0.0.1: workers on other machines cannot reach it "
                             "(use --host 0.0.0.0 on a multi-machine cluster)")
-        self.actors = self._worker_actors()
         nodes = ray.nodes()
         plan = plan_workers(nodes, cfg.num_workers, cfg.node_ids, cfg.worker_num_cpus)
+        if cfg.block_size is None:  # resolved once, here: the router and every worker hash with it
+            cpu_vllm = cfg.engine == "vllm" and not any(p.num_gpus for p in plan)
+            cfg.block_size = VLLM_CPU_BLOCK_SIZE if cpu_vllm else 16
+        self.actors = self._worker_actors()
         _, errors = self.actors.launch(plan, threading.Event())
         if errors:
             raise RuntimeError("; ".join(f"{w}: {e}" for w, e in sorted(errors.items())))
@@ -228,18 +237,22 @@ class Stack:
             self.watcher.start()
 
     def _worker_actors(self) -> WorkerActors:
+        from workers.model.checkpoint import checkpoint_model_id
         from workers.ray_worker import WorkerConfig
 
         cfg = self.config
+        assert cfg.block_size is not None
         template = WorkerConfig(  # worker_id and torch_threads: filled in per placement
-            worker_id="", model=cfg.model, block_size=cfg.block_size, num_blocks=cfg.num_blocks,
+            worker_id="", model=cfg.model, dtype=cfg.dtype, block_size=cfg.block_size, num_blocks=cfg.num_blocks,
             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
             cache_service_address=self.cache_service_address, heartbeat_interval_s=cfg.heartbeat_interval_s,
             always_transfer=cfg.always_transfer, raw_transfer_stream=cfg.raw_transfer_stream,
             transfer_host=cfg.host,  # each worker binds here (workers/ray_env.py: bind_host, advertise_host)
         )
+        # Every worker must hash as the router will: its model id and block size (a mixed fleet is refused).
+        fleet = (checkpoint_model_id(cfg.model), cfg.block_size)
         return WorkerActors(template, cpus_per_worker=cfg.worker_num_cpus, max_restarts=cfg.worker_max_restarts,
-                            start_timeout_s=cfg.worker_start_timeout_s)
+                            start_timeout_s=cfg.worker_start_timeout_s, engine=cfg.engine, fleet=fleet)
 
     def stop(self) -> None:
         """Tear everything down; safe to call twice and after a failed start."""
