@@ -73,11 +73,21 @@ def engine_args(*, model: str, dtype: str | None, block_size: int, num_blocks: i
     from vllm.config import KVEventsConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
 
+    from workers.model.config import load_model_config
+
     kwargs: dict[str, Any] = {}
+    if num_blocks:
+        # vLLM refuses a pool that cannot hold one max_model_len sequence; a native engine refuses such a
+        # request instead (admission.py: "longer than the whole KV pool"). Cap the length as the pool does:
+        # vLLM's block 0 is its null block, so a sequence gets num_blocks - 1 of them.
+        context = load_model_config(Path(model).expanduser()).max_position_embeddings
+        kwargs["max_model_len"] = min(context, (num_blocks - 1) * block_size)
     if on_cpu:
-        # vLLM's CPU worker reserves gpu_memory_utilization x the machine's RAM unless told the KV size.
+        # vLLM's CPU worker reserves gpu_memory_utilization x the machine's RAM unless told the KV size. A
+        # quarter more than the blocks' bytes: vLLM's page size has padding, and the pool's size is set by
+        # num_gpu_blocks_override anyway.
         per_block = kv_block_nbytes(model, block_size, dtype)
-        kwargs["kv_cache_memory_bytes"] = ((num_blocks + 1) * per_block if num_blocks
+        kwargs["kv_cache_memory_bytes"] = ((num_blocks + 1) * per_block * 5 // 4 if num_blocks
                                            else options.cpu_kv_cache_bytes)
     else:
         kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization

@@ -94,6 +94,18 @@ def _vllm_root_hasher(hash_algo: str) -> Any:
     return root_hash
 
 
+def _start_reaper() -> Any:
+    """workers/vllm_reaper.py watching this process, in a session of its own (a kill of our process group must
+    not take the watchdog with it)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    return subprocess.Popen([sys.executable, "-m", "workers.vllm_reaper", str(os.getpid())], env=env,
+                            start_new_session=True, stdin=subprocess.DEVNULL)
+
+
 class VllmWorkerActor:
     """Wrap with ``ray.remote(VllmWorkerActor)`` (``deploy/worker_actors.py`` picks it for ``--engine vllm``)."""
 
@@ -121,6 +133,7 @@ class VllmWorkerActor:
         self._requests: dict[str, _Tracked] = {}
         self._started = False
         self._start_lock = asyncio.Lock()
+        self._reaper: Any = None  # subprocess.Popen of workers/vllm_reaper.py
         self.node_id = ray_env.ray_node_id()
         self._restarted = ray_env.was_restarted()  # Ray re-ran only this constructor: the first poll starts us
 
@@ -142,6 +155,7 @@ class VllmWorkerActor:
         cfg = self.config
         self.on_cpu = current_platform.is_cpu()
         os.environ.update(worker_env(cfg.torch_threads, self.on_cpu))
+        self._reaper = _start_reaper()  # vLLM's processes must not outlive a killed actor
         self.subscriber.start()  # connected before vLLM publishes its first batch
         args = engine_args(model=cfg.model, dtype=cfg.dtype, block_size=cfg.block_size, num_blocks=cfg.num_blocks,
                            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
@@ -186,6 +200,8 @@ class VllmWorkerActor:
         if engine is not None:
             engine.shutdown()
         self.subscriber.stop()
+        if self._reaper is not None:
+            self._reaper.terminate()
 
     # ---- block events -----------------------------------------------------------------------------------
     def _on_events(self, events: list[BlockEvent]) -> None:
