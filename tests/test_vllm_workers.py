@@ -15,7 +15,6 @@ hits; tenants never share; Pin is FAILED_PRECONDITION; a killed vLLM worker is f
 from __future__ import annotations
 
 import random
-import threading
 
 import grpc
 import pytest
@@ -28,6 +27,7 @@ from deploy.stats import parse_metrics  # noqa: E402
 from protos.prefixcache.v1 import generation_pb2 as pb  # noqa: E402
 from protos.prefixcache.v1 import generation_pb2_grpc  # noqa: E402
 from router.server import wait_until  # noqa: E402
+from tests.test_serving import parallel  # noqa: E402  (threads, one request each)
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -81,20 +81,6 @@ def tokens(rng: random.Random, n: int) -> list[int]:
 def req(prompt: list[int], max_tokens: int = 8, **kw) -> pb.GenerateRequest:
     return pb.GenerateRequest(token_ids=prompt, sampling=pb.SamplingParams(max_tokens=max_tokens, ignore_eos=True),
                               **kw)
-
-
-def parallel(fn, items):
-    results = [None] * len(items)
-
-    def run(i, item):
-        results[i] = fn(item)
-
-    threads = [threading.Thread(target=run, args=(i, it)) for i, it in enumerate(items)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    return results
 
 
 def call(stack, worker: str, method: str, *args):
