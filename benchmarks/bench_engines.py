@@ -1,20 +1,20 @@
 """The whole stack on each engine, side by side: ``--engine native`` against ``--engine vllm``.
 
-    python -m benchmarks.bench_engines [--workers 2] [--groups 4] [--prompts-per-group 6] [--system-len 256]
-                                       [--question-len 32] [--output-len 16] [--num-blocks 64] [--concurrency 8]
-                                       [--overhead-requests 20] [--json OUT.json]
+    python -m benchmarks.bench_engines [--workers 2] [--groups 8] [--prompts-per-group 8] [--system-len 512]
+                                       [--question-len 32] [--output-len 16] [--num-blocks 96] [--concurrency 8]
+                                       [--overhead-requests 40] [--engines native vllm] [--json OUT.json]
 
-Run it where vLLM imports (the second venv of .ci/vllm-tests). One random Llama checkpoint (head_dim 32,
-float32) is written once; then, per engine, one stack (local Ray, embedded Valkey, cache service, N CPU
-workers of that engine, block size 32 for both: vLLM's CPU attention needs multiples of 32) is started and,
-per policy (cache_aware, round_robin), the workers' caches are emptied and a fresh router replays the same
+Run it where vLLM imports (the second venv of .ci/vllm-tests). One random Llama checkpoint (hidden 512,
+8 layers, head_dim 64, float32) is written once; then, per engine, one stack (local Ray, embedded Valkey,
+cache service, N CPU workers of that engine, block size 32 for both: vLLM's CPU attention needs multiples
+of 32) is started and, per policy (cache_aware, round_robin), the workers' caches are emptied and a fresh router replays the same
 shuffled SGLang generated-shared-prefix requests through the real gRPC API with the project's load driver.
 
 Per run: requests/s, output tokens/s, TTFT p50/p99 (client side), token hit rate and its fraction of the
 ideal (each group's system prompt computed once), predicted / realised cached tokens. Then, per engine, the
-router's added latency: the same short requests (fresh prompts, one at a time) sent to one worker directly
-over its Ray actor handle and through the router (gRPC GenerateStream with ``target_worker``); the medians of
-the differences are what the router costs per request. Nothing is asserted.
+router's added latency: short requests (fresh prompts, one at a time) sent to one worker directly over its
+Ray actor handle and through the router (gRPC GenerateStream with ``target_worker``), in pairs of alternating
+order; the median of the pairs' differences is what the router costs per request. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def build_model(folder: Path, vocab: int) -> Path:
     # because vLLM loads its tokenizer through transformers.
     from tests.model_fixtures import build_tiny_checkpoint, write_chat_template
 
-    path = build_tiny_checkpoint(folder, "llama", hidden=256, layers=4, heads=8, kv_heads=2, intermediate=512,
-                                 vocab=vocab, max_pos=2048, name="random-llama")
+    path = build_tiny_checkpoint(folder, "llama", hidden=512, layers=8, heads=8, kv_heads=2, intermediate=1408,
+                                 vocab=vocab, max_pos=2048, init_std=0.02, name="random-llama")
     write_chat_template(path, "llama3")
     return path
 
@@ -152,11 +152,15 @@ def router_overhead(stack, engine: str, num_requests: int, vocab: int) -> Overhe
     loop = asyncio.new_event_loop()
     with grpc.insecure_channel(stack.router_address) as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
-        for i in range(num_requests + 2):  # two warm-ups, then alternating, fresh prompts (no cache hits)
+        for i in range(num_requests + 2):  # two warm-ups, then pairs in alternating order, fresh prompts
             a = [rng.randrange(3, vocab) for _ in range(48)]
             b = [rng.randrange(3, vocab) for _ in range(48)]
-            d = loop.run_until_complete(_direct(client, a, 4))
-            r = _routed(stub, b, 4, worker)
+            if i % 2:
+                d = loop.run_until_complete(_direct(client, a, 4))
+                r = _routed(stub, b, 4, worker)
+            else:
+                r = _routed(stub, b, 4, worker)
+                d = loop.run_until_complete(_direct(client, a, 4))
             if i >= 2:
                 direct.append(d)
                 routed.append(r)
@@ -171,14 +175,16 @@ def router_overhead(stack, engine: str, num_requests: int, vocab: int) -> Overhe
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--groups", type=int, default=4)
-    parser.add_argument("--prompts-per-group", type=int, default=6)
-    parser.add_argument("--system-len", type=int, default=256)
+    parser.add_argument("--groups", type=int, default=8)
+    parser.add_argument("--prompts-per-group", type=int, default=8)
+    parser.add_argument("--system-len", type=int, default=512)
     parser.add_argument("--question-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=16)
-    parser.add_argument("--num-blocks", type=int, default=64, help="KV blocks per worker (of 32 tokens)")
+    # Room for a worker's share of the groups' system prompts (4 x 16 blocks) and its requests, not for all
+    # of them (8 x 16): where a request goes decides whether its prefix is still cached.
+    parser.add_argument("--num-blocks", type=int, default=96, help="KV blocks per worker (of 32 tokens)")
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--overhead-requests", type=int, default=20)
+    parser.add_argument("--overhead-requests", type=int, default=40)
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--engines", nargs="*", default=list(ENGINES), choices=ENGINES)
     parser.add_argument("--json", default=None)
@@ -213,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                 stack.stop()
     print(f"SGLang generated-shared-prefix: {args.groups} groups x {args.prompts_per_group} prompts, system "
           f"{args.system_len} + question {args.question_len} tokens, output {args.output_len}; random Llama "
-          f"(hidden 256, 4 layers, float32); {args.workers} CPU workers x {args.num_blocks} blocks of {BS}; "
+          f"(hidden 512, 8 layers, float32); {args.workers} CPU workers x {args.num_blocks} blocks of {BS}; "
           f"concurrency {args.concurrency}")
     print(f"{'engine':<8}{'policy':<13}{'req/s':>7}{'out tok/s':>10}{'TTFT p50':>10}{'TTFT p99':>10}"
           f"{'hit rate':>9}{'of ideal':>9}{'pred/real':>10}")

@@ -51,7 +51,7 @@ def checkpoint(tmp_path_factory):
 def stack(checkpoint):
     s = Stack(StackConfig(model=str(checkpoint), engine="vllm", dtype="float32", num_workers=2, block_size=None,
                           num_blocks=NUM_BLOCKS, max_num_seqs=8, port=0, metrics_port=0, cache_service_port=0,
-                          worker_start_timeout_s=600))
+                          http_port=0, worker_start_timeout_s=600))
     s.start()
     try:
         yield s
@@ -153,6 +153,25 @@ def test_stream_matches_unary_and_text_is_vllms(stub):
     assert parts[-1].finish_reason == "length" and parts[-1].usage.completion_tokens == 12
 
 
+def test_the_http_front_door_serves_vllm_workers(stack):
+    import json
+    import urllib.request
+
+    url = f"http://127.0.0.1:{stack.router_server.http_port}/v1/completions"
+    body = {"model": "tiny-llama", "prompt": "the cache block prefix token " * 12, "max_tokens": 6,
+            "ignore_eos": True}
+    answers = []
+    for _ in range(2):
+        request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=300) as resp:
+            answers.append(json.loads(resp.read()))
+    first, second = answers
+    assert first["usage"]["completion_tokens"] == 6 and first["choices"][0]["finish_reason"] == "length"
+    assert first["choices"][0]["text"] == second["choices"][0]["text"]  # vLLM's detokenization, greedy
+    prompt_tokens = second["usage"]["prompt_tokens"]
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == (prompt_tokens - 1) // BS * BS > 0
+
+
 def _redis_blocks(stack, worker: str) -> set[bytes]:
     import redis
 
@@ -209,6 +228,11 @@ def test_salts_never_share(stub):
     assert (a2.usage.cached_tokens, b2.usage.cached_tokens) == (3 * BS, 3 * BS)
     assert a2.usage.predicted_cached_tokens == b2.usage.predicted_cached_tokens == 3 * BS
     assert list(a1.token_ids) == list(b1.token_ids) == list(a2.token_ids)
+    # Two salts, one first block: were the events to carry no salt, the worker would tell the two roots apart
+    # by recomputing vLLM's own hash under each salt (workers/vllm_roots.py). That recomputation is vLLM's:
+    assert call(stack, "worker-1", "vllm_root_hash_held", prompt[:BS], "tenant-a") is True
+    assert call(stack, "worker-1", "vllm_root_hash_held", prompt[:BS], "tenant-b") is True
+    assert call(stack, "worker-1", "vllm_root_hash_held", prompt[:BS], "tenant-c") is False
 
 
 def test_pin_is_failed_precondition_naming_vllm(stub):

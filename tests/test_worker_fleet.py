@@ -1,16 +1,21 @@
-"""Choosing the workers' engine (``serve --engine``) and refusing mixed fleets (deploy/worker_actors.py,
-deploy/serve.py), without Ray or vLLM."""
+"""Choosing the workers' engine (``serve --engine``), refusing mixed fleets (deploy/worker_actors.py,
+deploy/serve.py), and Pin on workers that cannot hold pins (router/pins.py); without Ray or vLLM."""
 
 from __future__ import annotations
 
 import argparse
 
+import grpc
 import pytest
 
-from cache_service.records import WorkerInfo
+from cache_service.records import UnsupportedFeatureError, WorkerInfo, WorkerLoad
 from deploy.serve import add_arguments, config_from_args
 from deploy.worker_actors import WorkerActors, fleet_mismatch
+from router.pins import PinManager, PinNotFoundError, PinUnsupportedError
+from router.servicer import _status_of
+from tests.fake_workers import BS, async_test, make_stack, prompt
 from workers.ray_worker import WorkerConfig
+from workers.vllm_worker import PINS_UNSUPPORTED
 
 
 def info(model_id: str = "tiny@00", block_size: int = 32) -> WorkerInfo:
@@ -51,3 +56,21 @@ def test_serve_engine_flags():
         config_from_args(args("--engine", "vllm"))
     with pytest.raises(SystemExit):
         args("--engine", "sglang")
+
+
+@async_test
+async def test_pin_on_workers_that_cannot_hold_pins_is_failed_precondition_and_leaves_nothing():
+    # As vLLM workers answer (workers/vllm_worker.py): the error crosses the worker client as it is.
+    s = make_stack(2)
+    for fake in s.workers.values():
+        fake.load = WorkerLoad(capacity_blocks=100, num_free_blocks=100)
+        fake.pin_error = UnsupportedFeatureError(PINS_UNSUPPORTED)
+    await s.registry.poll_all()
+    pins = PinManager(s.routing.encoder, s.registry, None)
+    with pytest.raises(PinUnsupportedError) as err:
+        await pins.pin("", prompt(2 * BS), replicas=2, ttl_seconds=0, cache_salt="")
+    assert str(err.value) == f"Pin is not available on worker-0, worker-1: {PINS_UNSUPPORTED}"
+    assert [w.pins for w in s.registry.snapshot()] == [frozenset(), frozenset()]
+    with pytest.raises(PinNotFoundError):  # nothing was recorded
+        await pins.unpin("", prompt(2 * BS), cache_salt="")
+    assert _status_of(err.value) == (grpc.StatusCode.FAILED_PRECONDITION, str(err.value))

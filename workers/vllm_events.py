@@ -91,6 +91,9 @@ class VllmEventTranslator:
     def holds(self, canonical: BlockHash) -> bool:
         return canonical in self._canonical
 
+    def holds_vllm(self, vllm_hash: Hashable) -> bool:
+        return vllm_hash in self._held
+
     def was_stored(self, canonical: BlockHash) -> bool:
         """Held now, or stored lately (see ``_recent``)."""
         return canonical in self._canonical or canonical in self._recent

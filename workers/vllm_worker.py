@@ -364,6 +364,15 @@ class VllmWorkerActor:
                 "num_dropped_blocks": self.translator.num_dropped_blocks, "num_dropped_roots": self.roots.num_dropped,
                 "num_vllm_blocks": self.translator.num_vllm_blocks}
 
+    async def vllm_root_hash_held(self, tokens: Sequence[int], cache_salt: str) -> bool | None:
+        """Whether vLLM's hash of a first block under ``cache_salt``, as we recompute it, is one vLLM stored
+        (None: no recomputation here). Tests check the tie-breaker of workers/vllm_roots.py with it."""
+        fn = self.roots.vllm_hash
+        if fn is None:
+            return None
+        with self.subscriber.lock:
+            return self.translator.holds_vllm(fn(tokens, cache_salt))
+
     async def check_integrity(self) -> None:
         with self.subscriber.lock:
             assert len(self.translator.cached_hashes()) <= self.translator.num_vllm_blocks
