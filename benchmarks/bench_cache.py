@@ -387,6 +387,7 @@ def build_llama_50m(folder: Path) -> None:
 
 def bench_model(num_tokens: int, reps: int) -> dict[str, Any]:
     from cache_service.local_node import LocalCacheNode
+    from cache_service.peer_trust import TrustConfig
     from cache_service.prefix_fetcher import FetcherConfig, FetchOutcome
     from cache_service.records import PeerHint
     from cache_service.cache_node import CacheNodeConfig
@@ -402,7 +403,10 @@ def bench_model(num_tokens: int, reps: int) -> dict[str, Any]:
     cfg = EngineConfig(model=str(folder), block_size=16, num_blocks=num_blocks, max_num_batched_tokens=4096)
     prompt = [(i * 7919) % 31000 + 3 for i in range(num_tokens + 1)]  # 2048 cacheable + the last token
     params = SamplingParams(max_tokens=1)
-    node_cfg = CacheNodeConfig(fetcher=FetcherConfig(always_transfer=True, max_deadline_s=120))
+    # Transfer + import alone, every round alike (the default policy would verify the first two rounds only);
+    # what verification adds is bench_verify.py's.
+    trust = TrustConfig(verify_first=0, sample_every=0)
+    node_cfg = CacheNodeConfig(fetcher=FetcherConfig(always_transfer=True, max_deadline_s=120, trust=trust))
     a = LocalCacheNode(Engine(cfg, loaded=loaded), "A", config=node_cfg).start()
     b = LocalCacheNode(Engine(cfg, loaded=loaded), "B", config=node_cfg).start()
     try:

@@ -301,6 +301,16 @@ def run(scale: Scale, threads: int | None) -> Results:
     return res
 
 
+def print_rows(head: tuple, rows: list[tuple]) -> None:
+    """A column-aligned Markdown table."""
+    widths = [max(len(str(x[i])) for x in rows + [head]) for i in range(len(head))]
+    line = lambda cols: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cols, widths)) + " |"  # noqa: E731
+    print(line(head))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print(line(row))
+
+
 def print_table(r: Results) -> None:
     sp, tt, dc, mem, sc = r.shared_prefix, r.ttft, r.decode, r.memory, r.scale
     rows = [
@@ -316,13 +326,7 @@ def print_table(r: Results) -> None:
         ("4. peak RSS over baseline vs weights + KV pool", f"{mem['peak_over_baseline_mib']:.0f} MiB",
          f"{mem['weights_plus_kv_mib']:.0f} MiB", f"{mem['ratio']:.2f}x", "", "report"),
     ]
-    head = ("measure", "engine", "reference", "ratio (wall)", "ratio (cpu)", "target")
-    widths = [max(len(str(x[i])) for x in rows + [head]) for i in range(len(head))]
-    line = lambda cols: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cols, widths)) + " |"  # noqa: E731
-    print(line(head))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in rows:
-        print(line(row))
+    print_rows(("measure", "engine", "reference", "ratio (wall)", "ratio (cpu)", "target"), rows)
     print(f"\nshared prefix: prefix hits {sp['prefix_hit_tokens']}/{sp['prefix_query_tokens']} prompt tokens, "
           f"preemptions {sp['num_preemptions']}; greedy outputs identical to transformers "
           f"{sp['outputs_identical']}/{sp['num_requests']} (shared prefix), {dc['outputs_identical']}/{sc['decode_batch']} (decode)")

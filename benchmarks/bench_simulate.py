@@ -3,6 +3,7 @@
     python benchmarks/bench_simulate.py                      # all tables (the 1000-node tiled runs take minutes)
     python benchmarks/bench_simulate.py --skip-tiled-1000    # the rest, a few minutes on 2 cores
     python benchmarks/bench_simulate.py --only policies      # just the 10-node table
+    python benchmarks/bench_simulate.py --only tiers         # 3M device per node alone and over a 30M host tier
 
 Writes benchmarks/results/sim_tables.md (markdown) and sim_results.json (run
 summaries, no per-request data). Traces are read from ../shared/workloads/mooncake
@@ -15,6 +16,8 @@ Tables:
                 time-scaled  the same trace with arrivals compressed N/10-fold
                 tiled        N/10 copies of the trace with disjoint ids (independent tenants)
   workloads   the standard synthetic workloads on 4 nodes, with and without the router's pending view
+  tiers       the conversation trace at 10 nodes: 3M (and 500k) device tokens per node alone, and over a 30M-token
+              host tier per node, each next to `global` with the same total capacity (shared tiers)
 """
 
 from __future__ import annotations
@@ -49,15 +52,16 @@ def requests_for(trace: Path, time_scale: float = 1.0) -> list[SimRequest]:
 
 def run_one(
     trace: Path, reqs: Iterable[SimRequest], *, nodes: int, capacity: int | None, policy: str, transfer: bool,
-    block_size: int = 512, pending: bool = False, **extra
+    block_size: int = 512, pending: bool = False, host_capacity: int = 0, **extra
 ) -> dict[str, Any]:
     cfg = SimConfig(num_nodes=nodes, capacity_tokens=capacity, policy=policy, transfer=transfer,
-                    block_size=block_size, pending=pending)
+                    block_size=block_size, pending=pending, host_capacity_tokens=host_capacity)
     t0 = time.perf_counter()
     s = simulate(cfg, reqs).summary()
     s.pop("config")
     s.update(trace=trace.name, nodes=nodes, capacity_tokens="inf" if capacity is None else capacity,
-             policy=policy, transfer=transfer, pending=pending, wall_s=round(time.perf_counter() - t0, 2), **extra)
+             host_capacity_tokens=host_capacity, policy=policy, transfer=transfer, pending=pending,
+             wall_s=round(time.perf_counter() - t0, 2), **extra)
     tag = f"{trace.name} {nodes}n {policy} transfer={'on' if transfer else 'off'} {extra or ''}"
     print(f"  {tag}: hit {s['block_hit_rate']} imb {s['load_imbalance']} cpu {s['cpu_s']} s", flush=True)
     return s
@@ -182,11 +186,48 @@ def table_workloads(nodes: int = 4, capacity: int = 200_000, block_size: int = 1
     return lines, rows
 
 
+TIER_HOST_CAPACITY = 30_000_000
+
+
+def table_tiers(trace_dir: Path) -> tuple[list[str], list[dict]]:
+    """Conversation trace, 10 nodes: 3M device tokens per node, without and with a 30M-token host tier; then the
+    same with 500k device tokens per node, where the pool alone is too small for the trace's reuse."""
+    trace = trace_dir / "conversation_trace.jsonl"
+    reqs = requests_for(trace)
+    rows: list[dict] = []
+    lines = ["conversation_trace.jsonl, 10 nodes; each `global` row is one pool with the same total capacity as the"
+             " rows under it (nodes x device, and nodes x host under it); `all on device` = the same total"
+             " capacity as HBM (every hit free)\n",
+             "| device / node | host / node | policy | transfer | block hit | vs global | device hits | host hits"
+             " | peer hits | token hit | load imbalance | TTFT p50 | TTFT p99 | TTFT mean | sim cpu |",
+             "| ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    setups = []
+    for device in (CAPACITY, 500_000):
+        for host in (0, TIER_HOST_CAPACITY):
+            setups += [(device, host, "global", False), (device, host, "cache_aware", False),
+                       (device, host, "cache_aware", True)]
+        setups.append((device + TIER_HOST_CAPACITY, 0, "all on device", False))
+    g = None
+    for device, host, policy, transfer in setups:
+        s = run_one(trace, reqs, nodes=10, capacity=device, policy="global" if policy == "all on device" else policy,
+                    transfer=transfer, host_capacity=host)
+        rows.append(s)
+        if policy == "global":
+            g = s
+        assert g is not None
+        lines.append(
+            f"| {device / 1e6:g}M | {f'{host / 1e6:g}M' if host else '-'} | {policy} | {'on' if transfer else 'off'} | "
+            f"{pct(s['block_hit_rate'])} | {_vs(s, g)} | {s['device_hit_blocks']:,} | {s['host_hit_blocks']:,} | "
+            f"{s['transferred_blocks']:,} | {pct(s['token_hit_rate'])} | {s['load_imbalance']} | "
+            f"{s['ttft_p50_s']:.3f} s | {s['ttft_p99_s']:.2f} s | {s['ttft_mean_s']:.3f} s | {s['cpu_s']:.1f} s |")
+    return lines, rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--traces", type=Path, default=default_trace_dir())
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    p.add_argument("--only", choices=("unbounded", "policies", "scaling", "workloads"))
+    p.add_argument("--only", choices=("unbounded", "policies", "scaling", "workloads", "tiers"))
     p.add_argument("--skip-tiled-1000", action="store_true", help="skip the 1000-node tiled runs (1.2M requests)")
     args = p.parse_args(argv)
     for name in TRACES:
@@ -216,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         lines, rows = table_workloads()
         sections.append("### Standard synthetic workloads\n\n" + "\n".join(lines))
         results["workloads"] = rows
+    if args.only in (None, "tiers"):
+        print("tiers (10 nodes: 3M device per node, alone and over a 30M host tier)")
+        lines, rows = table_tiers(args.traces)
+        sections.append("### Tiers: a host tier under each node's pool\n\n" + "\n".join(lines))
+        results["tiers"] = rows
     suffix = "" if args.only is None else f"_{args.only}"
     md = args.out / f"sim_tables{suffix}.md"
     md.write_text("\n\n".join(sections) + "\n", encoding="utf-8")

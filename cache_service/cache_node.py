@@ -12,7 +12,8 @@ All coroutines run on the owner's event loop::
     CacheNode
       TransferServer (BlockTransferServicer: export = engine_call(export_blocks))
       CacheClient    register / heartbeat (load, transfer counts; pins -> PinKeeper) / publish / lookup
-      PrefixFetcher  lookup -> policy -> TransferClient.fetch_blocks -> engine_call(import_blocks)
+      PrefixFetcher  lookup -> policy -> TransferClient.fetch_blocks -> engine_call(import_blocks, verify_block)
+      PeerTrust      which imported runs to verify, which peers are quarantined (the fetcher's)
       ReplicaMirror  fed by lookups, fetches and exports; read by the pool when it evicts
 """
 
@@ -23,6 +24,7 @@ from typing import Sequence
 
 from cache_service.block_hash import BlockHash
 from cache_service.client import CacheClient, CacheClientConfig, PinsFn
+from cache_service.peer_trust import PeerTrust
 from cache_service.pin_keeper import PinKeeper
 from cache_service.engine_port import EngineCall, EnginePort
 from cache_service.prefix_fetcher import FetcherConfig, FetchOutcome, FetchResult, PrefixFetcher
@@ -35,7 +37,7 @@ from cache_service.transfer_server import (
     TransferFaults,
     TransferServer,
 )
-from cache_service.records import BlockEvent, PeerHint, WorkerLoad
+from cache_service.records import BlockEvent, HeldBlock, PeerHint, WorkerLoad
 from cache_service.types import NodeInfo, PrefixMatch
 from common.logs import get_logger
 
@@ -88,10 +90,11 @@ class CacheNode:
         self.info = NodeInfo(node_id=node_id, model_id=model_id, block_size=block_size,
                              capacity_blocks=num_blocks, block_nbytes=block_nbytes, ray_node_id=ray_node_id)
         self.client: CacheClient | None = None
+        self.trust = PeerTrust(cfg.fetcher.trust)  # its clock may be replaced (tests)
         self.fetcher = PrefixFetcher(
             node_id, model_id, block_size, block_nbytes, engine_call=engine_call, lookup=self.lookup,
             transfer=self.transfer_client, policy=self.policy, mirror=self.mirror, config=cfg.fetcher,
-            on_transfer=self._on_transfer,
+            on_transfer=self._on_transfer, trust=self.trust,
         )
         self.pins = PinKeeper(engine_call, self.fetch_pinned_prefix)
         self._on_pins = on_pins or self.pins.apply
@@ -169,8 +172,8 @@ class CacheNode:
         if self.client is not None and result.attempted:
             self.client.record_transfer(result.ok, result.num_blocks, result.num_bytes)
 
-    async def _snapshot(self) -> list[BlockHash]:
-        return await self.engine_call(lambda e: e.cached_hashes())
+    async def _snapshot(self) -> list[HeldBlock]:
+        return await self.engine_call(lambda e: e.cached_blocks())  # (hash, fastest tier) per block held
 
     async def _load(self) -> WorkerLoad:
         return await self.engine_call(lambda e: e.load())

@@ -26,16 +26,17 @@ import grpc
 from cache_service.block_hash import BlockHash
 from cache_service.event_queue import EventQueue
 from cache_service.servicer import node_info_to_proto
-from cache_service.types import NodeInfo, PinAssignment, PrefixMatch, TransferCounts
+from cache_service.types import NodeInfo, PinAssignment, PrefixMatch, TierCounts, TransferCounts
 from cache_service.validation import MAX_EVENTS_PER_PUBLISH, MAX_MESSAGE_BYTES
 from protos.prefixcache.v1 import cache_pb2 as pb
 from protos.prefixcache.v1 import cache_pb2_grpc
-from cache_service.records import AllBlocksCleared, BlockEvent, BlockRemoved, BlockStored, WorkerLoad
+from cache_service.records import AllBlocksCleared, BlockEvent, BlockRemoved, BlockStored, HeldBlock, WorkerLoad
 from common.logs import get_logger, request_id_metadata
 
 log = get_logger("cache_service")
 
-SnapshotFn = Callable[[], "list[BlockHash] | Awaitable[list[BlockHash]]"]
+# The node's held set: one HeldBlock (hash, fastest tier) per block (records.WorkerPoll.snapshot's format).
+SnapshotFn = Callable[[], "list[HeldBlock] | Awaitable[list[HeldBlock]]"]
 LoadFn = Callable[[], "WorkerLoad | Awaitable[WorkerLoad]"]
 PinsFn = Callable[[list[PinAssignment]], "None | Awaitable[None]"]
 
@@ -71,12 +72,21 @@ class CacheClientStats:
 def event_to_proto(event: BlockEvent) -> pb.BlockEvent:
     if isinstance(event, BlockStored):
         return pb.BlockEvent(stored=pb.BlockStoredEvent(block_hash=bytes(event.block_hash),
-                                                        parent_hash=bytes(event.parent_hash or b"")))
+                                                        parent_hash=bytes(event.parent_hash or b""),
+                                                        tier=int(event.tier)))
     if isinstance(event, BlockRemoved):
         return pb.BlockEvent(removed=pb.BlockRemovedEvent(block_hash=bytes(event.block_hash)))
     if isinstance(event, AllBlocksCleared):
         return pb.BlockEvent(cleared=pb.AllBlocksClearedEvent())
     raise TypeError(f"not a block event: {event!r}")
+
+
+def match_from_proto(m: pb.NodeMatch) -> PrefixMatch:
+    """A Lookup answer's match; its tier split only when the counts add up (a service that predates tiers
+    sends none: ``tiers`` None, read as device)."""
+    tiers = TierCounts(m.num_device_blocks, m.num_host_blocks, m.num_disk_blocks)
+    return PrefixMatch(m.node_id, m.num_blocks, m.transfer_address,
+                       tiers if tiers.num_blocks == m.num_blocks else None)
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -273,8 +283,8 @@ class CacheClient:
             cut = self.queue.cut()
             self._snapshot_in_flight = True
             try:
-                hashes = list(await _maybe_await(self._snapshot()))
-                await self._publish_snapshot(epoch, hashes)
+                held = list(await _maybe_await(self._snapshot()))
+                await self._publish_snapshot(epoch, held)
             except BaseException:
                 self.queue.request_resync()
                 raise
@@ -293,16 +303,17 @@ class CacheClient:
         self.stats.num_published_events += len(batch)
         return True
 
-    async def _publish_snapshot(self, epoch: int, hashes: list[BlockHash]) -> None:
+    async def _publish_snapshot(self, epoch: int, held: list[HeldBlock]) -> None:
         assert self._stub is not None
         step = min(self.config.snapshot_part_events, MAX_EVENTS_PER_PUBLISH)
-        for start in range(0, max(1, len(hashes)), step):
-            part = hashes[start : start + step]
+        for start in range(0, max(1, len(held)), step):
+            part = held[start : start + step]
             await self._stub.PublishEvents(pb.PublishEventsRequest(
                 node_id=self.info.node_id, epoch=epoch, full_snapshot=start == 0,
-                events=[pb.BlockEvent(stored=pb.BlockStoredEvent(block_hash=bytes(h))) for h in part],
+                events=[pb.BlockEvent(stored=pb.BlockStoredEvent(block_hash=bytes(h), tier=int(tier)))
+                        for h, tier in part],
             ), timeout=self.config.publish_timeout_s)
-        self.stats.num_published_events += len(hashes)
+        self.stats.num_published_events += len(held)
 
     # ---- lookups --------------------------------------------------------------------
     async def lookup(self, block_hashes: Sequence[BlockHash], model_id: str | None = None) -> list[PrefixMatch]:
@@ -319,7 +330,7 @@ class CacheClient:
             self.stats.num_lookup_failures += 1
             self._note_error("lookup", exc)
             return []
-        return [PrefixMatch(m.node_id, m.num_blocks, m.transfer_address) for m in resp.matches]
+        return [match_from_proto(m) for m in resp.matches]
 
     def _note_error(self, what: str, exc: BaseException) -> None:
         msg = f"{what}: {exc.code().name}: {exc.details()}" if isinstance(exc, grpc.aio.AioRpcError) else \

@@ -11,6 +11,10 @@ is what a restarted (empty) Redis answers.
 
 Redis failures surface as ``IndexUnavailable`` (the servicer's UNAVAILABLE).
 
+Tiers: each (block, holder) entry keeps the holder's fastest tier for the block (``records.Tier``); a
+``BlockStored`` with another tier moves it there, and ``lookup`` answers each node's prefix with its split
+over the tiers (``PrefixMatch.tiers``).
+
 Pins have an owner (a tenant): only it, or an operator, unpins a pin or pins it again
 (``PinNotYours``), and a tenant's pins together hold at most its quota of blocks
 (``PinQuotaExceeded``), by default a quarter of the smallest live node's pool, so that no
@@ -28,7 +32,7 @@ from redis import exceptions as rexc
 
 from cache_service import lua_scripts
 from cache_service.block_hash import HASH_NBYTES, BlockHash
-from cache_service.records import AllBlocksCleared, BlockEvent, BlockStored, WorkerLoad
+from cache_service.records import AllBlocksCleared, BlockEvent, BlockStored, Tier, WorkerLoad
 from cache_service.types import (
     DEFAULT_PIN_QUOTA_FRACTION,
     DEFAULT_TENANT,
@@ -42,6 +46,7 @@ from cache_service.types import (
     PinStatus,
     PrefixMatch,
     Registration,
+    TierCounts,
     TransferCounts,
 )
 from cache_service.validation import clamp_counter_delta
@@ -128,10 +133,15 @@ def unpack_tokens(raw: bytes) -> tuple[int, ...]:
 
 
 def _encode_event(event: BlockEvent) -> bytes:
+    """One PUBLISH op (lua_scripts): a stored block carries its tier as a trailing digit, none for device
+    (the common case, and the op an index without tiers wrote)."""
     if isinstance(event, AllBlocksCleared):
         return b"C"
     assert len(event.block_hash) == HASH_NBYTES
-    return (b"S" if isinstance(event, BlockStored) else b"R") + event.block_hash
+    if isinstance(event, BlockStored):
+        tier = Tier(event.tier)  # raises on a tier the schema's 2 bits cannot hold
+        return b"S" + event.block_hash + (b"%d" % tier if tier else b"")
+    return b"R" + event.block_hash
 
 
 class ClusterIndex:
@@ -243,9 +253,12 @@ class ClusterIndex:
 
     # ---- lookups -----------------------------------------------------------
     async def lookup(self, block_hashes: Sequence[BlockHash], model_id: str = "") -> list[PrefixMatch]:
-        """Per live node, the longest prefix of ``block_hashes`` it holds (longest first)."""
+        """Per live node, the longest prefix of ``block_hashes`` it holds in any tier, and how it splits over
+        the tiers (longest first)."""
         out = await self._run(self._lookup, [model_id, *block_hashes])
-        matches = [PrefixMatch(_s(out[i]), int(out[i + 1]), _s(out[i + 2])) for i in range(0, len(out), 3)]
+        matches = [PrefixMatch(_s(out[i]), int(out[i + 1]), _s(out[i + 2]),
+                               TierCounts(int(out[i + 3]), int(out[i + 4]), int(out[i + 5])))
+                   for i in range(0, len(out), 6)]
         matches.sort(key=lambda m: (-m.num_blocks, m.node_id))
         return matches
 

@@ -8,7 +8,9 @@ Redis schema (``P`` is the key prefix, default ``pc:``; ``<h>`` is a raw
     P n:<i>          hash    id, addr, model, bs, cap, nbytes, prefill, bw, ray, epoch,
                              ttl_ms, reg_ms, hb_ms, running, waiting, free, cached
     P hb:<i>         string  heartbeat: exists while the node is alive (PX ttl)
-    P b:<h>          hash    i -> last_access_s * 4 + tier        (the block's holders)
+    P b:<h>          hash    i -> last_access_s * 4 + tier        (the block's holders; tier: the
+                                                                  node's fastest for it, 0 device,
+                                                                  1 host, 2 disk)
     P nb:<i>         set     <h> ...                              (the node's blocks, for its removal)
     P pins           set     pin ids
     P pin:<id>       hash    replicas, model, salt, tokens (LE u32 bytes), num_blocks, expire_ms, tenant
@@ -112,8 +114,10 @@ return {idx, epoch}
 """
 
 # ARGV: P, node_id, epoch, full ('1'|'0'), count_publish ('1'|'0'), op, op, ...
-# op = 'S' .. hash (stored) | 'R' .. hash (removed) | 'C' (all cleared)
+# op = 'S' .. hash [.. tier digit] (stored; no digit: tier 0) | 'R' .. hash (removed) | 'C' (all cleared)
 # -> {status, num_applied, current_epoch}; status 1 ok, -1 unknown node, -2 stale epoch, -3 expired
+# A stored op for a block the node already holds is a move between its tiers: it rewrites the entry's
+# value (tier and last access) and nothing else, so the block and entry counts stay exact.
 PUBLISH = _COMMON + r"""
 local id = ARGV[2]
 local idx = redis.call('HGET', P .. 'ids', id)
@@ -124,18 +128,20 @@ if epoch ~= ARGV[3] then return {-2, 0, tonumber(epoch or '0')} end
 if not is_alive(idx) then return {-3, 0, tonumber(epoch)} end
 local nbk = P .. 'nb:' .. idx
 if ARGV[4] == '1' then clear_node(idx) end
--- Tier 0 (the node's KV pool) in the low 2 bits; the rest is the last access.
-local value = fmt(tonumber(redis.call('TIME')[1]) * 4)
+-- The tier in the low 2 bits, the last access (s) above them. The service validated the tier (0..2).
+local access4 = tonumber(redis.call('TIME')[1]) * 4
 for k = 6, #ARGV do
   local op = ARGV[k]
   local kind = string.sub(op, 1, 1)
   if kind == 'C' then
     clear_node(idx)
   else
-    local h = string.sub(op, 2)
+    local h = string.sub(op, 2, 17)
     local bk = P .. 'b:' .. h
     if kind == 'S' then
-      if redis.call('HSET', bk, idx, value) == 1 then
+      local tier = 0
+      if #op > 17 then tier = string.byte(op, 18) - 48 end
+      if redis.call('HSET', bk, idx, fmt(access4 + tier)) == 1 then
         if redis.call('HLEN', bk) == 1 then blocks_delta = blocks_delta + 1 end
         redis.call('SADD', nbk, h)
       end
@@ -150,22 +156,38 @@ flush_stats()
 return {1, #ARGV - 5, tonumber(epoch)}
 """
 
-# ARGV: P, model ('' = any), hash, hash, ...  -> {node_id, num_blocks, addr, ...}
+# ARGV: P, model ('' = any), hash, hash, ...
+# -> {node_id, num_blocks, addr, num_device, num_host, num_disk, ...}
 # Walks the chain once: the candidates are the live holders of block 0; each
 # later block keeps those that hold it too (one HMGET per block), and the walk
-# stops as soon as no candidate is left.
+# stops as soon as no candidate is left. The entry values it reads anyway give
+# each block's tier on each candidate, counted per tier along its prefix.
 LOOKUP = _COMMON + r"""
 local model = ARGV[2]
 local n = #ARGV - 2
 bump('lookups', 1)
 bump('lookup_blocks', n)
 if n == 0 then return {} end
-local cands = {}
-local first = redis.call('HKEYS', P .. 'b:' .. ARGV[3])
-for k = 1, #first do
+-- A value's tier is its low 2 bits (outside 0..2, never written, it counts as disk). Values repeat (one per
+-- publish's time and tier), so each distinct one is converted once: a string-keyed table read costs a
+-- fraction of tonumber, and this runs for every candidate at every block.
+local tier_of = {}
+local function convert(v)
+  local t = tonumber(v) % 4
+  if t > 2 then t = 2 end
+  tier_of[v] = t
+  return t
+end
+local cands, lower = {}, {}  -- lower[idx] = {host blocks, disk blocks} along idx's prefix
+local first = redis.call('HGETALL', P .. 'b:' .. ARGV[3])
+for k = 1, #first, 2 do
   local idx = first[k]
   if is_alive(idx) and (model == '' or redis.call('HGET', P .. 'n:' .. idx, 'model') == model) then
     cands[#cands + 1] = idx
+    local c = {0, 0}
+    local t = convert(first[k + 1])
+    if t ~= 0 then c[t] = 1 end
+    lower[idx] = c
   end
 end
 local done, lens = {}, {}
@@ -174,7 +196,15 @@ while #cands > 0 and pos <= n do
   local vals = redis.call('HMGET', P .. 'b:' .. ARGV[pos + 2], unpack(cands))
   local keep = {}
   for k = 1, #cands do
-    if vals[k] then keep[#keep + 1] = cands[k]
+    local v = vals[k]
+    if v then
+      local idx = cands[k]
+      keep[#keep + 1] = idx
+      local t = tier_of[v] or convert(v)
+      if t ~= 0 then
+        local c = lower[idx]
+        c[t] = c[t] + 1
+      end
     else done[#done + 1] = cands[k]; lens[#lens + 1] = pos - 1 end
   end
   cands = keep
@@ -185,7 +215,9 @@ local out, best = {}, 0
 for k = 1, #done do
   local info = redis.call('HMGET', P .. 'n:' .. done[k], 'id', 'addr')
   if info[1] then
+    local c = lower[done[k]]
     out[#out + 1] = info[1]; out[#out + 1] = lens[k]; out[#out + 1] = info[2] or ''
+    out[#out + 1] = lens[k] - c[1] - c[2]; out[#out + 1] = c[1]; out[#out + 1] = c[2]
     if lens[k] > best then best = lens[k] end
   end
 end
@@ -299,7 +331,8 @@ return out
 # other live pins (not this one: pinning again is idempotent), once per pin whatever its replicas:
 # what the quota bounds is how much of one node's pool a tenant's pins can take. Then keeps live
 # holders and fills up with live nodes of the model that already hold the longest part of the prefix,
-# then the least loaded.
+# then the least loaded. A block held in any tier counts as held: the holder loads it back (cheaper than
+# a prefill) when it pins it, and a pinned block then stays on device on its holders.
 PIN = _COMMON + r"""
 local pid = ARGV[2]
 local replicas = tonumber(ARGV[3])

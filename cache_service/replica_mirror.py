@@ -13,6 +13,14 @@ Entries age out after ``ttl_s`` (a peer may evict its copy without telling
 us) and the mirror is bounded (oldest entries go first). A stale "yes" only
 makes us evict a block that turns out to be the last copy: a later request
 recomputes it; it can never produce a wrong answer.
+
+Tiers: a copy in another node's host or disk tier is a copy. A Lookup answer
+counts a node's prefix in every tier, and that is what is marked: losing our
+copy then costs the cluster a load from that tier plus a transfer, never a
+recompute, which is what "prefer the blocks with copies elsewhere" is for.
+Pins are the exception that needs no entry here: a pinned block is held
+(referenced) on its holders, so it stays on device there and is never a
+victim.
 """
 
 from __future__ import annotations

@@ -29,8 +29,9 @@ from cache_service.index import (
     PinQuotaExceeded,
     StaleEpoch,
 )
-from cache_service.records import AllBlocksCleared, BlockEvent, BlockRemoved, BlockStored, WorkerLoad
-from cache_service.types import DEFAULT_TENANT, OPERATOR_TENANT, NodeInfo, PinSpec, TransferCounts
+from cache_service.records import AllBlocksCleared, BlockEvent, BlockRemoved, BlockStored, Tier, WorkerLoad
+from cache_service.types import (DEFAULT_TENANT, OPERATOR_TENANT, NodeInfo, PinSpec, PrefixMatch, TierCounts,
+                                 TransferCounts)
 from common.grpc_edge import abort_internal
 from common.logs import get_logger
 from protos.prefixcache.v1 import cache_pb2 as pb
@@ -63,6 +64,15 @@ def node_info_to_proto(i: NodeInfo) -> pb.NodeInfo:
     )
 
 
+_TIERS = frozenset(int(t) for t in Tier)
+
+
+def match_to_proto(m: PrefixMatch) -> pb.NodeMatch:
+    tiers = m.tiers if m.tiers is not None else TierCounts(m.num_blocks)
+    return pb.NodeMatch(node_id=m.node_id, num_blocks=m.num_blocks, transfer_address=m.transfer_address,
+                        num_device_blocks=tiers.device, num_host_blocks=tiers.host, num_disk_blocks=tiers.disk)
+
+
 def _events_from_proto(events: Any) -> list[BlockEvent]:
     out: list[BlockEvent] = []
     for i, e in enumerate(events):
@@ -71,7 +81,11 @@ def _events_from_proto(events: Any) -> list[BlockEvent]:
             v.check_hashes([e.stored.block_hash], f"events[{i}].stored.block_hash", 1)
             if e.stored.parent_hash:
                 v.check_hashes([e.stored.parent_hash], f"events[{i}].stored.parent_hash", 1)
-            out.append(BlockStored(BlockHash(e.stored.block_hash), BlockHash(e.stored.parent_hash) or None))
+            if e.stored.tier not in _TIERS:  # an enum field carries any int32 on the wire
+                raise v.InvalidRequest(f"events[{i}].stored.tier is {e.stored.tier}; it must be 0 (device), "
+                                       "1 (host) or 2 (disk)")
+            out.append(BlockStored(BlockHash(e.stored.block_hash), BlockHash(e.stored.parent_hash) or None,
+                                   tier=Tier(e.stored.tier)))
         elif kind == "removed":
             v.check_hashes([e.removed.block_hash], f"events[{i}].removed.block_hash", 1)
             out.append(BlockRemoved(BlockHash(e.removed.block_hash)))
@@ -162,10 +176,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             if not hashes:
                 return pb.LookupResponse()  # a prompt shorter than one block: nothing to share
             matches = await self.index.lookup([BlockHash(h) for h in hashes], request.model_id)
-            return pb.LookupResponse(matches=[
-                pb.NodeMatch(node_id=m.node_id, num_blocks=m.num_blocks, transfer_address=m.transfer_address)
-                for m in matches
-            ])
+            return pb.LookupResponse(matches=[match_to_proto(m) for m in matches])
 
         return await self._call(context, go)
 

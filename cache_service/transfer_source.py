@@ -14,8 +14,10 @@ The chain ends at the first block the worker does not hold. Integrity is
 the payload's own checksum, verified by the importer.
 
 ``TransferFaults`` are test-only hooks (a delay before each chunk, a
-function that may alter a chunk in transit) used to exercise the fallbacks
-on a real stream; both streams apply them through its methods.
+function that may alter a chunk in transit, one that may replace an
+exported block before it is sent: a sender whose values are wrong but whose
+blocks pass every structural check) used to exercise the fallbacks and the
+importer's verification on a real stream; both streams apply them.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 from cache_service import validation as v
 from cache_service.block_hash import BlockHash
-from cache_service.block_wire import ExportedBlock
+from cache_service.block_wire import ELEMENT_SIZES, ExportedBlock, data_layout, encode_payload, read_header
 from protos.prefixcache.v1 import cache_pb2 as pb
 
 MAX_FETCH_BLOCKS = 8_192
@@ -42,6 +44,8 @@ class TransferFaults:
 
     delay_s: float = 0.0  # sleep before every message (gRPC stream) or block (raw stream)
     corrupt: Callable[[pb.BlockChunk], pb.BlockChunk] | None = None  # may alter a chunk in transit
+    # May replace block i of a requested run before it is sent (both streams): the sender's own bug.
+    alter_export: Callable[[int, ExportedBlock], ExportedBlock] | None = None
 
     async def pause(self) -> None:
         """The delay before each message of the gRPC stream and each block of the raw stream."""
@@ -78,6 +82,43 @@ def flip_one_byte(chunk_index: int = 0, block_index: int = 0, offset: int = -1) 
         return out
 
     return corrupt
+
+
+# Little-endian byte and bit of each element's highest mantissa bit, per dtype.
+_TOP_MANTISSA_BIT = {"float32": (2, 6), "bfloat16": (0, 6), "float16": (1, 1), "float8_e4m3fn": (0, 2)}
+
+
+def _flip_table(dtype: str) -> bytes:
+    """byte -> byte with the top mantissa bit flipped (a ``bytes.translate`` table). e4m3fn has NaN codes
+    (s1111111) that a flip could reach from s1111011: those take the largest finite value's code instead."""
+    bit = 1 << _TOP_MANTISSA_BIT[dtype][1]
+    table = [b ^ bit for b in range(256)]
+    if dtype == "float8_e4m3fn":
+        table = [t ^ 0x01 if t & 0x7F == 0x7F else t for t in table]
+    return bytes(table)
+
+
+def wrong_values(block_indices: Sequence[int] | None = None) -> Callable[[int, ExportedBlock], ExportedBlock]:
+    """A ``TransferFaults.alter_export`` that sends wrong KV values under a valid header and checksum: it flips
+    the highest mantissa bit of every element of the chosen blocks of a run (None: every block), so each
+    value keeps its sign and exponent (it looks plausible) but is off by a quarter to a half of itself; the
+    hash, tokens, shape, dtype and an fp8 block's scales are untouched and the checksum is recomputed
+    (tests)."""
+    chosen = None if block_indices is None else frozenset(block_indices)
+
+    def alter(index: int, block: ExportedBlock) -> ExportedBlock:
+        if chosen is not None and index not in chosen:
+            return block
+        h = read_header(block.payload)
+        data = memoryview(block.payload)[h.data_offset :]
+        values_nbytes, _ = data_layout(h.dtype, h.shape)
+        values, scales = bytearray(data[:values_nbytes]), bytes(data[values_nbytes:])
+        byte, step = _TOP_MANTISSA_BIT[h.dtype][0], ELEMENT_SIZES[h.dtype]
+        values[byte::step] = bytes(values[byte::step]).translate(_flip_table(h.dtype))
+        payload = encode_payload(h.model_id, h.block_hash, h.dtype, h.shape, bytes(values), scales)
+        return ExportedBlock(block.block_hash, block.token_ids, payload)
+
+    return alter
 
 
 @dataclass(slots=True)
@@ -140,8 +181,9 @@ class BlockSource:
                 complete = len(blocks) == len(group)
                 next_export = (asyncio.ensure_future(self._export(groups[g + 1]))
                                if complete and g + 1 < len(groups) else None)
-                for block in blocks:
-                    yield block
+                alter = self.faults.alter_export
+                for i, block in enumerate(blocks, start=g * EXPORT_GROUP_BLOCKS):
+                    yield block if alter is None else alter(i, block)
                     self.stats.num_blocks += 1
                 if not complete:
                     break  # the chain ends here on this worker

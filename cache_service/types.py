@@ -51,12 +51,33 @@ class Registration(NamedTuple):
     epoch: int
 
 
+class TierCounts(NamedTuple):
+    """How the blocks of one holder's matched prefix split over its tiers (``records.Tier``).
+
+    ``device + host + disk`` is the prefix length. A hit on device costs nothing, one on host a copy back,
+    one on disk a read and a copy back: the router prices them apart (``CostWeights.host_hit_cost``).
+    """
+
+    device: int = 0
+    host: int = 0
+    disk: int = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.device + self.host + self.disk
+
+
 class PrefixMatch(NamedTuple):
-    """A live node and the length (in blocks) of the prompt prefix it holds."""
+    """A live node and the length (in blocks) of the prompt prefix it holds, at whichever tiers.
+
+    ``tiers`` splits that prefix over the node's tiers; None where the answer did not say (a peer hint, a
+    service that predates tiers): read it as all on device.
+    """
 
     node_id: NodeId
     num_blocks: int
     transfer_address: str
+    tiers: TierCounts | None = None
 
 
 class PinAssignment(NamedTuple):

@@ -67,7 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens per KV block (default 16; 32 for --engine vllm on CPU, whose attention needs "
                              "multiples of 32)")
     parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker (default: by memory)")
+    parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                        help="workers' KV cache storage: 'auto' = the model's dtype, 'fp8' = float8 e4m3 with "
+                             "per-token scales (~4x the blocks of float32); blocks move only between equal dtypes")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch per worker")
+    from workers.generate_cli import add_tier_arguments  # torch-free: the flags only
+
+    add_tier_arguments(parser)  # --host-cache-gb, --disk-cache DIR (per worker: DIR/<worker id>), --disk-cache-gb
     parser.add_argument("--cache-service-port", type=int, default=50052, help="CacheService gRPC port")
     parser.add_argument("--auth-tokens", default=None, metavar="FILE",
                         help="JSON {token: tenant}; enables bearer-token auth "
@@ -107,12 +113,19 @@ def parse_weights(items: list[str], transfer_aware: bool) -> CostWeights:
 def config_from_args(args: argparse.Namespace) -> StackConfig:
     from deploy.stack import StackConfig
 
+    from workers.generate_cli import check_tier_arguments
+
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     if args.engine == "vllm" and args.model == "demo":
         raise ValueError("--engine vllm serves a checkpoint folder (--model PATH); the demo model is native only")
+    if args.engine == "vllm" and (args.host_cache_gb or args.disk_cache):
+        from workers.vllm_worker import TIERS_UNSUPPORTED
+
+        raise ValueError(TIERS_UNSUPPORTED)
     if args.block_size is not None and args.block_size <= 0:
         raise ValueError(f"--block-size must be positive, got {args.block_size}")
+    check_tier_arguments(args)
     if not 0 <= args.http_port <= 65535:
         raise ValueError(f"--http-port must be a port number (0: off), got {args.http_port}")
     return StackConfig(
@@ -122,9 +135,11 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
         policy=args.policy,
         http_port=args.http_port or None, served_model_name=args.served_model_name,
         policy_weights=parse_weights(args.policy_weight, args.transfer_aware), block_size=args.block_size,
-        num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs, cache_service_port=args.cache_service_port,
+        num_blocks=args.num_blocks, kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=args.max_num_seqs,
+        cache_service_port=args.cache_service_port,
         auth_tokens_file=args.auth_tokens, index_source=args.index_source, max_in_flight=args.max_in_flight,
         elastic=args.elastic, raw_transfer_stream=args.transfer_stream == "raw",
+        host_cache_gb=args.host_cache_gb, disk_cache=args.disk_cache, disk_cache_gb=args.disk_cache_gb,
     )
 
 

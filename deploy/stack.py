@@ -98,8 +98,13 @@ class StackConfig:
     policy_weights: CostWeights = field(default_factory=default_policy_weights)
     block_size: int | None = 16  # None: 16, or VLLM_CPU_BLOCK_SIZE for vLLM workers without GPUs
     num_blocks: int | None = None
+    kv_cache_dtype: str = "auto"  # workers' KV cache storage: "auto" (the model's dtype) | "fp8"
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    # Tiers under each worker's device pool (workers/lower_tiers.py); worker w keeps its files in disk_cache/w.
+    host_cache_gb: float = 0.0
+    disk_cache: str | None = None
+    disk_cache_gb: float = 16.0
     cache_service_port: int = 50052
     auth_tokens_file: str | None = None
     auth: TokenAuth | None = None  # tests; None: from auth_tokens_file / the environment
@@ -244,10 +249,12 @@ class Stack:
         assert cfg.block_size is not None
         template = WorkerConfig(  # worker_id and torch_threads: filled in per placement
             worker_id="", model=cfg.model, dtype=cfg.dtype, block_size=cfg.block_size, num_blocks=cfg.num_blocks,
+            kv_cache_dtype=cfg.kv_cache_dtype,
             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
             cache_service_address=self.cache_service_address, heartbeat_interval_s=cfg.heartbeat_interval_s,
             always_transfer=cfg.always_transfer, raw_transfer_stream=cfg.raw_transfer_stream,
             transfer_host=cfg.host,  # each worker binds here (workers/ray_env.py: bind_host, advertise_host)
+            host_cache_gb=cfg.host_cache_gb, disk_cache=cfg.disk_cache, disk_cache_gb=cfg.disk_cache_gb,
         )
         # Every worker must hash as the router will: its model id and block size (a mixed fleet is refused).
         fleet = (checkpoint_model_id(cfg.model), cfg.block_size)

@@ -6,7 +6,13 @@ Reads the router's Prometheus endpoint (the metrics contract) and prints, e.g.::
     worker-0         16           2048           1536    75.0%        1536             0/0     1
     total            16           2048           1536    75.0%        1536             0/0
 
-``--json`` prints the same numbers as one JSON object (scripts, benchmarks).
+and then where the cached tokens came from, per worker, per tenant and in total::
+
+    hits by tier     device      host      disk      peer
+    worker-0           1024       256         0       256
+
+``--json`` prints the same numbers as one JSON object (scripts, benchmarks), with the engines' own hits by
+tier too (``engine_tier_tokens``: every request of the worker, pins included, whichever router sent it).
 """
 
 from __future__ import annotations
@@ -17,11 +23,11 @@ import sys
 import urllib.error
 import urllib.request
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.metrics import NO_WORKER
+from router.metrics import NO_WORKER, TIER_LABELS
 
 DEFAULT_URL = "http://127.0.0.1:9400/metrics"
 
@@ -36,6 +42,10 @@ class Row:
     transfers_ok: float = 0.0
     transfers_fallback: float = 0.0
     up: float | None = None
+    # cached tokens by where they came from (TIER_LABELS): the router's per-request count ...
+    tier_tokens: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIER_LABELS, 0.0))
+    # ... and, per worker, the engine's own (device, host, disk; a peer's blocks count where it found them)
+    engine_tier_tokens: dict[str, float] = field(default_factory=dict)
 
     @property
     def hit_rate(self) -> float:
@@ -74,6 +84,15 @@ def parse_metrics(text: str) -> Stats:
                 field = "transfers_ok" if labels.get("outcome") == "ok" else "transfers_fallback"
                 for row in (workers[worker], total):
                     setattr(row, field, getattr(row, field) + value)
+            elif name == "prefixcache_prefix_cache_tier_hits_tokens_total":
+                tier = labels.get("tier", "")
+                if tier in TIER_LABELS:
+                    for row in (workers[worker], tenants[tenant], total):
+                        row.tier_tokens[tier] += value
+            elif name == "prefixcache_worker_prefix_hits_tokens_total":
+                tier = labels.get("tier", "")
+                for row in (workers[worker], total):
+                    row.engine_tier_tokens[tier] = row.engine_tier_tokens.get(tier, 0.0) + value
             elif name == "prefixcache_worker_up":
                 workers[worker].up = value
     workers.pop(NO_WORKER, None)  # requests refused before any worker was chosen
@@ -106,6 +125,16 @@ def format_table(stats: Stats) -> str:
         lines += ["", "per tenant", head]
         for name in sorted(stats.tenants):
             lines.append(line(name, stats.tenants[name], False))
+    lines += ["", f"{'hits by tier':<16}" + "".join(f"{t:>10}" for t in TIER_LABELS)]
+
+    def tier_line(name: str, r: Row) -> str:
+        return f"{name:<16}" + "".join(f"{int(r.tier_tokens[t]):>10}" for t in TIER_LABELS)
+
+    for name in sorted(stats.workers):
+        lines.append(tier_line(name, stats.workers[name]))
+    lines.append(tier_line("total", stats.total))
+    for name in sorted(stats.tenants):
+        lines.append(tier_line(f"tenant {name}", stats.tenants[name]))
     return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ from typing import Awaitable, Sequence, TypeVar
 import grpc
 
 from cache_service.block_hash import BlockHash
+from cache_service.types import TierCounts
 from common.grpc_edge import short_detail
 from common.logs import request_id_metadata
 from protos.prefixcache.v1 import cache_pb2, cache_pb2_grpc
@@ -78,6 +79,18 @@ class CacheLink:
             timeout=LOOKUP_TIMEOUT_S, metadata=request_id_metadata(),
         ))
         return {m.node_id: m.num_blocks for m in resp.matches}
+
+    async def lookup_tiers(self, hashes: Sequence[BlockHash]) -> tuple[dict[str, int], dict[str, TierCounts]]:
+        """``lookup``, and the tier split of the matches that are partly on host or disk (routing.py)."""
+        if not hashes:
+            return {}, {}
+        resp = await self._call("Lookup", self._stub.Lookup(
+            cache_pb2.LookupRequest(block_hashes=[bytes(h) for h in hashes], model_id=self.model_id),
+            timeout=LOOKUP_TIMEOUT_S, metadata=request_id_metadata(),
+        ))
+        tiers = {m.node_id: TierCounts(m.num_device_blocks, m.num_host_blocks, m.num_disk_blocks)
+                 for m in resp.matches if m.num_host_blocks or m.num_disk_blocks}
+        return {m.node_id: m.num_blocks for m in resp.matches}, tiers
 
     async def pin(self, pin_id: str, hashes: Sequence[BlockHash], token_ids: Sequence[int], cache_salt: str,
                   replicas: int, ttl_seconds: int, tenant: str = "") -> list[str]:

@@ -218,7 +218,7 @@ class Dispatcher:
 
     def _record(self, req: ValidRequest, tenant: str, decision: Decision, usage: Usage, finish_reason: str) -> None:
         self.metrics.record_finished(decision.worker_id, tenant, usage.prompt_tokens, usage.cached_tokens,
-                                     decision.predicted_cached_tokens)
+                                     decision.predicted_cached_tokens, usage=usage)
         log.debug("finished", extra={
             "request_id": req.request_id, "worker": decision.worker_id, "prompt_tokens": usage.prompt_tokens,
             "cached_tokens": usage.cached_tokens, "transferred_tokens": usage.transferred_tokens,

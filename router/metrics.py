@@ -5,8 +5,12 @@ Two sources:
   predicted vs realised hits, decision and lookup latency, TTFT, inter-token latency): ordinary
   prometheus_client metrics updated on the request path;
 - what only the workers know (blocks stored/evicted, transfers, queue depth, running, free blocks,
-  liveness): read at scrape time from the registry's latest poll of each worker by a collector, so
-  the numbers are never older than one poll and never double counted.
+  liveness, the engines' own hits by tier): read at scrape time from the registry's latest poll of each
+  worker by a collector, so the numbers are never older than one poll and never double counted.
+
+Hits by tier (``TIER_LABELS``): device (the worker's KV pool), host and disk (its lower tiers, loaded back)
+and peer (pulled from another worker). Per request they come from its ``Usage`` (``usage_tier_tokens``),
+per engine from its ``WorkerLoad`` (``load_tier_tokens``).
 
 Each ``RouterMetrics`` has its own ``CollectorRegistry``: several stacks in one process (tests) never
 collide.
@@ -24,6 +28,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from cache_service.records import Usage, WorkerLoad
 
 if TYPE_CHECKING:
     from router.registry import WorkerRegistry
@@ -47,6 +53,27 @@ def tenant_label(tenant: str) -> str:
 
 
 NO_WORKER = "none"  # the worker label of requests refused before routing (stats leave it out)
+
+TIER_LABELS = ("device", "host", "disk", "peer")
+# The per-tier fields of the worker's records (the capacity issue's worker side adds them): of
+# Usage.cached_tokens, those loaded back from host / disk; of WorkerLoad.prefix_hit_tokens, the same since
+# the engine started. Read with getattr so that the router also serves workers that predate them: every
+# local hit is then a device hit.
+USAGE_TIER_FIELDS = ("host_cached_tokens", "disk_cached_tokens")
+LOAD_TIER_FIELDS = ("prefix_host_hit_tokens", "prefix_disk_hit_tokens")
+
+
+def usage_tier_tokens(usage: Usage) -> tuple[int, int, int, int]:
+    """A served request's cached tokens by where they came from: (device, host, disk, peer)."""
+    peer = max(usage.transferred_tokens, 0)
+    host, disk = (max(int(getattr(usage, f, 0) or 0), 0) for f in USAGE_TIER_FIELDS)
+    return max(usage.cached_tokens - peer - host - disk, 0), host, disk, peer
+
+
+def load_tier_tokens(load: WorkerLoad) -> tuple[int, int, int]:
+    """An engine's own prefix hits since it started, by the tier it found them in: (device, host, disk)."""
+    host, disk = (max(int(getattr(load, f, 0) or 0), 0) for f in LOAD_TIER_FIELDS)
+    return max(load.prefix_hit_tokens - host - disk, 0), host, disk
 
 
 def anonymous_tenant(cache_salt: str) -> str:
@@ -100,6 +127,10 @@ class RouterMetrics:
         self.hits_tokens = Counter(f"{PREFIX}_prefix_cache_hits_tokens",
                                    "Prompt tokens served from cache (usage.cached_tokens)", ["worker", "tenant"],
                                    registry=r)
+        self.tier_hits_tokens = Counter(f"{PREFIX}_prefix_cache_tier_hits_tokens",
+                                        "Prompt tokens served from cache by where they came from (device, host,"
+                                        " disk, peer); they sum to the hits", ["worker", "tenant", "tier"],
+                                        registry=r)
         self.predicted_tokens = Counter(f"{PREFIX}_router_predicted_cached_tokens",
                                         "Cached tokens the router predicted when it chose the worker", ["worker"],
                                         registry=r)
@@ -125,13 +156,18 @@ class RouterMetrics:
         self.ttft.labels(worker, self.tenants.admit(tenant)).observe(seconds)
 
     def record_finished(self, worker: str, tenant: str, prompt_tokens: int, cached_tokens: int,
-                        predicted_tokens: int) -> None:
+                        predicted_tokens: int, usage: Usage | None = None) -> None:
+        """A served request; with its ``usage``, its hits are also counted by tier (``usage_tier_tokens``)."""
         t = self.tenants.admit(tenant)
         self.requests.labels(worker, t, "ok").inc()
         self.queries_tokens.labels(worker, t).inc(prompt_tokens)
         self.hits_tokens.labels(worker, t).inc(cached_tokens)
         self.predicted_tokens.labels(worker).inc(predicted_tokens)
         self.realised_tokens.labels(worker).inc(cached_tokens)
+        if usage is not None:
+            for tier, n in zip(TIER_LABELS, usage_tier_tokens(usage)):
+                if n:
+                    self.tier_hits_tokens.labels(worker, t, tier).inc(n)
 
     def record_failed(self, worker: str | None, tenant: str, status: str) -> None:
         """``worker`` None: refused before any worker was chosen (counted under the label ``NO_WORKER``)."""
@@ -168,6 +204,15 @@ class _WorkerCollector:
                                         labels=["worker", "outcome"])
         tbytes = CounterMetricFamily(f"{PREFIX}_transfer_bytes", "Bytes pulled from peers", labels=["worker"])
         tsec = HistogramMetricFamily(f"{PREFIX}_transfer_seconds", "Block transfer latency", labels=["worker"])
+        verified = CounterMetricFamily(f"{PREFIX}_block_verifications", "Imported runs recomputed and compared, "
+                                       "by outcome", labels=["worker", "outcome"])
+        quarantines = CounterMetricFamily(f"{PREFIX}_peer_quarantines",
+                                          "Peers quarantined after a failed verification", labels=["worker"])
+        skips = CounterMetricFamily(f"{PREFIX}_quarantine_skips",
+                                    "Fetches that passed over a quarantined peer", labels=["worker"])
+        tier_hits = CounterMetricFamily(f"{PREFIX}_worker_prefix_hits_tokens",
+                                        "The engine's own prefix-cache hits in tokens, by the tier it found them in",
+                                        labels=["worker", "tier"])
         for w in self._snapshot():
             wid = w.worker_id
             up.add_metric([wid], 1.0 if w.live else 0.0)
@@ -187,4 +232,11 @@ class _WorkerCollector:
                 buckets.append((repr(float(bound)), cumulative))
             buckets.append(("+Inf", s.num_transfers_ok + s.num_transfers_fallback))
             tsec.add_metric([wid], buckets, s.transfer_seconds_sum)
-        yield from (up, depth, running, free, stored, evicted, transfers, tbytes, tsec)
+            verified.add_metric([wid, "ok"], s.num_verifications - s.num_verification_failures)
+            verified.add_metric([wid, "failed"], s.num_verification_failures)
+            quarantines.add_metric([wid], s.num_quarantines)
+            skips.add_metric([wid], s.num_quarantine_skips)
+            for tier, n in zip(TIER_LABELS, load_tier_tokens(w.load)):
+                tier_hits.add_metric([wid, tier], n)
+        yield from (up, depth, running, free, stored, evicted, transfers, tbytes, tsec, verified, quarantines, skips,
+                    tier_hits)

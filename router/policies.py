@@ -4,6 +4,8 @@ Pure code (no Ray, no gRPC): the gRPC router and the cluster simulator
 (benchmarks/simulator) call the same ``select``. A policy sees
 
     query.matches   worker_id -> blocks of the longest prompt prefix that worker holds (the index's Lookup)
+    query.tiers     worker_id -> how that prefix splits over the worker's tiers (only workers with some of
+                    it on host or disk; absent: all on device)
     workers         the live workers' load (non-empty)
 
 and answers a ``RouteDecision``: the worker, how many blocks it is predicted
@@ -12,9 +14,17 @@ from. ``cache_aware`` (the default) minimises a cost in the spirit of Dynamo's
 KV router, in units of "blocks of prefill work":
 
     cost(w) = prefill_weight     * blocks w must prefill for this request
+            + host_hit_cost      * blocks of w's hit it loads back from its host tier
+            + disk_hit_cost      * blocks of w's hit it loads back from its disk tier
             + transfer_cost_ratio* blocks w pulls from the best peer       (transfer on)
             + queue_weight       * blocks already waiting to prefill on w  (its backlog: TTFT)
             + decode_load_weight * blocks held by w's running sequences    (decode load)
+
+A device hit costs nothing and a recompute one block of prefill; a host or disk hit costs the time to
+load the block back, a fraction of a prefill (like transfer_cost_ratio, in units of one block of prefill
+at prefill_weight 1), so among holders of the same prefix the device holder wins, then host, then disk,
+before load decides. Pulled blocks cost transfer_cost_ratio whatever tier the peer holds them in: the
+network is the slow leg (a host read is several times faster than a NIC, a disk read about as fast).
 
 With transfers on, the best peer's prefix costs ``transfer_cost_ratio`` per
 block on any worker, so a hot prefix no longer pins its requests to one
@@ -36,13 +46,14 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Protocol, Sequence
 
 import xxhash
 
 from cache_service.peers import best_peer
 from cache_service.records import WorkerLoad
+from cache_service.types import TierCounts
 
 _MASK64 = (1 << 64) - 1
 
@@ -58,6 +69,9 @@ class RouteQuery:
     matches: Mapping[str, int]  # worker_id -> longest held prefix (blocks), from the index
     session_id: str | None = None
     request_key: int = 0  # stable per-request int (e.g. hash of request_id) for tie-breaks
+    # worker_id -> its prefix's split over tiers, for workers with some of it below device (the mirror's
+    # lookup_tiers); a worker not in it holds its whole prefix on device.
+    tiers: Mapping[str, TierCounts] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -77,9 +91,17 @@ class CostWeights:
     transfer_cost_ratio: float = 0.2  # cost of pulling one block / cost of prefilling it
     enable_transfer: bool = False
     min_transfer_blocks: int = 1  # fewer than this is not worth a round trip
+    # Cost of a hit on the worker's host / disk tier, per block, as a fraction of prefilling it: the time
+    # to load it back over the time to recompute it. Defaults from the specifications the simulator's time
+    # model uses (simulator/time_model.py: a 512-token block of a Llama-3-8B-class model, 64 MiB, loads in
+    # 1.3 ms over PCIe 5.0 at ~50 GB/s and in 5.2 ms from an NVMe at ~13 GB/s, against 25.6 ms to prefill at
+    # 20k tokens/s), until the worker side's measured TTFT from host and disk replaces them.
+    host_hit_cost: float = 0.05
+    disk_hit_cost: float = 0.2
 
     def __post_init__(self) -> None:
-        for name in ("prefill_weight", "decode_load_weight", "queue_weight", "transfer_cost_ratio"):
+        for name in ("prefill_weight", "decode_load_weight", "queue_weight", "transfer_cost_ratio",
+                     "host_hit_cost", "disk_hit_cost"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -125,6 +147,10 @@ def _check(query: RouteQuery, workers: Sequence[WorkerLoad]) -> None:
     for wid, n in query.matches.items():
         if not 0 <= n <= query.num_blocks:
             raise RoutingError(f"match of {n} blocks on {wid!r} is outside 0..{query.num_blocks}")
+    for wid, t in query.tiers.items():
+        if min(t) < 0 or t.num_blocks != query.matches.get(wid, 0):
+            raise RoutingError(f"tiers {tuple(t)} of {wid!r} do not add up to its match of "
+                               f"{query.matches.get(wid, 0)} blocks")
 
 
 def _best_peer(query: RouteQuery, live: set[str] | None) -> tuple[str | None, int]:
@@ -195,17 +221,23 @@ class CacheAwarePolicy(_WeightedPolicy):
         peer_id, peer_len = _best_peer(query, _live_ids(workers)) if query.matches else (None, 0)
         use_peer = w.enable_transfer and peer_id is not None and w.transfer_cost_ratio < w.prefill_weight
         n = query.num_blocks
-        matches = query.matches
+        matches, tiers = query.matches, query.tiers
         pw, qw, dw, ratio = w.prefill_weight, w.queue_weight, w.decode_load_weight, w.transfer_cost_ratio
+        hw, kw = w.host_hit_cost, w.disk_hit_cost
         min_pull = w.min_transfer_blocks
         costs = []
         for worker in workers:
-            local = matches.get(worker.worker_id, 0)
+            wid = worker.worker_id
+            local = matches.get(wid, 0)
             pulled = peer_len - local if use_peer else 0
             if pulled >= min_pull:
                 work = pw * (n - peer_len) + ratio * pulled
             else:
                 work = pw * (n - local)
+            if tiers:
+                t = tiers.get(wid)
+                if t is not None:
+                    work += hw * t.host + kw * t.disk  # loading its own lower-tier hits back
             costs.append(work + qw * worker.num_waiting_blocks + dw * worker.num_active_blocks)
         i = _argmin(costs, workers, query.request_key)
         decision = plan_transfer(query, workers[i].worker_id, w, (peer_id, peer_len))
@@ -297,7 +329,8 @@ def make_policy(name: str = DEFAULT_POLICY, *, seed: int = 0, weights: CostWeigh
     """A policy by name that prices load with ``weights`` (None: ``CostWeights()``).
 
     ``fields`` builds the weights from ``CostWeights`` field names instead (prefill_weight,
-    decode_load_weight, queue_weight, transfer_cost_ratio, enable_transfer, min_transfer_blocks): the
+    decode_load_weight, queue_weight, transfer_cost_ratio, enable_transfer, min_transfer_blocks,
+    host_hit_cost, disk_hit_cost): the
     simulator and the policy tests call it so. Never both."""
     if fields:
         if weights is not None:

@@ -1,7 +1,9 @@
 """Choosing a worker: index lookup (local mirror, or the cache service) + the policy + the decision record.
 
     hashes  = encoder.block_hashes(prompt, salt)            (done by the caller, once per request)
-    matches = mirror.lookup(hashes)   | CacheService.Lookup  worker -> longest held prefix (blocks)
+    matches = mirror.lookup_tiers(hashes) | CacheService.Lookup
+                                   worker -> longest held prefix (blocks, any tier), and its split over
+                                   tiers for the workers holding some of it on host or disk
     choice  = policy.select(RouteQuery(...), live loads)     or the request's target_worker
     peer    = the peer holding a longer prefix, for the chosen worker to pull from (BlockTransfer), or None
 
@@ -21,13 +23,16 @@ import xxhash
 from cache_service.block_hash import BlockHash
 from cache_service.peers import best_peer
 from cache_service.records import PeerHint
+from cache_service.types import TierCounts
 from router.index_mirror import IndexMirror
 from router.metrics import RouterMetrics
 from router.policies import RouteDecision, RouteQuery, RoutingPolicy
 from router.registry import WorkerRegistry, WorkerState
 from router.tokenize import PromptEncoder
 
-ServiceLookup = Callable[[Sequence[BlockHash]], Awaitable[dict[str, int]]]
+# worker -> prefix length, or (that, worker -> TierCounts for the workers with some of it below device).
+ServiceLookup = Callable[[Sequence[BlockHash]],
+                         Awaitable[dict[str, int] | tuple[dict[str, int], dict[str, TierCounts]]]]
 INDEX_SOURCES = ("mirror", "service")
 
 
@@ -50,6 +55,8 @@ class Decision:
     peer: PeerHint | None = None
     lookup_source: str = "mirror"
     matches: dict[str, int] = field(default_factory=dict)
+    # The live workers whose prefix is partly on host or disk, and how it splits (the rest: all device).
+    tiers: dict[str, TierCounts] = field(default_factory=dict)
     targeted: bool = False
 
 
@@ -81,7 +88,8 @@ class RoutingCore:
         # routing alone this way).
         self.transfer_hints = transfer_hints
 
-    async def lookup(self, hashes: Sequence[BlockHash]) -> tuple[dict[str, int], str]:
+    async def lookup(self, hashes: Sequence[BlockHash]) -> tuple[dict[str, int], dict[str, TierCounts], str]:
+        """(worker -> prefix length, worker -> tier split where some is below device, the source asked)."""
         source = self.index_source
         if source == "mirror" and self.service_lookup is not None and not self._mirror_in_sync():
             source = "service"
@@ -89,15 +97,17 @@ class RoutingCore:
         if source == "service":
             assert self.service_lookup is not None
             try:
-                matches = await self.service_lookup(hashes)
+                answer = await self.service_lookup(hashes)
+                matches, tiers = answer if isinstance(answer, tuple) else (answer, {})
             except Exception:  # noqa: BLE001 - the index is a hint: a down service must not fail requests
-                source, matches = "mirror", self.mirror.lookup(hashes)
+                source = "mirror"
+                matches, tiers = self.mirror.lookup_tiers(hashes)
         else:
-            matches = self.mirror.lookup(hashes)
+            matches, tiers = self.mirror.lookup_tiers(hashes)
         elapsed = time.perf_counter() - started
         self.metrics.index_lookups.labels(source).inc()
         self.metrics.index_lookup_seconds.labels(source).observe(elapsed)
-        return matches, source
+        return matches, tiers, source
 
     def _mirror_in_sync(self) -> bool:
         return all(w.feed_epoch for w in self.registry.live_workers())
@@ -112,9 +122,9 @@ class RoutingCore:
         target_worker: str = "",
         exclude: frozenset[str] = frozenset(),
     ) -> Decision:
-        matches, source = await self.lookup(hashes)
+        matches, tiers, source = await self.lookup(hashes)
         return self.choose(prompt_ids, hashes, matches, source, request_id=request_id, session_id=session_id,
-                           target_worker=target_worker, exclude=exclude)
+                           target_worker=target_worker, exclude=exclude, tiers=tiers)
 
     def choose(
         self,
@@ -127,11 +137,14 @@ class RoutingCore:
         session_id: str = "",
         target_worker: str = "",
         exclude: frozenset[str] = frozenset(),
+        tiers: dict[str, TierCounts] | None = None,
     ) -> Decision:
         registry = self.registry
         live = {w.worker_id: w for w in registry.live_workers() if w.worker_id not in exclude}
         # Matches of workers out of rotation must not count (a stale service answer, a worker just lost).
         matches = {wid: n for wid, n in matches.items() if wid in live}
+        # Only splits that describe a live worker's match (a service answer may disagree with the mirror's).
+        tiers = {wid: t for wid, t in tiers.items() if matches.get(wid) == t.num_blocks} if tiers else {}
         num_blocks = len(hashes)
         if target_worker:
             state = registry.get(target_worker)
@@ -154,6 +167,7 @@ class RoutingCore:
                 matches=matches,
                 session_id=session_id or None,
                 request_key=xxhash.xxh64_intdigest(request_id.encode("utf-8")),
+                tiers=tiers,
             )
             decision = self.policy.select(query, loads)
             targeted = False
@@ -166,6 +180,7 @@ class RoutingCore:
             peer=peer,
             lookup_source=source,
             matches=matches,
+            tiers=tiers,
             targeted=targeted,
         )
 

@@ -93,7 +93,7 @@ class RouterServer:
                      if config.cache_service_address else None)
         self.policy = make_policy(config.policy, seed=config.seed, weights=config.policy_weights)
         self.routing = RoutingCore(self.encoder, self.registry, self.mirror, self.policy, self.metrics,
-                                   service_lookup=self.link.lookup if self.link else None,
+                                   service_lookup=self.link.lookup_tiers if self.link else None,
                                    index_source=config.index_source, transfer_hints=config.transfer_hints)
         self.dispatcher = Dispatcher(self.routing, self.registry, self.metrics,
                                      max_in_flight=config.max_in_flight, max_attempts=config.max_attempts)

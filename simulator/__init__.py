@@ -3,7 +3,7 @@
 
     sim_request.py    a request's block identities and what happened to it
     time_model.py     prefill / decode / transfer durations of one node
-    node.py           one node: BlockPool, prefill queue, batched decode
+    node.py           one node: BlockPool (and host / disk tiers under it), prefill queue, batched decode
     routing_index.py  the router's IndexMirror fed by the pools' events, keyed by node
     cluster.py        the discrete-event loop: routing, transfers, accounting
     results.py        hit rates, load imbalance, TTFTs -> JSON

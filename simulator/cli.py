@@ -40,6 +40,17 @@ def parse_tokens(text: str) -> int | None:
     return int(value)
 
 
+def parse_tier_tokens(text: str) -> int:
+    """A lower tier's size: '0' (none), '30M', '250k'; never unbounded (a tier that never evicts would hide
+    what the tiers are for)."""
+    if text.strip() in ("0", "0.0"):
+        return 0
+    value = parse_tokens(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"a tier's capacity must be finite: {text!r} (e.g. 30M, or 0 for none)")
+    return value
+
+
 def _on_off(text: str) -> bool:
     t = text.strip().lower()
     if t in ("on", "true", "1", "yes"):
@@ -54,7 +65,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"a Mooncake JSONL file, or a workload name: {', '.join(WORKLOADS)}")
     p.add_argument("--nodes", type=int, default=10)
     p.add_argument("--capacity-tokens", type=parse_tokens, default=3_000_000,
-                   help="KV cache per node in tokens (3M, 250k, inf = no eviction); default 3M")
+                   help="KV cache per node in tokens (3M, 250k, inf = no eviction); default 3M. With lower tiers:"
+                        " the device (HBM) tier")
+    p.add_argument("--host-capacity-tokens", type=parse_tier_tokens, default=0,
+                   help="host-memory tier per node under the pool, in tokens (its hits load back at"
+                        " --host-load-gbs); default 0: none")
+    p.add_argument("--disk-capacity-tokens", type=parse_tier_tokens, default=0,
+                   help="disk tier per node under the host tier, in tokens (loads at --disk-load-gbs); default 0")
     p.add_argument("--policy", choices=SIM_POLICY_NAMES, default="cache_aware",
                    help="a router policy, or global (one shared pool of nodes x capacity: the upper bound)")
     p.add_argument("--block-size", type=int, default=512)
@@ -82,12 +99,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hbm-gbs", type=float, default=tm.hbm_gbs, help="GB/s for reading KV in decode")
     g.add_argument("--transfer-gbps", type=float, default=tm.transfer_gbps, help="Gbit/s between nodes")
     g.add_argument("--transfer-latency-ms", type=float, default=tm.transfer_latency_ms)
+    g.add_argument("--host-load-gbs", type=float, default=tm.host_load_gbs, help="GB/s host tier -> pool")
+    g.add_argument("--disk-load-gbs", type=float, default=tm.disk_load_gbs, help="GB/s disk tier -> pool")
     w = p.add_argument_group("policy weights (router/policies.py CostWeights)")
     w.add_argument("--prefill-weight", type=float)
     w.add_argument("--decode-load-weight", type=float)
     w.add_argument("--queue-weight", type=float)
     w.add_argument("--transfer-cost-ratio", type=float,
                    help="default: the time model's (block transfer time / block prefill time)")
+    w.add_argument("--host-hit-cost", type=float, help="default: the time model's (host load / prefill of a block)")
+    w.add_argument("--disk-hit-cost", type=float, help="default: the time model's (disk load / prefill of a block)")
 
 
 def load_requests(args: argparse.Namespace) -> Iterable[SimRequest]:
@@ -113,18 +134,21 @@ def load_requests(args: argparse.Namespace) -> Iterable[SimRequest]:
 def config_from_args(args: argparse.Namespace) -> SimConfig:
     weights = {
         name: getattr(args, name)
-        for name in ("prefill_weight", "decode_load_weight", "queue_weight", "transfer_cost_ratio")
+        for name in ("prefill_weight", "decode_load_weight", "queue_weight", "transfer_cost_ratio", "host_hit_cost",
+                     "disk_hit_cost")
         if getattr(args, name, None) is not None
     }
     tm = TimeModel(
         prefill_tps=args.prefill_tps, prefill_overhead_ms=args.prefill_overhead_ms, decode_tps=args.decode_tps,
         kv_bytes_per_token=args.kv_bytes_per_token, hbm_gbs=args.hbm_gbs, transfer_gbps=args.transfer_gbps,
-        transfer_latency_ms=args.transfer_latency_ms,
+        transfer_latency_ms=args.transfer_latency_ms, host_load_gbs=args.host_load_gbs,
+        disk_load_gbs=args.disk_load_gbs,
     )
     return SimConfig(
         num_nodes=args.nodes, capacity_tokens=args.capacity_tokens, block_size=args.block_size,
         policy=args.policy, transfer=args.transfer, time_model=tm, weights=weights, seed=args.seed,
-        num_candidates=args.candidates, pending=args.pending,
+        num_candidates=args.candidates, pending=args.pending, host_capacity_tokens=args.host_capacity_tokens,
+        disk_capacity_tokens=args.disk_capacity_tokens,
     )
 
 
@@ -134,6 +158,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"requests {s['requests']}  block hit {pct(s['block_hit_rate'])} (local {pct(s['local_block_hit_rate'])})"
         f"  token hit {pct(s['token_hit_rate'])}  load imbalance {s['load_imbalance']}"
         f"  TTFT p50 {s['ttft_p50_s']} s p99 {s['ttft_p99_s']} s  transferred {s['transferred_blocks']} blocks"
+        f"  hits device/host/disk {s['device_hit_blocks']}/{s['host_hit_blocks']}/{s['disk_hit_blocks']}"
         f"  simulated {s['sim_duration_s']} s in {s['elapsed_s']} s (cpu {s['cpu_s']} s)"
     )
 

@@ -15,7 +15,13 @@ confirm or drop them, or until the mirror's TTL (in simulated seconds) ends.
 
 ``global`` is the upper bound: one pool of num_nodes x capacity shared by
 all nodes (every block visible to every node for free); requests go to the
-least loaded node.
+least loaded node. With lower tiers it shares them too (num_nodes x each).
+
+Lower tiers (``host_capacity_tokens`` / ``disk_capacity_tokens`` per node,
+node.py): hits there are loaded back at prefill start, charged
+``TimeModel.load_s`` before the prefill, and priced by the policy at
+``host_hit_cost`` / ``disk_hit_cost`` (the time model's load over prefill
+ratios unless given). With both at 0 (the default) nothing changes.
 """
 
 from __future__ import annotations
@@ -26,11 +32,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
 
-from cache_service.records import WorkerLoad
+from cache_service.block_hash import BlockHash
+from cache_service.records import Tier, WorkerLoad
+from cache_service.types import TierCounts
 from router.policies import POLICY_NAMES, CostWeights, RouteQuery, RoutingPolicy, make_policy
-from workers.block_pool import BlockPool
+from workers.block_pool import Block, BlockPool
 
-from .node import SimNode
+from .node import LowerTiers, SimNode
 from .results import NodeStats, RunRecorder, SimResult
 from .routing_index import SimRoutingIndex
 from .sim_request import SimRequest, hit_tokens
@@ -59,6 +67,8 @@ class SimConfig:
     seed: int = 0
     num_candidates: int | None = None  # None: exact up to EXACT_ROUTING_MAX_NODES nodes, else 16
     pending: bool = False  # the router also counts blocks of routed, not yet prefilled requests
+    host_capacity_tokens: int = 0  # per node, under the pool (0: no host tier)
+    disk_capacity_tokens: int = 0  # per node, under the host tier (0: no disk tier)
 
     def __post_init__(self) -> None:
         if self.num_nodes < 1:
@@ -69,6 +79,9 @@ class SimConfig:
             raise ValueError(f"capacity_tokens must hold at least one block ({self.block_size} tokens)")
         if self.policy not in SIM_POLICY_NAMES:
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(SIM_POLICY_NAMES)}")
+        for name in ("host_capacity_tokens", "disk_capacity_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -90,16 +103,23 @@ class Simulator:
         self.is_global = config.policy == GLOBAL
         weights = dict(config.weights)
         weights.setdefault("transfer_cost_ratio", round(self.tm.transfer_cost_ratio(self.bs), 4))
+        weights.setdefault("host_hit_cost", round(self.tm.load_cost_ratio(self.tm.host_load_gbs, self.bs), 4))
+        weights.setdefault("disk_hit_cost", round(self.tm.load_cost_ratio(self.tm.disk_load_gbs, self.bs), 4))
         weights["enable_transfer"] = config.transfer and not self.is_global
         self.weights = CostWeights(**weights)
         name = "least_loaded" if self.is_global else config.policy
         self.policy: RoutingPolicy = make_policy(name, seed=config.seed, **asdict(self.weights))
         n = config.num_nodes
+        host_blocks = config.host_capacity_tokens // self.bs
+        disk_blocks = config.disk_capacity_tokens // self.bs
+        tiered = host_blocks > 0 or disk_blocks > 0
         if self.is_global:
             shared = BlockPool(capacity_blocks * n if config.capacity_tokens is not None else capacity_blocks, self.bs)
-            self.nodes = [SimNode(i, shared, self.tm) for i in range(n)]
+            shared_tiers = LowerTiers(host_blocks * n, disk_blocks * n) if tiered else None
+            self.nodes = [SimNode(i, shared, self.tm, shared_tiers) for i in range(n)]
         else:
-            self.nodes = [SimNode(i, BlockPool(capacity_blocks, self.bs), self.tm) for i in range(n)]
+            self.nodes = [SimNode(i, BlockPool(capacity_blocks, self.bs), self.tm,
+                                  LowerTiers(host_blocks, disk_blocks) if tiered else None) for i in range(n)]
         self.loads: list[WorkerLoad] = [node.load for node in self.nodes]
         self.by_id = {node.worker_id: node for node in self.nodes}
         self.index = SimRoutingIndex()
@@ -140,6 +160,8 @@ class Simulator:
             assert node.idle, f"{node.worker_id} did not drain"
         if self.rec.num_requests <= 20_000 and self.config.num_nodes <= 16:
             self.nodes[0].pool.check_integrity()
+            if self.nodes[0].tiers is not None:
+                self.nodes[0].tiers.check_integrity(self.nodes[0].pool)
         return SimResult(self.config.to_dict(), self.rec, self._node_stats(), elapsed, cpu)
 
     def _handle(self, ev: tuple) -> None:
@@ -161,15 +183,16 @@ class Simulator:
         if self.config.pending and not self.is_global:
             self.index.expire(now)  # the router's registry does this every poll; routing is what sees it
         # (global: the index stays empty, every node sees every block; only load matters)
-        workers, by_node = self._candidates(hashes)
+        workers, by_node, tiers_by_node = self._candidates(hashes)
         nodes = self.nodes
         matches = {nodes[i].worker_id: n for i, n in by_node.items()}
-        query = RouteQuery(len(hashes), req.num_prompt_tokens, matches, req.session_id, req.index)
+        tiers = {nodes[i].worker_id: t for i, t in tiers_by_node.items()} if tiers_by_node else {}
+        query = RouteQuery(len(hashes), req.num_prompt_tokens, matches, req.session_id, req.index, tiers)
         decision = self.policy.select(query, workers)
         node = self.by_id[decision.worker_id]
         req.node = node.index
         req.predicted_cached_blocks = (
-            node.pool.count_cached_prefix(hashes) if self.is_global else decision.predicted_cached_blocks
+            node.count_cached_prefix(hashes) if self.is_global else decision.predicted_cached_blocks
         )
         if decision.transfer_from is not None:
             req.transfer_from = self.by_id[decision.transfer_from].index
@@ -185,14 +208,15 @@ class Simulator:
         self._load_changed(node)
         self._start_prefills(node, now)
 
-    def _candidates(self, hashes: list) -> tuple[Sequence[WorkerLoad], dict[int, int]]:
-        """(workers the policy sees, their matches): every node, or with many nodes the
-        ``num_candidates`` deepest matches plus as many least-loaded nodes (policies doc)."""
+    def _candidates(self, hashes: list) -> tuple[Sequence[WorkerLoad], dict[int, int], dict[int, TierCounts]]:
+        """(workers the policy sees, their matches, the tier split of those partly below device): every
+        node, or with many nodes the ``num_candidates`` deepest matches plus as many least-loaded nodes
+        (policies doc)."""
         k = self.num_candidates
         if not k:
-            return self.loads, self.index.matches(hashes)
+            return (self.loads, *self.index.matches_tiers(hashes))
         nodes = self.nodes
-        by_node = self.index.matches(hashes, limit=k)
+        by_node, tiers = self.index.matches_tiers(hashes, limit=k)
         heap = self._load_heap
         popped = []
         while heap and len(popped) < k:
@@ -205,11 +229,14 @@ class Simulator:
             if i not in by_node:
                 length = self.index.match_length(i, hashes)
                 by_node[i] = length
+                split = self.index.tier_counts(i, hashes, length)
+                if split is not None:
+                    tiers[i] = split
         if len(heap) > 8 * len(nodes) + 1024:
             self._load_heap = []
             for node in nodes:
                 self._push_load(node)
-        return [nodes[i].load for i in by_node], {i: n for i, n in by_node.items() if n}
+        return [nodes[i].load for i in by_node], {i: n for i, n in by_node.items() if n}, tiers
 
     def _push_load(self, node: SimNode) -> None:
         # A random second key spreads ties among equally loaded nodes.
@@ -232,31 +259,45 @@ class Simulator:
 
     def _start_prefill(self, node: SimNode, now: float) -> None:
         pool = node.pool
+        lower = node.tiers
         tokens = self.tokens
         bs = self.bs
         while node.prefilling is None and node.prefill_queue:
             req = node.prefill_queue[0]
             hashes = req.hashes()
             n = len(hashes)
-            hits = []
+            # The node's own prefix: per position a device Block, or the lower Tier it is loaded back from.
+            hits: list[Block] = []
+            local: list[Block | Tier] = []
             for h in hashes:
                 block = pool.get_cached_block(h, tokens)
-                if block is None:
+                if block is not None:
+                    hits.append(block)
+                    local.append(block)
+                    continue
+                tier = lower.tier_of(h) if lower is not None else None
+                if tier is None:
                     break
-                hits.append(block)
-            num_hits = len(hits)
-            src = []
-            peer = None
+                local.append(tier)
+            num_local = len(local)
+            src: list[Block] = []  # the peer's device blocks among those pulled
+            src_lower: list[BlockHash] = []  # ... and those it serves from its lower tiers (at network speed)
+            num_pulled = 0
+            peer = peer_lower = None
             if req.transfer_from is not None:
                 # Pull what the peer still holds of the planned prefix (it may have evicted some).
-                peer = self.nodes[req.transfer_from].pool
-                for pos in range(num_hits, min(req.predicted_cached_blocks, n)):
+                peer, peer_lower = self.nodes[req.transfer_from].pool, self.nodes[req.transfer_from].tiers
+                for pos in range(num_local, min(req.predicted_cached_blocks, n)):
                     block = peer.get_cached_block(hashes[pos], tokens)
-                    if block is None:
+                    if block is not None:
+                        src.append(block)
+                    elif peer_lower is not None and peer_lower.tier_of(hashes[pos]) is not None:
+                        src_lower.append(hashes[pos])
+                    else:
                         break
-                    src.append(block)
-            num_alloc = n - num_hits + decode_blocks(req, bs)
-            if num_hits + num_alloc > pool.num_blocks:
+                    num_pulled += 1
+            num_alloc = n - len(hits) + decode_blocks(req, bs)
+            if len(hits) + num_alloc > pool.num_blocks:
                 node.prefill_queue.popleft()  # can never fit on this node
                 self._reject(node, req)
                 continue
@@ -267,25 +308,52 @@ class Simulator:
             self._blocked.discard(node.index)
             node.prefill_queue.popleft()
             pool.touch(hits)
-            blocks = pool.allocate(num_alloc)
-            assert blocks is not None
-            k = len(src)
+            fresh = pool.allocate(num_alloc)
+            assert fresh is not None
+            # req.blocks in prompt order: the local prefix (hits, and fresh blocks the lower-tier ones are
+            # loaded into, cached at once), the pulled blocks (cached at once), then the blocks to compute.
+            blocks: list[Block] = []
+            j = 0
+            num_host = num_disk = 0
+            for pos, entry in enumerate(local):
+                if isinstance(entry, Block):
+                    blocks.append(entry)
+                    continue
+                assert lower is not None
+                if entry == Tier.HOST:
+                    num_host += 1
+                else:
+                    num_disk += 1
+                lower.take(hashes[pos])
+                pool.cache_block(fresh[j], hashes[pos], tokens, hashes[pos - 1] if pos else None)
+                blocks.append(fresh[j])
+                j += 1
+            k = num_pulled
             if k:
                 assert peer is not None
-                peer.touch(src)  # serving the blocks is a use: refresh the peer's LRU
-                peer.free(src)
-                for j in range(k):
-                    pos = num_hits + j
-                    pool.cache_block(blocks[j], hashes[pos], tokens, hashes[pos - 1] if pos else None)
-            req.blocks = hits + blocks
-            req.num_local_hit_blocks = num_hits
+                if src:
+                    peer.touch(src)  # serving the blocks is a use: refresh the peer's LRU
+                    peer.free(src)
+                for h in src_lower:
+                    peer_lower.touch(h)  # type: ignore[union-attr]
+                for pos in range(num_local, num_local + k):
+                    pool.cache_block(fresh[j], hashes[pos], tokens, hashes[pos - 1] if pos else None)
+                    blocks.append(fresh[j])
+                    j += 1
+            blocks.extend(fresh[j:])
+            req.blocks = blocks
+            req.num_local_hit_blocks = num_local
+            req.num_host_hit_blocks = num_host
+            req.num_disk_hit_blocks = num_disk
             req.num_transferred_blocks = k
-            num_hit_tokens = hit_tokens(num_hits + k, bs, req.num_prompt_tokens)
+            num_hit_tokens = hit_tokens(num_local + k, bs, req.num_prompt_tokens)
             # A fully cached prompt still computes its last token (to produce the first output).
             req.num_computed_tokens = max(req.num_prompt_tokens - num_hit_tokens, 1)
             req.prefill_start_s = now
             node.prefilling = req
             duration = self.tm.transfer_s(k, bs) + self.tm.prefill_s(req.num_computed_tokens)
+            if num_host or num_disk:
+                duration += self.tm.load_s(num_host, num_disk, bs)
             self._schedule(now + duration, _PREFILL_DONE, node, req)
             load = node.load
             load.num_waiting -= 1
@@ -346,14 +414,19 @@ class Simulator:
         self._load_changed(node)
 
     def _publish(self, node: SimNode) -> None:
-        events = node.pool.drain_events()
+        events = node.drain_events()  # also moves what the pool evicted into the lower tiers
         if events and not self.is_global:
             self.index.apply(node.index, events)
 
     # ---- accounting ------------------------------------------------------------------------
     def _node_stats(self) -> list[NodeStats]:
+        def lower(n: SimNode, tier: str) -> int:
+            t = getattr(n.tiers, tier) if n.tiers is not None else None
+            return len(t) if t is not None else 0
+
         return [
-            NodeStats(n.worker_id, n.num_requests, n.num_prompt_tokens, n.num_prefill_tokens, n.pool.num_cached_blocks)
+            NodeStats(n.worker_id, n.num_requests, n.num_prompt_tokens, n.num_prefill_tokens, n.pool.num_cached_blocks,
+                      lower(n, "host"), lower(n, "disk"))
             for n in self.nodes
         ]
 

@@ -27,6 +27,8 @@ class RunRecorder:
     num_rejected: int = 0
     num_blocks: int = 0
     num_local_hit_blocks: int = 0
+    num_host_hit_blocks: int = 0
+    num_disk_hit_blocks: int = 0
     num_transferred_blocks: int = 0
     num_transfers: int = 0
     num_prompt_tokens: int = 0
@@ -49,6 +51,8 @@ class RunRecorder:
         hit = req.num_hit_blocks
         self.num_blocks += n
         self.num_local_hit_blocks += req.num_local_hit_blocks
+        self.num_host_hit_blocks += req.num_host_hit_blocks
+        self.num_disk_hit_blocks += req.num_disk_hit_blocks
         self.num_transferred_blocks += req.num_transferred_blocks
         self.num_transfers += 1 if req.num_transferred_blocks else 0
         self.num_prompt_tokens += req.num_prompt_tokens
@@ -90,7 +94,9 @@ class NodeStats:
     num_requests: int
     num_prompt_tokens: int
     num_prefill_tokens: int
-    num_cached_blocks: int
+    num_cached_blocks: int  # in its pool (device) at the end
+    num_host_blocks: int = 0  # in its lower tiers at the end
+    num_disk_blocks: int = 0
 
 
 @dataclass(slots=True)
@@ -130,6 +136,10 @@ class SimResult:
             "e2e_p50_s": _round(percentile(e2e, 50)),
             "transferred_blocks": r.num_transferred_blocks,
             "transfers": r.num_transfers,
+            # Hits by where they came from: the node's pool, its host and disk tiers, a peer (= transferred).
+            "device_hit_blocks": r.num_local_hit_blocks - r.num_host_hit_blocks - r.num_disk_hit_blocks,
+            "host_hit_blocks": r.num_host_hit_blocks,
+            "disk_hit_blocks": r.num_disk_hit_blocks,
             "blocks": r.num_blocks,
             "hit_blocks": r.num_local_hit_blocks + r.num_transferred_blocks,
             "prompt_tokens": r.num_prompt_tokens,

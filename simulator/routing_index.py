@@ -7,6 +7,8 @@ reports about routing is what the router would do with the same events:
     routing   --note_routed()--> pending entries, confirmed by the node's BlockStored or dropped by its
               BlockRemoved, else gone after the mirror's TTL (simulated seconds; ``expire``)
     lookup    --matches()--> node -> longest held prefix (IndexMirror.lookup, pending entries included)
+              --matches_tiers()--> the same, and the tier split of the nodes with some of it on host or
+              disk (IndexMirror.lookup_tiers; the nodes' events carry the tiers, see node.py)
 
 What only the simulator needs stays here: ``matches(limit=k)`` (the k deepest holders: with 1000 nodes
 routing looks at those plus the least loaded, see cluster.py), ``match_length`` of one node, and read-only
@@ -20,7 +22,8 @@ from operator import itemgetter
 from typing import Iterable, Sequence
 
 from cache_service.block_hash import BlockHash
-from cache_service.records import BlockEvent
+from cache_service.records import BlockEvent, Tier
+from cache_service.types import TierCounts
 from router.index_mirror import IndexMirror
 
 
@@ -53,6 +56,25 @@ class SimRoutingIndex:
             return found
         # A stable C-level sort: with hundreds of holders this costs less than heapq.nlargest's Python loop.
         return dict(sorted(found.items(), key=itemgetter(1), reverse=True)[:limit])
+
+    def matches_tiers(self, block_hashes: Sequence[BlockHash], limit: int | None = None
+                      ) -> tuple[dict[int, int], dict[int, TierCounts]]:
+        """``matches``, and the tier split of the nodes (among those) with some of their prefix below device."""
+        found, tiers = self.mirror.lookup_tiers(block_hashes)
+        if limit is not None and len(found) > limit:
+            found = dict(sorted(found.items(), key=itemgetter(1), reverse=True)[:limit])
+            tiers = {n: t for n, t in tiers.items() if n in found}
+        return found, tiers
+
+    def tier_counts(self, node: int, block_hashes: Sequence[BlockHash], num_blocks: int) -> TierCounts | None:
+        """How ``node``'s first ``num_blocks`` blocks split over its tiers; None when all are on device."""
+        if not self.mirror.tiered or not num_blocks:
+            return None
+        counts = [0, 0, 0]
+        tier_of = self.mirror.tier_of
+        for h in block_hashes[:num_blocks]:
+            counts[tier_of(node, h) or Tier.DEVICE] += 1  # a pending block (None) is computed on device
+        return TierCounts(*counts) if counts[1] or counts[2] else None
 
     def match_length(self, node: int, block_hashes: Sequence[BlockHash]) -> int:
         """Leading blocks of ``block_hashes`` that ``node`` holds or is pending for."""

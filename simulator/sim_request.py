@@ -40,7 +40,9 @@ class SimRequest:
     predicted_cached_blocks: int = 0
     transfer_from: int | None = None
     num_planned_transfer: int = 0
-    num_local_hit_blocks: int = 0
+    num_local_hit_blocks: int = 0  # every tier of its node
+    num_host_hit_blocks: int = 0  # of those, loaded back from host
+    num_disk_hit_blocks: int = 0  # ... and from disk
     num_transferred_blocks: int = 0
     num_computed_tokens: int = 0
     blocks: list[Block] = field(default_factory=list)

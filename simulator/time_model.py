@@ -12,9 +12,15 @@ project's engine has no GPU figures yet; every number is a flag):
     KV bytes     131,072 per token (32 layers x K,V x 8 kv heads x 128 dims x 2 bytes)
     transfer     100 Gbit/s per node pair, 1 ms latency per transfer
                  one 512-token block = 64 MiB -> 5.4 ms vs 25.6 ms to recompute (ratio ~0.21)
+    host load    50 GB/s host -> GPU (PCIe 5.0 x16: 64 GB/s per direction, ~80% with pinned memory)
+                 one block -> 1.3 ms (ratio ~0.05)
+    disk load    13 GB/s disk -> GPU (one PCIe 5.0 NVMe per GPU: 14 GB/s sequential read, ~90%; read through
+                 host memory, pipelined, so the drive is the bottleneck): one block -> 5.2 ms (ratio ~0.20)
 
-Node capacity (``--capacity-tokens``) is the node's KV cache *including a host
-DRAM tier* (Mooncake's 3M tokens per node); hits in it are charged nothing.
+Node capacity (``--capacity-tokens``) without lower tiers is the node's whole KV cache (Mooncake's 3M tokens
+per node, which includes a host DRAM tier) and hits in it are charged nothing, as before tiers existed. With
+``--host-capacity-tokens`` / ``--disk-capacity-tokens`` it is the device (HBM) tier, and hits in the lower
+tiers are charged their load time (``load_s``) before the prefill, serialised with it as transfers are.
 """
 
 from __future__ import annotations
@@ -32,9 +38,11 @@ class TimeModel:
     hbm_gbs: float = 2_700.0  # effective GB/s for reading the batch's KV during decode
     transfer_gbps: float = 100.0  # Gbit/s between two nodes
     transfer_latency_ms: float = 1.0
+    host_load_gbs: float = 50.0  # GB/s from the host tier back into the pool
+    disk_load_gbs: float = 13.0  # GB/s from the disk tier back into the pool
 
     def __post_init__(self) -> None:
-        for name in ("prefill_tps", "decode_tps", "hbm_gbs", "transfer_gbps"):
+        for name in ("prefill_tps", "decode_tps", "hbm_gbs", "transfer_gbps", "host_load_gbs", "disk_load_gbs"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
@@ -62,3 +70,13 @@ class TimeModel:
         """Seconds to pull one block over seconds to prefill it (bandwidth terms only)."""
         pull = block_size * self.kv_bytes_per_token * 8 / (self.transfer_gbps * 1e9)
         return pull / (block_size / self.prefill_tps)
+
+    def load_s(self, num_host_blocks: int, num_disk_blocks: int, block_size: int) -> float:
+        """Loading hits back from the node's own host and disk tiers into its pool."""
+        nbytes = block_size * self.kv_bytes_per_token
+        return nbytes * (num_host_blocks / (self.host_load_gbs * 1e9) + num_disk_blocks / (self.disk_load_gbs * 1e9))
+
+    def load_cost_ratio(self, load_gbs: float, block_size: int) -> float:
+        """Seconds to load one block at ``load_gbs`` over seconds to prefill it: ``CostWeights.host_hit_cost``
+        (at ``host_load_gbs``) and ``disk_hit_cost`` (at ``disk_load_gbs``)."""
+        return block_size * self.kv_bytes_per_token / (load_gbs * 1e9) / (block_size / self.prefill_tps)

@@ -50,15 +50,18 @@ def node_config(raw_stream: bool = True, **fetcher: object) -> CacheNodeConfig:
 
 @pytest.fixture
 def make_node(demo_model, cache_service, valkey_module) -> Iterator[Callable[..., LocalCacheNode]]:
-    """``make_node("A", num_blocks=64, **fetcher_config)``; all are stopped at the end of the test."""
+    """``make_node("A", num_blocks=64, kv_cache_dtype="auto", **fetcher_config)``; all are stopped at the end
+    of the test."""
     from cache_service.embedded_redis import connect_sync
 
     connect_sync(valkey_module.url).flushall()
     nodes: list[LocalCacheNode] = []
 
     def make(node_id: str, num_blocks: int = 64, cache_address: str | None = "default",
-             wait_registered_s: float = 10.0, raw_stream: bool = True, **fetcher: object):
-        engine = Engine(EngineConfig(model="demo", num_blocks=num_blocks), loaded=demo_model)
+             wait_registered_s: float = 10.0, raw_stream: bool = True, kv_cache_dtype: str = "auto",
+             **fetcher: object):
+        engine = Engine(EngineConfig(model="demo", num_blocks=num_blocks, kv_cache_dtype=kv_cache_dtype),
+                        loaded=demo_model)
         address = cache_service.address if cache_address == "default" else cache_address
         node = LocalCacheNode(engine, node_id, cache_address=address, config=node_config(raw_stream, **fetcher))
         nodes.append(node)
@@ -69,9 +72,9 @@ def make_node(demo_model, cache_service, valkey_module) -> Iterator[Callable[...
         node.stop()
 
 
-def cold_output(demo_model, prompt: list[int], params: SamplingParams = PARAMS) -> list[int]:
+def cold_output(demo_model, prompt: list[int], params: SamplingParams = PARAMS, kv_cache_dtype: str = "auto") -> list[int]:
     """What an engine with an empty cache generates for ``prompt`` (the oracle)."""
-    engine = Engine(EngineConfig(model="demo", num_blocks=64), loaded=demo_model)
+    engine = Engine(EngineConfig(model="demo", num_blocks=64, kv_cache_dtype=kv_cache_dtype), loaded=demo_model)
     return engine.generate([prompt], params)[0].new_token_ids
 
 

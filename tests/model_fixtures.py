@@ -5,6 +5,8 @@ a transformers greedy oracle. transformers is imported here only, never by runti
                                                                  # generation_config.json
     ids  = hf_greedy(path, prompt_ids, max_new_tokens=20)        # transformers' own greedy generate (fp32, CPU)
     ids  = engine_greedy(load_model(path), [prompt_ids], 20)     # the same through CausalLM.forward directly
+    path = build_trained_checkpoint(tmp_path)                    # a tiny Llama trained on counting sequences
+    rows = teacher_forced_logits(loaded, prompts, continuations, kv_cache_dtype="fp8")  # logits along a path
 
 Chat templates (``write_chat_template(path, style)``): real-looking ones of the three families, as their
 instruct checkpoints ship them: "llama3" (header ids, ``| trim``, tokenizer_config.json), "mistral" ([INST], roles
@@ -223,6 +225,56 @@ def build_tiny_checkpoint(
     return folder
 
 
+# ---- a tiny Llama trained until its greedy continuations are confident ------------------------------------
+# Counting sequences: a step marker token (COUNT_MARKER + d, d in 1..4), then a, a+d, a+2d, ... mod
+# COUNT_MODULUS (ids from COUNT_FIRST_ID). The next token depends on the marker at position 0 and on the
+# previous token, so predictions go through attention over the KV cache; after the first number every token
+# is determined (a trained model predicts it with a margin of several logits).
+COUNT_MARKER, COUNT_MODULUS, COUNT_FIRST_ID = 300, 64, 3
+
+
+def counting_sequence(rng: random.Random, length: int) -> list[int]:
+    step, start = rng.randint(1, 4), rng.randrange(COUNT_MODULUS)
+    return [COUNT_MARKER + step] + [COUNT_FIRST_ID + (start + i * step) % COUNT_MODULUS for i in range(length - 1)]
+
+
+def build_trained_checkpoint(tmp_path: Path | str, steps: int = 250, seed: int = 0) -> Path:
+    """A tiny Llama (vocab 320, hidden 64, 2 layers, GQA 4/2) trained with torch on counting sequences for
+    ``steps`` steps (batch 32 x 48 tokens; ~10 s on one CPU thread), saved in Hugging Face layout. Same
+    arguments -> same bytes (a fixed seed, one thread). Its greedy continuations of ``counting_sequence``
+    prompts are right, unlike a random model's, whose near-ties make any perturbation flip tokens."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    folder = Path(tmp_path) / f"trained-counting-s{seed}-{steps}"
+    if (folder / "config.json").is_file():
+        return folder
+    config = LlamaConfig(
+        vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=256, initializer_range=0.02, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=1, pad_token_id=2, rms_norm_eps=1e-5, rope_theta=10000.0,
+    )
+    rng = random.Random(seed)
+    with torch.random.fork_rng(devices=[]), single_thread():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+        model.train()
+        for _ in range(steps):
+            batch = torch.tensor([counting_sequence(rng, 48) for _ in range(32)])
+            loss = model(input_ids=batch, labels=batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            schedule.step()
+    hf_logging.disable_progress_bar()
+    model.eval().save_pretrained(folder, safe_serialization=True)
+    GenerationConfig(bos_token_id=0, eos_token_id=[1], pad_token_id=2).save_pretrained(folder)
+    build_tokenizer(320, seed).save(str(folder / "tokenizer.json"))
+    return folder
+
+
 def _hf_model(path: str):
     folder = Path(path)
     # Keyed on the config's mtime too, so a checkpoint rebuilt at the same path is reloaded.
@@ -276,6 +328,37 @@ def engine_greedy(
     """Greedy decoding straight through ``CausalLM.forward`` (no engine): every prompt is prefilled (whole, or
     in ``chunk_size`` chunks), then all sequences decode together in one batch per step. Blocks are assigned
     contiguously, sequence after sequence; returns the new token ids per prompt."""
+    outs, _ = _paged_decode(loaded, prompts, max_new_tokens, lambda _, logits: logits.argmax(-1).tolist(),
+                            block_size=block_size, chunk_size=chunk_size, kv_cache=kv_cache)
+    return outs
+
+
+def teacher_forced_logits(
+    loaded,
+    prompts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[int]],
+    *,
+    block_size: int = 4,
+    kv_cache_dtype: str = "auto",
+) -> list[torch.Tensor]:
+    """Our model's fp32 logits before each continuation token (``[len(continuation), vocab]`` per prompt):
+    as ``engine_greedy``, but the continuation is fed instead of the argmax, so two KV caches (say fp8 and
+    float32) are compared along the same trajectory. The continuations must have equal lengths."""
+    from workers.model import KVCache
+
+    n = len(continuations[0])
+    assert all(len(c) == n for c in continuations)
+    max_len = max(len(p) for p in prompts) + n
+    num_blocks = -(-max_len // block_size) * len(prompts)
+    kv_cache = KVCache(loaded.config, num_blocks, block_size, loaded.dtype, loaded.device, kv_cache_dtype)
+    _, logits = _paged_decode(loaded, prompts, n, lambda step, _: [c[step] for c in continuations],
+                              block_size=block_size, kv_cache=kv_cache)
+    return [torch.stack([step[i] for step in logits]) for i in range(len(prompts))]
+
+
+def _paged_decode(loaded, prompts, max_new_tokens, choose, *, block_size, chunk_size=None, kv_cache=None):
+    """Prefill each prompt, then decode all together; ``choose(step, logits [num_seqs, vocab])`` gives the next
+    token ids. Returns (the chosen ids per prompt, the logits of every step)."""
     from workers.model import ForwardBatch, KVCache
 
     config = loaded.config
@@ -303,8 +386,10 @@ def engine_greedy(
         last_logits.append(logits[0])
     outs: list[list[int]] = [[] for _ in prompts]
     logits = torch.stack(last_logits)
-    for _ in range(max_new_tokens):
-        next_ids = logits.argmax(-1).tolist()
+    all_logits = []
+    for step in range(max_new_tokens):
+        all_logits.append(logits)
+        next_ids = choose(step, logits)
         for i, t in enumerate(next_ids):
             outs[i].append(t)
             seqs[i].append(t)
@@ -317,4 +402,4 @@ def engine_greedy(
             query_lens=[1] * len(seqs), context_lens=[p + 1 for p in pos], block_tables=tables,
         )
         logits = loaded.model(batch, kv_cache)
-    return outs
+    return outs, all_logits

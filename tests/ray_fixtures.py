@@ -8,7 +8,8 @@
 Both nodes have 2 CPUs and a custom resource naming them (``node_head`` / ``node_worker``), so a
 test can place an actor on either with ``resources={...: 0.01}`` or with
 ``NodeAffinitySchedulingStrategy(node_id, soft=False)``. ``remove_worker_node()`` kills the second node
-(its actors die), as a lost machine would; the fixture's teardown tolerates that. The driver is
+(its actors die), as a lost machine would; ``lose_worker_node()`` also kills its worker processes at once
+(which otherwise outlive their raylet by a second or two); the fixture's teardown tolerates both. The driver is
 connected for the module's tests and disconnected (``ray.shutdown()``) at the end; ``ray stop`` is
 never run.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -41,6 +43,24 @@ class TwoNodeCluster:
         node, self.worker_node = self.worker_node, None
         if node is not None:
             self.cluster.remove_node(node, allow_graceful=False)
+
+    def lose_worker_node(self) -> list[int]:
+        """Remove the second node as a lost machine goes: its Ray processes and, at once after them, every
+        worker process its raylet started (``remove_worker_node`` alone leaves those running, and serving,
+        until they notice that their raylet is gone, a second or two later). Returns the workers' PIDs."""
+        from ray._private.ray_constants import PROCESS_TYPE_RAYLET
+
+        from tests.stack_process import child_pids
+
+        node = self.worker_node
+        if node is None:
+            return []
+        workers = child_pids(node.all_processes[PROCESS_TYPE_RAYLET][0].process.pid)
+        self.remove_worker_node()  # first: a raylet that saw its workers die would start them again
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return workers
 
 
 def start_two_node_cluster(num_cpus: int = 2, object_store_mb: int = 100) -> TwoNodeCluster:

@@ -42,8 +42,9 @@ def process_env(local_ray: bool = False) -> dict[str, str]:
     return env
 
 
-def session_pids(sid: int) -> list[int]:
-    """PIDs of every live process whose session id is ``sid``."""
+def _live_processes(field: int, value: int) -> list[int]:
+    """PIDs of every live (not zombie) process whose /proc stat field ``field`` (counted after the command
+    name: 0 state, 1 ppid, 2 pgrp, 3 session) is ``value``."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -55,9 +56,19 @@ def session_pids(sid: int) -> list[int]:
             continue
         # Fields after the ")" that closes the command name: state ppid pgrp session ...
         fields = stat[stat.rfind(")") + 2:].split()
-        if len(fields) > 3 and int(fields[3]) == sid and fields[0] != "Z":
+        if len(fields) > field and int(fields[field]) == value and fields[0] != "Z":
             pids.append(int(entry))
     return pids
+
+
+def session_pids(sid: int) -> list[int]:
+    """PIDs of every live process whose session id is ``sid``."""
+    return _live_processes(3, sid)
+
+
+def child_pids(ppid: int) -> list[int]:
+    """PIDs of the live children of process ``ppid``."""
+    return _live_processes(1, ppid)
 
 
 def stop_session(proc: subprocess.Popen, grace_s: float = 5.0) -> None:

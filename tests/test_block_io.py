@@ -78,3 +78,64 @@ def test_mismatches_name_the_problem():
     data[-1] ^= 0x80
     with pytest.raises(BlockImportError, match="failed its checksum"):
         decode(bytes(data))
+
+
+# ---- fp8 blocks: values + a scales section ---------------------------------------------------------------------
+F8 = torch.float8_e4m3fn
+
+
+def fp8_block(seed=0) -> tuple[torch.Tensor, torch.Tensor]:
+    from workers.model.kv_cache import quantize_fp8
+
+    return quantize_fp8(block(seed=seed))
+
+
+def test_fp8_round_trip_is_bit_exact_with_its_scales():
+    from workers.block_io import decode_block_scaled
+
+    values, scales = fp8_block()
+    payload = encode_block("m", H, values, scales)
+    out, out_scales = decode_block_scaled(payload, model_id="m", dtype=F8, shape=SHAPE, block_hash=H)
+    assert out.dtype == F8 and torch.equal(out.view(torch.uint8), values.view(torch.uint8))
+    assert out_scales.dtype == torch.float32 and torch.equal(out_scales, scales) and out_scales.shape == SHAPE[:-1]
+    h = read_header(payload)
+    assert (h.dtype, h.shape) == ("float8_e4m3fn", SHAPE)
+    # values (1 byte each) then one float32 per (layer, K/V, slot, kv head): 256 + 4 * 32 bytes
+    assert h.data_nbytes == 256 + 128 and len(payload) == h.data_offset + 384
+    assert payload[h.data_offset + 256 :] == scales.numpy().tobytes()
+    # Unscaled payloads are what they always were: data only, so a version-1 peer reads them unchanged.
+    plain = encode_block("m", H, block())
+    assert read_header(plain).data_nbytes == 4 * 256 and struct.unpack("<H", plain[4:6]) == (1,)
+
+
+def test_fp8_every_flipped_byte_is_detected_scales_included():
+    from workers.block_io import decode_block_scaled
+
+    payload = encode_block("m", H, *fp8_block())
+    for i in range(len(payload)):
+        corrupted = bytearray(payload)
+        corrupted[i] ^= 0x01
+        with pytest.raises(BlockImportError):
+            decode_block_scaled(bytes(corrupted), model_id="m", dtype=F8, shape=SHAPE, block_hash=H)
+
+
+def test_kv_dtype_mismatches_are_refused_by_name():
+    from workers.block_io import decode_block_scaled
+
+    values, scales = fp8_block()
+    fp8_payload = encode_block("m", H, values, scales)
+    with pytest.raises(BlockImportError, match="block has dtype float8_e4m3fn, this engine's KV cache is float32 "
+                                               r"\(blocks move only between engines of the same KV cache dtype\)"):
+        decode(fp8_payload)
+    with pytest.raises(BlockImportError, match="block has dtype float32, this engine's KV cache is float8_e4m3fn"):
+        decode_block_scaled(encode_block("m", H, block()), model_id="m", dtype=F8, shape=SHAPE, block_hash=H)
+    with pytest.raises(BlockImportError, match="block data is 380 bytes"):  # a scales section cut short
+        decode_block_scaled(fp8_payload[:-4], model_id="m", dtype=F8, shape=SHAPE, block_hash=H)
+    with pytest.raises(ValueError, match="decode it with decode_block_scaled"):
+        decode(fp8_payload, dtype=F8)
+    with pytest.raises(ValueError, match="a float8_e4m3fn block needs scales"):
+        encode_block("m", H, values)
+    with pytest.raises(ValueError, match="a float32 block has no scales"):
+        encode_block("m", H, block(), scales)
+    with pytest.raises(ValueError, match=r"block scales are torch.float16 \[2, 2, 4, 2\], expected torch.float32"):
+        encode_block("m", H, values, scales.half())

@@ -23,8 +23,8 @@ from cache_service.index import (
     node_ids_key,
     pin_key,
 )
-from cache_service.records import AllBlocksCleared, BlockRemoved, BlockStored, WorkerLoad
-from cache_service.types import NodeInfo, PinSpec, PrefixMatch, TransferCounts
+from cache_service.records import AllBlocksCleared, BlockRemoved, BlockStored, Tier, WorkerLoad
+from cache_service.types import NodeInfo, PinSpec, PrefixMatch, TierCounts, TransferCounts
 from cache_service.validation import MAX_COUNTER_DELTA
 
 MODEL = "m"
@@ -84,12 +84,12 @@ async def test_lookup_returns_each_nodes_prefix_longest_first(valkey_module):
     # C holds blocks 1.. but not block 0: not a prefix, no match.
     assert await index.publish("C", ec, stored(HASHES[1:8])) == 7
     assert await index.lookup(HASHES) == [
-        PrefixMatch("A", 5, "127.0.0.1:1001"),
-        PrefixMatch("B", 2, "127.0.0.1:1001"),
+        PrefixMatch("A", 5, "127.0.0.1:1001", TierCounts(5)),
+        PrefixMatch("B", 2, "127.0.0.1:1001", TierCounts(2)),
     ]
-    assert await index.lookup(HASHES[:1]) == [PrefixMatch("A", 1, "127.0.0.1:1001"),
-                                               PrefixMatch("B", 1, "127.0.0.1:1001")]
-    assert await index.lookup(HASHES[5:]) == [PrefixMatch("C", 3, "127.0.0.1:1001")]
+    assert await index.lookup(HASHES[:1]) == [PrefixMatch("A", 1, "127.0.0.1:1001", TierCounts(1)),
+                                               PrefixMatch("B", 1, "127.0.0.1:1001", TierCounts(1))]
+    assert await index.lookup(HASHES[5:]) == [PrefixMatch("C", 3, "127.0.0.1:1001", TierCounts(3))]
     assert await index.lookup([os.urandom(16)]) == []
     # A model filter drops nodes of other models.
     assert await index.lookup(HASHES, model_id="other") == []
@@ -347,4 +347,44 @@ async def test_pins_have_an_owner_and_a_quota(valkey_module):
         await index.pin(spec("g1", 1, "gamma"), quota_blocks=0)
     assert await index.unpin("a1", "ops", operator=True) == (True, ["A"])
     assert await index.unpin("b1", "beta") == (True, ["A"])
+    await index.close()
+
+
+def at(tier, hashes):
+    return [BlockStored(h, tier=tier) for h in hashes]
+
+
+async def entry_tiers(index, node_id, hashes) -> list[int]:
+    """The tier in the low 2 bits of each block's entry for ``node_id`` (the schema's value)."""
+    idx = await index.redis.hget(node_ids_key(index.prefix), node_id)
+    values = [await index.redis.hget(index.prefix.encode() + b"b:" + h, idx) for h in hashes]
+    return [int(v) % 4 for v in values]
+
+
+@async_test
+async def test_a_stored_event_moves_a_held_block_between_tiers(valkey_module):
+    index = await make_index(valkey_module)
+    ea, eb = await register(index, "A"), await register(index, "B")
+    await index.publish("A", ea, stored(HASHES[:6]))
+    await index.publish("B", eb, at(Tier.HOST, HASHES[:2]))  # B's first stores are already below device
+    assert await entry_tiers(index, "A", HASHES[:6]) == [0] * 6
+    assert await index.lookup(HASHES) == [PrefixMatch("A", 6, "127.0.0.1:1001", TierCounts(6, 0, 0)),
+                                          PrefixMatch("B", 2, "127.0.0.1:1001", TierCounts(0, 2, 0))]
+    # A's tail goes to host, then its last block to disk: the same entries, new tiers.
+    assert await index.publish("A", ea, at(Tier.HOST, HASHES[3:6])) == 3
+    assert await index.publish("A", ea, at(Tier.DISK, HASHES[5:6])) == 1
+    assert await entry_tiers(index, "A", HASHES[:6]) == [0, 0, 0, 1, 1, 2]
+    assert (await index.lookup(HASHES))[0] == PrefixMatch("A", 6, "127.0.0.1:1001", TierCounts(3, 2, 1))
+    assert (await index.lookup(HASHES[:4]))[0].tiers == TierCounts(3, 1, 0)  # counted along each prefix only
+    # A move changes no count: still 6 + 2 entries over 6 distinct blocks.
+    stats = await index.stats()
+    assert (stats.num_blocks, stats.num_entries) == (6, 8)
+    # Loaded back to device, then removed from every tier (the disk block, evicted for good).
+    await index.publish("A", ea, stored(HASHES[3:4]) + removed(HASHES[5:6]))
+    assert await index.lookup(HASHES) == [PrefixMatch("A", 5, "127.0.0.1:1001", TierCounts(4, 1, 0)),
+                                          PrefixMatch("B", 2, "127.0.0.1:1001", TierCounts(0, 2, 0))]
+    # A full snapshot carries tiers too.
+    await index.publish("A", ea, at(Tier.DISK, HASHES[:1]) + stored(HASHES[1:2]), full_snapshot=True)
+    assert (await index.lookup(HASHES))[0] == PrefixMatch("A", 2, "127.0.0.1:1001", TierCounts(1, 0, 1))
+    await index.check_integrity()
     await index.close()

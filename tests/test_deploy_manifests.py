@@ -25,6 +25,7 @@ CONTRACT = {
     "prefixcache_requests_total": "counter",
     "prefixcache_prefix_cache_queries_tokens_total": "counter",
     "prefixcache_prefix_cache_hits_tokens_total": "counter",
+    "prefixcache_prefix_cache_tier_hits_tokens_total": "counter",
     "prefixcache_router_predicted_cached_tokens_total": "counter",
     "prefixcache_router_realised_cached_tokens_total": "counter",
     "prefixcache_router_decision_seconds": "histogram",
@@ -39,6 +40,7 @@ CONTRACT = {
     "prefixcache_running_requests": "gauge",
     "prefixcache_kv_blocks_free": "gauge",
     "prefixcache_worker_up": "gauge",
+    "prefixcache_worker_prefix_hits_tokens_total": "counter",
     "prefixcache_ttft_seconds": "histogram",
     "prefixcache_inter_token_latency_seconds": "histogram",
 }

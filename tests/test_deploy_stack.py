@@ -133,11 +133,14 @@ def test_serve_builds_the_stacks_cost_weights_from_its_flags():
 
 @pytest.mark.parametrize(("flag", "message"), [
     ("decode_weight=1", "--policy-weight expects NAME=VALUE with NAME one of prefill_weight, decode_load_weight, "
-                        "queue_weight, transfer_cost_ratio, min_transfer_blocks; got 'decode_weight=1'"),
+                        "queue_weight, transfer_cost_ratio, min_transfer_blocks, host_hit_cost, disk_hit_cost; "
+                        "got 'decode_weight=1'"),
     ("enable_transfer=1", "--policy-weight expects NAME=VALUE with NAME one of prefill_weight, decode_load_weight, "
-                          "queue_weight, transfer_cost_ratio, min_transfer_blocks; got 'enable_transfer=1'"),
+                          "queue_weight, transfer_cost_ratio, min_transfer_blocks, host_hit_cost, disk_hit_cost; "
+                        "got 'enable_transfer=1'"),
     ("queue_weight", "--policy-weight expects NAME=VALUE with NAME one of prefill_weight, decode_load_weight, "
-                     "queue_weight, transfer_cost_ratio, min_transfer_blocks; got 'queue_weight'"),
+                     "queue_weight, transfer_cost_ratio, min_transfer_blocks, host_hit_cost, disk_hit_cost; "
+                        "got 'queue_weight'"),
     ("queue_weight=fast", "--policy-weight queue_weight: 'fast' is not a number"),
     ("min_transfer_blocks=1.5", "--policy-weight min_transfer_blocks: '1.5' is not a number"),
     ("queue_weight=-1", "queue_weight must be a finite number >= 0, got -1.0"),

@@ -117,3 +117,112 @@ def test_forward_rejects_inconsistent_batches():
     with pytest.raises(ValueError, match="max_position_embeddings"):
         loaded.model(ForwardBatch(torch.zeros(1, dtype=torch.long), torch.tensor([4096]), torch.tensor([4096]), [1], [4097],
                                   torch.arange(260).view(1, -1)), big)
+
+
+# ---- fp8 storage ----------------------------------------------------------------------------------------------
+def _filled_fp8(num_blocks=6, block_size=4):
+    from workers.model.kv_cache import quantize_fp8
+
+    cache = KVCache(demo_config(), num_blocks, block_size, torch.float32, "cpu", "fp8")
+    values, scales = quantize_fp8(torch.randn(cache.tensor.shape, generator=torch.Generator().manual_seed(0)))
+    cache.tensor.copy_(values)
+    cache.scales.copy_(scales)
+    return cache
+
+
+def test_fp8_layout_and_byte_counted_sizes():
+    cfg = demo_config()  # 4 layers, 2 kv heads, head_dim 64
+    cache = KVCache(cfg, 10, 16, torch.float32, "cpu", "fp8")
+    assert (cache.dtype, cache.compute_dtype, cache.dtype_name, cache.quantized) == (
+        torch.float8_e4m3fn, torch.float32, "float8_e4m3fn", True)
+    assert cache.tensor.shape == (4, 2, 10, 16, 2, 64) and cache.scales.shape == (4, 2, 10, 16, 2)
+    assert cache.scales.dtype == torch.float32 and cache.scales_shape == (4, 2, 16, 2)
+    values, scales = 4 * 2 * 16 * 2 * 64, 4 * 2 * 16 * 2 * 4  # one byte per value, one float32 per (slot, head)
+    assert (values, scales) == (16384, 1024)  # the scales cost 4 / head_dim = 6.25% of the values
+    assert cache.block_nbytes() == values + scales == 17408
+    assert KVCache.bytes_per_block(cfg, 16, torch.bfloat16, "fp8") == 17408  # storage does not follow compute
+    gib = 1 << 30
+    counts = [KVCache.blocks_for_memory(cfg, 16, dt, gib, kv) for dt, kv in
+              ((torch.float32, "auto"), (torch.bfloat16, "auto"), (torch.float32, "fp8"), (torch.bfloat16, "fp8"))]
+    assert counts == [16384, 32768, 61680, 61680]  # fp8: 3.76x float32, 1.88x bfloat16 (4x, 2x less the scales)
+    assert KVCache.blocks_for_memory(cfg, 16, torch.float32, 17407, "fp8") == 0
+    with pytest.raises(ValueError, match="unsupported kv_cache_dtype 'fp4'; use one of auto, fp8"):
+        KVCache(cfg, 10, 16, torch.float32, "cpu", "fp4")
+    auto = KVCache(cfg, 10, 16, torch.float32, "cpu")
+    assert auto.scales is None and auto.layer(0).k_scale is None and not auto.quantized
+    layer = cache.layer(2)
+    assert layer.k.shape == (160, 2, 64) and layer.k_scale.shape == (160, 2)
+    layer.k_scale[16 * 3 + 5] = 7.0  # slot = block * block_size + offset, as for the values
+    assert (cache.scales[2, 0, 3, 5] == 7.0).all() and (cache.scales[2, 1] == 0).all()
+
+
+def test_fp8_quantization_error_is_bounded_per_value():
+    from workers.model.kv_cache import FP8_MAX, dequantize, quantize_fp8
+
+    x = torch.randn(64, 2, 64, generator=torch.Generator().manual_seed(1)) * torch.logspace(-6, 3, 64)[:, None, None]
+    x[3] = 0.0  # an all-zero row: scale 1, values 0
+    q, s = quantize_fp8(x)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (64, 2) and float(s[3].min()) == 1.0
+    assert torch.equal(s[5], x[5].abs().amax(-1) / FP8_MAX)  # the largest value maps to 448
+    assert not q.float().isnan().any()  # nothing overflowed into e4m3fn's NaN
+    err = (dequantize(q, s, torch.float32) - x).abs()
+    # e4m3 keeps 3 mantissa bits: half an ulp is 2^-4 of a normal value; below 2^-6 (subnormals) 2^-10.
+    bound = torch.maximum(x.abs() * 2**-4, s[..., None] * 2**-10)
+    assert (err <= bound).all() and float(err[3].max()) == 0.0
+
+
+def test_fp8_cpu_dequantize_is_bit_identical_to_the_native_cast():
+    """The CPU bit path (integer ops, scale x 2^8) against torch's own fp8 -> float32 cast, on every finite
+    code and a range of scales; bfloat16 is the float32 result rounded once."""
+    from workers.model.kv_cache import _fp8_bits_as_half, dequantize
+
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    native = codes.float()
+    finite = ~native.isnan()
+    assert int(finite.sum()) == 254  # 0x7f and 0xff are e4m3fn's NaNs, never written (values are clamped)
+    assert torch.equal(_fp8_bits_as_half(codes).float()[finite] * 256, native[finite])
+    values = codes[finite].reshape(2, 127, 1).expand(2, 127, 8).contiguous()
+    scales = torch.logspace(-8, 4, 254).reshape(2, 127)
+    got = dequantize(values, scales, torch.float32)
+    assert torch.equal(got, values.float() * scales[..., None])
+    assert torch.equal(dequantize(values, scales, torch.bfloat16), (values.float() * scales[..., None]).bfloat16())
+
+
+def test_fp8_blocks_round_trip_with_their_scales():
+    src, dst = _filled_fp8(), KVCache(demo_config(), 6, 4, torch.float32, "cpu", "fp8")
+    data, scales = src.read_blocks([4, 0]), src.read_scales([4, 0])
+    assert data.dtype == torch.float8_e4m3fn and scales.shape == (2, *src.scales_shape)
+    dst.write_blocks([1, 5], data, scales)
+    dst.write_block(3, src.read_block(2), src.read_scales([2])[0])
+    for s, d in ((4, 1), (0, 5), (2, 3)):
+        assert torch.equal(dst.read_block(d).view(torch.uint8), src.read_block(s).view(torch.uint8))
+        assert torch.equal(dst.read_scales([d]), src.read_scales([s]))
+    assert (dst.scales[:, :, [0, 2, 4]] == 0).all()
+    assert KVCache(demo_config(), 6, 4, torch.float32, "cpu").read_scales([0]) is None
+    with pytest.raises(ValueError, match="needs the block's scales"):
+        dst.write_block(0, data[0])
+    with pytest.raises(ValueError, match="block scales are"):
+        dst.write_block(0, data[0], scales[0].half())
+    with pytest.raises(ValueError, match="block scales given, but this KV cache stores torch.float32"):
+        _filled().write_block(0, _filled().read_block(1), scales[0])
+
+
+def test_demo_forward_writes_quantized_slots_and_scales():
+    from workers.model import ForwardBatch
+    from workers.model.kv_cache import dequantize
+
+    loaded = load_model("demo")
+    fp8 = KVCache(loaded.config, 4, 4, loaded.dtype, loaded.device, "fp8")
+    ref = KVCache(loaded.config, 4, 4, loaded.dtype, loaded.device)
+    ids = loaded.tokenizer.encode("abcdef")  # 7 tokens -> blocks 2 (4 slots) and 0 (3 slots)
+    batch = ForwardBatch(torch.tensor(ids), torch.arange(7), torch.tensor([8, 9, 10, 11, 0, 1, 2]), [7], [7],
+                         torch.tensor([[2, 0, 3, 1]]))
+    loaded.model(batch, fp8)
+    loaded.model(batch, ref)
+    written = (fp8.scales != 0).all(dim=-1)  # [layers, 2, blocks, offsets]
+    assert written[:, :, 2].all() and written[:, :, 0, :3].all()
+    assert not written[:, :, 0, 3].any() and not written[:, :, 1].any() and not written[:, :, 3].any()
+    # Layer 0's K/V do not depend on attention: they are the float32 cache's, quantized.
+    deq = dequantize(fp8.tensor[0], fp8.scales[0], torch.float32)
+    bound = torch.maximum(ref.tensor[0].abs() * 2**-4, fp8.scales[0][..., None] * 2**-10)
+    assert ((deq - ref.tensor[0]).abs() <= bound).all()

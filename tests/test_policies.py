@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 
+from cache_service.types import TierCounts
 from router.policies import (
     POLICY_NAMES,
     CacheAwarePolicy,
@@ -209,3 +210,68 @@ def test_load_cost_is_the_load_terms():
     assert policy.load_cost(WorkerLoad("a", num_active_blocks=10, num_waiting_blocks=3)) == 11.0
     assert policy.filterable and make_policy("least_loaded").filterable
     assert not make_policy("round_robin").filterable
+
+
+# ---- tiers ------------------------------------------------------------------------------
+
+
+def tq(num_blocks, matches, tiers, key=0):
+    return RouteQuery(num_blocks, num_blocks * 16, matches, None, key, tiers)
+
+
+IDLE4 = loads(("dev", 0, 0), ("host", 0, 0), ("disk", 0, 0), ("none", 0, 0))
+SAME_PREFIX = {"dev": 8, "host": 8, "disk": 8}
+ON = {"host": TierCounts(0, 8, 0), "disk": TierCounts(0, 0, 8)}  # "dev" is not listed: all on device
+
+
+def test_device_holder_beats_host_beats_disk_beats_recompute():
+    policy = make_policy("cache_aware")  # host_hit_cost 0.05, disk_hit_cost 0.2
+    # dev: 2; host: 2 + 0.05 * 8 = 2.4; disk: 2 + 0.2 * 8 = 3.6; none: 10
+    d = policy.select(tq(10, SAME_PREFIX, ON), IDLE4)
+    assert d == RouteDecision("dev", 8, None, 0, 2.0)
+    without_dev = [w for w in IDLE4 if w.worker_id != "dev"]
+    matches = {k: v for k, v in SAME_PREFIX.items() if k != "dev"}
+    d = policy.select(tq(10, matches, ON), without_dev)
+    assert (d.worker_id, d.predicted_cached_blocks, d.cost) == ("host", 8, pytest.approx(2.4))
+    d = policy.select(tq(10, {"disk": 8}, {"disk": ON["disk"]}), without_dev)
+    assert (d.worker_id, d.predicted_cached_blocks, d.cost) == ("disk", 8, pytest.approx(3.6))
+    # Tiers unknown (no split given): the three holders tie at 2, as before tiers existed.
+    tied = {policy.select(tq(10, SAME_PREFIX, {}, key=k), IDLE4).worker_id for k in range(30)}
+    assert tied == {"dev", "host", "disk"}
+
+
+def test_a_split_prefix_pays_only_for_its_lower_blocks_and_load_still_counts():
+    policy = make_policy("cache_aware", decode_load_weight=0.1)
+    workers = loads(("a", 5, 0), ("b", 0, 0))
+    # a: (10 - 8) + 0.05 * 2 + 0.2 * 1 + 0.1 * 5 = 2.8; b: (10 - 8) + 0.05 * 8 = 2.4
+    d = policy.select(tq(10, {"a": 8, "b": 8}, {"a": TierCounts(5, 2, 1), "b": TierCounts(0, 8, 0)}), workers)
+    assert (d.worker_id, d.cost) == ("b", pytest.approx(2.4))
+    # a longer prefix on disk still beats a short one on device: c: (10 - 9) + 0.2 * 9 = 2.8 < d: 10 - 2 = 8
+    d = policy.select(tq(10, {"c": 9, "d": 2}, {"c": TierCounts(0, 0, 9)}), loads(("c", 0, 0), ("d", 0, 0)))
+    assert (d.worker_id, d.predicted_cached_blocks, d.cost) == ("c", 9, pytest.approx(2.8))
+    # a disk hit that costs more than recomputing loses to an idle worker that recomputes
+    dear = make_policy("cache_aware", disk_hit_cost=1.5)
+    d = dear.select(tq(4, {"c": 4}, {"c": TierCounts(0, 0, 4)}), loads(("c", 0, 0), ("d", 0, 0)))
+    assert (d.worker_id, d.predicted_cached_blocks, d.cost) == ("d", 0, 4.0)
+
+
+def test_tiers_with_transfer_and_other_policies():
+    on = make_policy("cache_aware", enable_transfer=True, transfer_cost_ratio=0.2, decode_load_weight=0.1)
+    workers = loads(("a", 100, 0), ("b", 0, 0))
+    # b holds 4 of a's 10 on host and pulls 6: (12 - 10) + 0.2 * 6 + 0.05 * 4 = 3.4; a: 2 + 10 = 12
+    d = on.select(tq(12, {"a": 10, "b": 4}, {"b": TierCounts(0, 4, 0)}), workers)
+    assert (d.worker_id, d.predicted_cached_blocks, d.transfer_from, d.num_transfer_blocks, d.cost) == (
+        "b", 10, "a", 6, pytest.approx(3.4))
+    # predicted cached blocks count every tier, for every policy
+    d = make_policy("round_robin").select(tq(10, {"a": 6}, {"a": TierCounts(1, 2, 3)}), IDLE3)
+    assert (d.worker_id, d.predicted_cached_blocks) == ("a", 6)
+
+
+def test_tier_weights_and_splits_are_checked():
+    with pytest.raises(ValueError, match="host_hit_cost"):
+        CostWeights(host_hit_cost=-0.1)
+    with pytest.raises(ValueError, match="disk_hit_cost"):
+        CostWeights(disk_hit_cost=float("nan"))
+    with pytest.raises(RoutingError, match=r"tiers \(1, 1, 0\) of 'a' do not add up to its match of 3 blocks"):
+        make_policy("cache_aware").select(tq(4, {"a": 3}, {"a": TierCounts(1, 1, 0)}), IDLE3)
+    assert (CostWeights().host_hit_cost, CostWeights().disk_hit_cost) == (0.05, 0.2)

@@ -112,8 +112,12 @@ def test_serve_on_raylets_takes_in_a_joining_one_and_survives_losing_one():
         head_node = next(n["node_id"] for n in nodes if n["head"])
         second_node = next(n["node_id"] for n in nodes if not n["head"])
 
+        # Several raylets are the multi-machine case: the stack listens on every interface (--host 0.0.0.0),
+        # so each worker advertises its own node's IP to its peers (with the default --host 127.0.0.1 every
+        # listener stays on loopback, which only a one-machine stack can use).
         procs["serve"] = start_session(prefixcache_cmd(
-            "serve", "--ray-address", address, "--workers", "2", "--model", "demo", "--port", str(port),
+            "serve", "--ray-address", address, "--host", "0.0.0.0", "--workers", "2", "--model", "demo",
+            "--port", str(port),
             "--metrics-port", str(metrics_port), "--cache-service-port", str(cs_port), "--num-blocks", "128"),
             tmp / "serve.log")
         wait_for_stack(procs["serve"], port, metrics_port, tmp / "serve.log", timeout_s=150)

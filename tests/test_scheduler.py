@@ -171,3 +171,16 @@ def test_commit_counts_the_tokens_caches_full_blocks_and_names_who_samples():
     assert [(e.seq.request_id, e.num_new_tokens) for e in out.scheduled] == [("a", 1), ("b", 1)]
     assert sched.commit(out.scheduled) == [(0, a), (1, b)]
     pool.check_integrity()
+
+
+def test_a_batch_without_prefix_caching_runs_with_in_batch_sharing_nothing_to_wait_for():
+    # Prompts sharing a prefix, caching off: the scheduler's "wait for the block being computed" check has no
+    # hashes to compare, and must not index into them (it raised IndexError).
+    from workers.engine import Engine, EngineConfig
+    from cache_service.records import SamplingParams
+
+    engine = Engine(EngineConfig(model="demo", num_blocks=64, block_size=4, enable_prefix_caching=False))
+    shared = list(range(1, 17))
+    outs = engine.generate([shared + [20, 21], shared + [30, 31], shared + [40]], SamplingParams(max_tokens=3))
+    assert [o.error for o in outs] == [None, None, None]
+    assert [o.cached_tokens for o in outs] == [0, 0, 0] and all(len(o.new_token_ids) == 3 for o in outs)

@@ -159,7 +159,7 @@ def test_the_http_front_door_serves_vllm_workers(stack):
 
     url = f"http://127.0.0.1:{stack.router_server.http_port}/v1/completions"
     body = {"model": "tiny-llama", "prompt": "the cache block prefix token " * 12, "max_tokens": 6,
-            "ignore_eos": True}
+            "temperature": 0, "ignore_eos": True}
     answers = []
     for _ in range(2):
         request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
@@ -218,7 +218,7 @@ def test_index_and_mirror_follow_vllm_through_stores_and_evictions(stack, stub):
     assert hits >= 1
 
 
-def test_salts_never_share(stub):
+def test_salts_never_share(stack, stub):
     prompt = tokens(random.Random(41), 3 * BS + 2)
     a1 = stub.Generate(req(prompt, cache_salt="tenant-a", target_worker="worker-1"), timeout=300)
     b1 = stub.Generate(req(prompt, cache_salt="tenant-b", target_worker="worker-1"), timeout=300)

@@ -54,6 +54,8 @@ def test_serve_engine_flags():
         "vllm", "/models/llama", "float32", 128, 64)
     with pytest.raises(ValueError, match="--engine vllm serves a checkpoint folder"):
         config_from_args(args("--engine", "vllm"))
+    with pytest.raises(ValueError, match="tiers of the native engine's block pool; vLLM workers"):
+        config_from_args(args("--engine", "vllm", "--model", "/models/llama", "--host-cache-gb", "1"))
     with pytest.raises(SystemExit):
         args("--engine", "sglang")
 

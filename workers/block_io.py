@@ -4,6 +4,10 @@
 (its hash-chain link, then its payload) and writes it into a free block. The tensor side of the format
 (``encode_block`` / ``decode_block``) is here because it needs torch; the format itself is the cache's. Blocks
 are held and published through the ``KVManager``, the block pool's one door.
+
+A quantized (fp8) cache exports each block's values with its scales (the payload's scales section) and imports
+them the same way, so a transferred block is bit-identical to the one its peer computed. Blocks move only
+between caches of the same KV dtype: the payload's dtype check refuses any other (``BlockImportError``).
 """
 
 from __future__ import annotations
@@ -11,20 +15,59 @@ from __future__ import annotations
 import torch
 
 from cache_service.block_hash import BlockHash, hash_block, root_hash
-from cache_service.block_wire import BlockImportError, ExportedBlock, check_payload, encode_payload
+from cache_service.block_wire import (
+    ELEMENT_SIZES,
+    SCALE_SIZES,
+    BlockImportError,
+    ExportedBlock,
+    check_payload,
+    data_layout,
+    encode_payload,
+)
 from workers.block_pool import Block
 from workers.kv_manager import KVManager
-from workers.model.config import SUPPORTED_DTYPES, dtype_name
-from workers.model.kv_cache import KVCache
+from workers.model.config import dtype_name
+from workers.model.kv_cache import SCALE_DTYPE, KVCache
 
 
-def encode_block(model_id: str, block_hash: BlockHash, data: torch.Tensor) -> bytes:
-    """Serialize one block's tensor ``[layers, 2, block_size, kv_heads, head_dim]`` (any device)."""
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def encode_block(model_id: str, block_hash: BlockHash, data: torch.Tensor, scales: torch.Tensor | None = None) -> bytes:
+    """Serialize one block's tensor ``[layers, 2, block_size, kv_heads, head_dim]`` (any device) and, for a
+    quantized dtype, its float32 scales ``[layers, 2, block_size, kv_heads]``."""
     name = dtype_name(data.dtype)
-    if name not in SUPPORTED_DTYPES:
+    if name not in ELEMENT_SIZES:
         raise ValueError(f"cannot export a block of dtype {data.dtype}")
-    raw = data.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
-    return encode_payload(model_id, block_hash, name, tuple(data.shape), raw)
+    if (name in SCALE_SIZES) != (scales is not None):
+        raise ValueError(f"a {name} block {'needs' if name in SCALE_SIZES else 'has no'} scales")
+    if scales is not None and (scales.dtype != SCALE_DTYPE or tuple(scales.shape) != tuple(data.shape[:-1])):
+        raise ValueError(f"block scales are {scales.dtype} {list(scales.shape)}, expected {SCALE_DTYPE} "
+                         f"{list(data.shape[:-1])}")
+    return encode_payload(model_id, block_hash, name, tuple(data.shape), _bytes(data),
+                          b"" if scales is None else _bytes(scales))
+
+
+def decode_block_scaled(
+    payload: bytes | memoryview,
+    *,
+    model_id: str,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    block_hash: BlockHash,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Check a payload against what this engine expects; return its tensor and, for a quantized dtype, its
+    scales ``shape[:-1]`` (else None), both on CPU."""
+    name = dtype_name(dtype)
+    raw = check_payload(payload, model_id=model_id, dtype=name, shape=shape, block_hash=block_hash)
+    buf = bytearray(raw)  # one copy: the payload may be a read-only view into a received message
+    values_nbytes, scales_nbytes = data_layout(name, tuple(shape))
+    values = torch.frombuffer(buf, dtype=torch.uint8, count=values_nbytes).view(dtype).reshape(shape)
+    if not scales_nbytes:
+        return values, None
+    scales = torch.frombuffer(buf, dtype=torch.uint8, count=scales_nbytes, offset=values_nbytes)
+    return values, scales.view(SCALE_DTYPE).reshape(tuple(shape[:-1]))
 
 
 def decode_block(
@@ -35,9 +78,11 @@ def decode_block(
     shape: tuple[int, ...],
     block_hash: BlockHash,
 ) -> torch.Tensor:
-    """Check a payload against what this engine expects; return its tensor (CPU)."""
-    raw = check_payload(payload, model_id=model_id, dtype=dtype_name(dtype), shape=shape, block_hash=block_hash)
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
+    """Check a payload of an unquantized dtype against what this engine expects; return its tensor (CPU).
+    A quantized block needs its scales too: ``decode_block_scaled``."""
+    if dtype_name(dtype) in SCALE_SIZES:
+        raise ValueError(f"a {dtype_name(dtype)} block has scales: decode it with decode_block_scaled")
+    return decode_block_scaled(payload, model_id=model_id, dtype=dtype, shape=shape, block_hash=block_hash)[0]
 
 
 # ---- between a KV manager + KV cache and bytes ----------------------------------------------------------
@@ -46,11 +91,13 @@ def export_blocks(kv: KVManager, kv_cache: KVCache, block_hashes) -> list[Export
     blocks = kv.held_run(block_hashes)
     if not blocks:
         return []
-    data = kv_cache.read_blocks([b.block_id for b in blocks])  # one gather for the whole run
+    ids = [b.block_id for b in blocks]
+    data = kv_cache.read_blocks(ids)  # one gather for the whole run
+    scales = kv_cache.read_scales(ids)  # None unless the cache is quantized
     out = []
-    for block, tensor in zip(blocks, data):
+    for i, (block, tensor) in enumerate(zip(blocks, data)):
         assert block.block_hash is not None and block.token_ids is not None
-        payload = encode_block(kv.model_id, block.block_hash, tensor)
+        payload = encode_block(kv.model_id, block.block_hash, tensor, None if scales is None else scales[i])
         out.append(ExportedBlock(block.block_hash, block.token_ids, payload))
     return out
 
@@ -87,7 +134,8 @@ def import_blocks(
                 raise BlockImportError(
                     f"block {i} ({eb.block_hash.hex()}) does not continue the chain from {parent.hex()} with its tokens"
                 )
-            data = decode_block(eb.payload, model_id=model_id, dtype=dtype, shape=shape, block_hash=eb.block_hash)
+            data, scales = decode_block_scaled(eb.payload, model_id=model_id, dtype=dtype, shape=shape,
+                                               block_hash=eb.block_hash)
             # Held while later blocks are allocated, or one of them could evict it.
             existing = kv.hold_prefix([eb.block_hash], tokens)
             if existing:
@@ -101,7 +149,7 @@ def import_blocks(
                 if new is None:
                     break
                 held.append(new)
-                kv_cache.write_block(new.block_id, data)
+                kv_cache.write_block(new.block_id, data, scales)
                 kv.publish(new, eb.block_hash, tokens, event_parent)
             parent = event_parent = eb.block_hash
         return len(held)

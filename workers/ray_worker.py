@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Sequence
@@ -26,8 +27,8 @@ from typing import Any, AsyncIterator, Sequence
 from cache_service.block_hash import BlockHash
 from cache_service.engine_port import EnginePort
 from cache_service.records import (
-    BlockEvent, Delta, EngineFailure, FailureKind, GenerateCall, InvalidRequestError, WorkerCounters, WorkerInfo,
-    WorkerPoll,
+    BlockEvent, Delta, EngineFailure, FailureKind, GenerateCall, HeldBlock, InvalidRequestError, WorkerCounters,
+    WorkerInfo, WorkerPoll,
 )
 from common.logs import get_logger, request_context
 from workers import ray_env
@@ -46,6 +47,7 @@ class WorkerConfig:
     dtype: str | None = None
     block_size: int = 16
     num_blocks: int | None = None
+    kv_cache_dtype: str = "auto"  # "auto" | "fp8" (workers/model/kv_cache.py)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     cache_service_address: str | None = None  # host:port of the CacheService; None: standalone
@@ -57,6 +59,11 @@ class WorkerConfig:
     heartbeat_ttl_s: int = 10
     feed_capacity: int = 65536  # block events kept for the router between polls
     torch_threads: int | None = None
+    # Tiers under the device pool: host memory (GiB, 0: none) and a disk folder; each worker keeps its blocks
+    # in <disk_cache>/<worker_id>, so a worker restarted under its name finds its own.
+    host_cache_gb: float = 0.0
+    disk_cache: str | None = None
+    disk_cache_gb: float = 16.0
 
 
 class WorkerActor:
@@ -74,7 +81,10 @@ class WorkerActor:
         self.engine = Engine(EngineConfig(
             model=config.model, dtype=config.dtype, device=self.device, block_size=config.block_size,
             num_blocks=config.num_blocks, max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_batched_tokens=config.max_num_batched_tokens, kv_cache_dtype=config.kv_cache_dtype,
+            host_cache_gb=config.host_cache_gb,
+            disk_cache_dir=None if config.disk_cache is None else os.path.join(config.disk_cache, config.worker_id),
+            disk_cache_gb=config.disk_cache_gb,
         ))
         self.feed = EventFeed(config.feed_capacity)
         self.counters = WorkerCounters()
@@ -196,6 +206,9 @@ class WorkerActor:
         """Tokens imported from a peer for this request (0 when nothing was pulled)."""
         result = await self.cache_node.fetch_prefix(call.prompt_ids, call.cache_salt, call.peer,
                                                     peer_known=call.peer_known)
+        check = result.verification
+        self.counters.observe_verification(check is not None, check is not None and not check.ok,
+                                           result.quarantined_until is not None, bool(result.quarantined_peers))
         if not result.attempted:
             return 0
         self.counters.observe_transfer(result.imported, result.num_bytes, result.num_blocks, result.seconds)
@@ -225,12 +238,12 @@ class WorkerActor:
             engine_stalled_s=time.monotonic() - self.loop.last_beat, transfer_address=self._transfer_address(),
         )
 
-    def _snapshot(self, engine: EnginePort) -> tuple[int, list[BlockHash]]:
+    def _snapshot(self, engine: EnginePort) -> tuple[int, list[HeldBlock]]:
         # In the loop thread: flush pending events first so that the snapshot and the seq agree.
         events = engine.drain_events()
         if events:
             self._on_events(events)
-        return self.feed.seq, engine.cached_hashes()
+        return self.feed.seq, engine.cached_blocks()  # (hash, fastest tier) per block held
 
     # ---- pins ---------------------------------------------------------------------------------------------
     # The engine holds the one pin table. The cache service assigns pins and delivers them with heartbeat
@@ -270,6 +283,9 @@ class WorkerActor:
 
     async def cached_hashes(self) -> list[BlockHash]:
         return await self.loop.call(lambda engine: engine.cached_hashes())
+
+    async def cached_blocks(self) -> list[HeldBlock]:
+        return await self.loop.call(lambda engine: engine.cached_blocks())
 
     async def shutdown(self) -> None:
         node, self.cache_node = self.cache_node, None

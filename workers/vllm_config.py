@@ -5,6 +5,7 @@ what they mean for the native engine:
 
     --model PATH        vLLM's model and tokenizer (a Hugging Face folder: config.json, safetensors, tokenizer)
     --dtype D           vLLM's dtype ("auto": the checkpoint's)
+    --kv-cache-dtype    vLLM's kv_cache_dtype ("auto"; "fp8": vLLM's own fp8 KV cache, not this project's layout)
     --block-size N      vLLM's block_size; the router hashes with the same N (vLLM's CPU attention needs a
                         multiple of 32: the stack picks 32 for vLLM on CPU when --block-size is not given)
     --num-blocks N      vLLM's num_gpu_blocks_override (the pool's size in blocks); on CPU also the KV memory
@@ -67,7 +68,7 @@ def worker_env(num_threads: int | None, on_cpu: bool) -> dict[str, str]:
 
 
 def engine_args(*, model: str, dtype: str | None, block_size: int, num_blocks: int | None, max_num_seqs: int,
-                max_num_batched_tokens: int, kv_events_endpoint: str, on_cpu: bool,
+                max_num_batched_tokens: int, kv_cache_dtype: str = "auto", kv_events_endpoint: str, on_cpu: bool,
                 options: VllmOptions) -> Any:
     """vLLM's ``AsyncEngineArgs`` for one worker."""
     from vllm.config import KVEventsConfig
@@ -93,7 +94,7 @@ def engine_args(*, model: str, dtype: str | None, block_size: int, num_blocks: i
         kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
     eager = options.enforce_eager if options.enforce_eager is not None else on_cpu
     return AsyncEngineArgs(
-        model=model, tokenizer=model, dtype=dtype or "auto", block_size=block_size,
+        model=model, tokenizer=model, dtype=dtype or "auto", kv_cache_dtype=kv_cache_dtype, block_size=block_size,
         num_gpu_blocks_override=num_blocks, enable_prefix_caching=True, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, enforce_eager=eager, disable_log_stats=True,
         kv_events_config=KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", endpoint=kv_events_endpoint),

@@ -34,8 +34,8 @@ from typing import Any, AsyncIterator, Hashable, Sequence
 
 from cache_service.block_hash import BlockHash, hash_prompt_blocks
 from cache_service.records import (
-    BlockEvent, Delta, EngineFailure, FailureKind, GenerateCall, UnsupportedFeatureError, Usage, WorkerCounters,
-    WorkerInfo, WorkerLoad, WorkerPoll,
+    BlockEvent, Delta, EngineFailure, FailureKind, GenerateCall, HeldBlock, UnsupportedFeatureError, Usage,
+    WorkerCounters, WorkerInfo, WorkerLoad, WorkerPoll,
 )
 from common.logs import get_logger, request_context
 from workers import ray_env
@@ -48,11 +48,16 @@ from workers.vllm_roots import RootSalts
 
 log = get_logger("worker")
 
-__all__ = ["PINS_UNSUPPORTED", "VllmWorkerActor"]
+__all__ = ["PINS_UNSUPPORTED", "TIERS_UNSUPPORTED", "VllmWorkerActor"]
 
 PINS_UNSUPPORTED = ("pins that hold blocks are not supported on vLLM workers (--engine vllm): vLLM has no API "
                     "to keep a prefix's blocks from eviction; its prefix cache keeps a shared system prompt "
                     "while requests use it")
+
+
+TIERS_UNSUPPORTED = ("--host-cache-gb and --disk-cache are tiers of the native engine's block pool; vLLM workers "
+                     "(--engine vllm) have none (vLLM offloads through a KV connector, which these workers do "
+                     "not configure)")
 
 
 @dataclass(slots=True)
@@ -116,6 +121,8 @@ class VllmWorkerActor:
         if config.model == DEMO_MODEL_ID:
             raise ValueError("--engine vllm serves a checkpoint folder (--model PATH: config.json, safetensors, "
                              "tokenizer files); the built-in demo model exists only for --engine native")
+        if config.host_cache_gb or config.disk_cache:
+            raise ValueError(TIERS_UNSUPPORTED)
         self.config = config
         self.options = options or VllmOptions()
         self.model_id = checkpoint_model_id(config.model)  # the hash root the router uses too
@@ -157,7 +164,8 @@ class VllmWorkerActor:
         os.environ.update(worker_env(cfg.torch_threads, self.on_cpu))
         self._reaper = _start_reaper()  # vLLM's processes must not outlive a killed actor
         self.subscriber.start()  # connected before vLLM publishes its first batch
-        args = engine_args(model=cfg.model, dtype=cfg.dtype, block_size=cfg.block_size, num_blocks=cfg.num_blocks,
+        args = engine_args(model=cfg.model, dtype=cfg.dtype, kv_cache_dtype=cfg.kv_cache_dtype,
+                           block_size=cfg.block_size, num_blocks=cfg.num_blocks,
                            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
                            kv_events_endpoint=self.endpoint, on_cpu=self.on_cpu, options=self.options)
         self.engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
@@ -211,9 +219,9 @@ class VllmWorkerActor:
         if self.client is not None:
             self.client.offer_events(events)
 
-    def _snapshot_hashes(self) -> list[BlockHash]:
+    def _snapshot_hashes(self) -> list[HeldBlock]:
         with self.subscriber.lock:
-            return self.translator.cached_hashes()
+            return [HeldBlock(h) for h in self.translator.cached_hashes()]  # vLLM's pool is the device tier
 
     # ---- generation -------------------------------------------------------------------------------------
     async def generate(self, call: GenerateCall) -> AsyncIterator[Delta]:
@@ -299,7 +307,7 @@ class VllmWorkerActor:
         read = self.feed.read(feed_epoch, feed_seq)
         if read is None:
             with self.subscriber.lock:  # the snapshot and the seq, atomically
-                seq, snapshot = self.feed.seq, self.translator.cached_hashes()
+                seq, snapshot = self.feed.seq, [HeldBlock(h) for h in self.translator.cached_hashes()]
             events: list[BlockEvent] = []
         else:
             (seq, events), snapshot = read, None
@@ -355,7 +363,8 @@ class VllmWorkerActor:
         return bool(await self.engine.reset_prefix_cache()) if self.engine is not None else False
 
     async def cached_hashes(self) -> list[BlockHash]:
-        return self._snapshot_hashes()
+        with self.subscriber.lock:
+            return self.translator.cached_hashes()
 
     async def event_stats(self) -> dict[str, int]:
         """The KV event path's counters: batches, gaps, blocks dropped (untranslatable), roots unresolved."""

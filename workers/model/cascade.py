@@ -10,7 +10,8 @@ once per sequence and layer (the dominant cost of a shared-prefix decode step). 
     suffix part: each sequence against its own remaining context (padded, key-padding mask);
 
 and the two partial softmaxes are merged with their log-sum-exps: exactly attention over the concatenation.
-The groups are found once per forward on the CPU block tables and shared by all layers.
+The groups are found once per forward on the CPU block tables and shared by all layers. An fp8 cache is
+dequantized where it is read: the prefix once per group (from its view), the suffixes in their gather.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from workers.model.kv_cache import dequantize, gather_slots
 
 # Below this many shared blocks a separate prefix pass costs more than the copy it saves.
 MIN_SHARED_BLOCKS = 4
@@ -138,6 +141,8 @@ def cascade_decode_attention(
     v_cache: torch.Tensor,
     plan: CascadePlan,
     scale: float,
+    k_scale: torch.Tensor | None = None,  # [num_slots, KVH] for an fp8 cache (values dequantized on read)
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
@@ -145,17 +150,22 @@ def cascade_decode_attention(
     # Suffix: every row against its own context after its group's prefix (the whole context if ungrouped).
     width = plan.suffix_slots.shape[1]
     flat = plan.suffix_slots.reshape(-1)
-    k_suf = k_cache.index_select(0, flat).view(num_seqs, width, num_kv_heads, head_dim).transpose(1, 2)
-    v_suf = v_cache.index_select(0, flat).view(num_seqs, width, num_kv_heads, head_dim).transpose(1, 2)
+    shape = (num_seqs, width, num_kv_heads, head_dim)
+    k_suf = gather_slots(k_cache, k_scale, flat, q.dtype).view(shape).transpose(1, 2)
+    v_suf = gather_slots(v_cache, v_scale, flat, q.dtype).view(shape).transpose(1, 2)
     q_fold = q.view(num_seqs, num_kv_heads, group, head_dim)  # query heads h*G..h*G+G-1 read KV head h
     out, lse = attend_with_lse(q_fold, k_suf.to(q.dtype), v_suf.to(q.dtype), scale, plan.suffix_mask)
     pre_out = torch.zeros_like(out)
     pre_lse = torch.full_like(lse, float("-inf"))  # ungrouped rows: weight 0 in the merge
     for g in plan.groups:
         if g.slot_range is not None:
-            k_pre, v_pre = k_cache[g.slot_range[0] : g.slot_range[1]], v_cache[g.slot_range[0] : g.slot_range[1]]
+            a, b = g.slot_range
+            k_pre, v_pre = k_cache[a:b], v_cache[a:b]
+            if k_scale is not None:  # fp8: the group's one read of its prefix is where it is dequantized
+                k_pre, v_pre = dequantize(k_pre, k_scale[a:b], q.dtype), dequantize(v_pre, v_scale[a:b], q.dtype)
         else:
-            k_pre, v_pre = k_cache.index_select(0, g.slots), v_cache.index_select(0, g.slots)
+            k_pre = gather_slots(k_cache, k_scale, g.slots, q.dtype)
+            v_pre = gather_slots(v_cache, v_scale, g.slots, q.dtype)
         n = g.rows.shape[0]
         # [n, KVH, G, D] -> [1, KVH, n*G, D]: all the group's queries against one copy of the prefix.
         qg = q_fold.index_select(0, g.rows).transpose(0, 1).reshape(1, num_kv_heads, n * group, head_dim)

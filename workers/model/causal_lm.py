@@ -82,8 +82,7 @@ class CausalLM(nn.Module):
 
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
-            k_cache, v_cache = kv_cache.layer_slots(i)
-            x = layer(x, cos, sin, slot_mapping, k_cache, v_cache, plan)
+            x = layer(x, cos, sin, slot_mapping, kv_cache.layer(i), plan)
 
         if plan.decodes_are_whole_batch:
             last = x  # one token per sequence, already in sequence order

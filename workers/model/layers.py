@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.model.attention import paged_attention
+from workers.model.attention import paged_attention, write_kv
 from workers.model.config import ModelConfig
 from workers.model.forward_batch import AttentionPlan
+from workers.model.kv_cache import LayerKV
 from workers.model.rope import apply_rope
 
 
@@ -60,8 +61,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         slot_mapping: torch.Tensor,
-        k_cache: torch.Tensor,  # [num_slots, KVH, D] view of this layer's K
-        v_cache: torch.Tensor,
+        kv: LayerKV,  # views of this layer's K/V slots (and their fp8 scales)
         plan: AttentionPlan,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
@@ -69,9 +69,8 @@ class Attention(nn.Module):
         q = apply_rope(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
-        out = paged_attention(q, k, v, k_cache, v_cache, plan, self.scale)
+        write_kv(kv, slot_mapping, k, v)
+        out = paged_attention(q, k, v, kv, plan, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
@@ -95,6 +94,6 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, slot_mapping, k_cache, v_cache, plan) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, slot_mapping, k_cache, v_cache, plan)
+    def forward(self, x, cos, sin, slot_mapping, kv, plan) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, slot_mapping, kv, plan)
         return x + self.mlp(self.post_attention_layernorm(x))

@@ -1,10 +1,20 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Tier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TIER_DEVICE: _ClassVar[Tier]
+    TIER_HOST: _ClassVar[Tier]
+    TIER_DISK: _ClassVar[Tier]
+TIER_DEVICE: Tier
+TIER_HOST: Tier
+TIER_DISK: Tier
 
 class NodeInfo(_message.Message):
     __slots__ = ("node_id", "transfer_address", "model_id", "block_size", "capacity_blocks", "block_nbytes", "prefill_tokens_per_s", "transfer_bytes_per_s", "ray_node_id")
@@ -99,12 +109,14 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, known: _Optional[bool] = ..., pins: _Optional[_Iterable[_Union[PinAssignment, _Mapping]]] = ...) -> None: ...
 
 class BlockStoredEvent(_message.Message):
-    __slots__ = ("block_hash", "parent_hash")
+    __slots__ = ("block_hash", "parent_hash", "tier")
     BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
     PARENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
     block_hash: bytes
     parent_hash: bytes
-    def __init__(self, block_hash: _Optional[bytes] = ..., parent_hash: _Optional[bytes] = ...) -> None: ...
+    tier: Tier
+    def __init__(self, block_hash: _Optional[bytes] = ..., parent_hash: _Optional[bytes] = ..., tier: _Optional[_Union[Tier, str]] = ...) -> None: ...
 
 class BlockRemovedEvent(_message.Message):
     __slots__ = ("block_hash",)
@@ -153,14 +165,20 @@ class LookupRequest(_message.Message):
     def __init__(self, block_hashes: _Optional[_Iterable[bytes]] = ..., model_id: _Optional[str] = ...) -> None: ...
 
 class NodeMatch(_message.Message):
-    __slots__ = ("node_id", "num_blocks", "transfer_address")
+    __slots__ = ("node_id", "num_blocks", "transfer_address", "num_device_blocks", "num_host_blocks", "num_disk_blocks")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    NUM_DEVICE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_HOST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_DISK_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     num_blocks: int
     transfer_address: str
-    def __init__(self, node_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., transfer_address: _Optional[str] = ...) -> None: ...
+    num_device_blocks: int
+    num_host_blocks: int
+    num_disk_blocks: int
+    def __init__(self, node_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., transfer_address: _Optional[str] = ..., num_device_blocks: _Optional[int] = ..., num_host_blocks: _Optional[int] = ..., num_disk_blocks: _Optional[int] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("matches",)
