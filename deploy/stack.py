@@ -35,7 +35,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from common.logs import get_logger
 from deploy.embedded_cache import EmbeddedCacheService
@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     import ray
 
     from cache_service.records import WorkerInfo
+    from deploy.placement import WorkerPlacement
     from router.auth import TokenAuth
     from router.policies import CostWeights
     from router.server import RouterServer, RouterThread
@@ -214,9 +215,7 @@ class Stack:
                             "(use --host 0.0.0.0 on a multi-machine cluster)")
         nodes = ray.nodes()
         plan = plan_workers(nodes, cfg.num_workers, cfg.node_ids, cfg.worker_num_cpus)
-        if cfg.block_size is None:  # resolved once, here: the router and every worker hash with it
-            cpu_vllm = cfg.engine == "vllm" and not any(p.num_gpus for p in plan)
-            cfg.block_size = VLLM_CPU_BLOCK_SIZE if cpu_vllm else 16
+        self._resolve_block_size(plan)
         self.actors = self._worker_actors()
         _, errors = self.actors.launch(plan, threading.Event())
         if errors:
@@ -241,12 +240,21 @@ class Stack:
                 cpus_per_worker=cfg.worker_num_cpus, interval_s=cfg.elastic_interval_s)
             self.watcher.start()
 
+    def _resolve_block_size(self, plan: Sequence[WorkerPlacement]) -> int:
+        """``block_size`` None becomes 16, or VLLM_CPU_BLOCK_SIZE for vLLM workers without GPUs; once, since the
+        router and every worker must hash with the same size."""
+        cfg = self.config
+        if cfg.block_size is None:
+            cpu_vllm = cfg.engine == "vllm" and not any(p.num_gpus for p in plan)
+            cfg.block_size = VLLM_CPU_BLOCK_SIZE if cpu_vllm else 16
+        return cfg.block_size
+
     def _worker_actors(self) -> WorkerActors:
         from workers.model.checkpoint import checkpoint_model_id
         from workers.ray_worker import WorkerConfig
 
         cfg = self.config
-        assert cfg.block_size is not None
+        self._resolve_block_size(())  # started stacks resolved it from their plan already
         template = WorkerConfig(  # worker_id and torch_threads: filled in per placement
             worker_id="", model=cfg.model, dtype=cfg.dtype, block_size=cfg.block_size, num_blocks=cfg.num_blocks,
             kv_cache_dtype=cfg.kv_cache_dtype,
