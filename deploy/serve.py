@@ -11,6 +11,10 @@ With ``--ray-address`` (or ``--elastic``) machines that join later get workers (
 ``worker-<N+1>``, ...) that enter the rotation; ``--no-elastic`` keeps the start-up set.
 On SIGINT/SIGTERM everything is stopped in reverse order (router, workers
 via ``ray.kill``, ``ray.shutdown()`` for a Ray we started, cache service, Valkey): no process is left.
+
+Only members reach the cache service and the workers' BlockTransfer endpoints: with no credential flag the
+stack makes a shared secret for this start; ``--cluster-secret-file`` or ``--tls-cert/--tls-key/--tls-ca``
+choose one (``common/cluster_flags.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
+from common import cluster_flags
 from router.policies import POLICY_NAMES
 
 if TYPE_CHECKING:
@@ -86,6 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start workers on Ray nodes that join while serving (one per GPU; one per CPU-only "
                              "node with room in a CPU fleet) and retire those of nodes that die (default: on "
                              "with --ray-address, off for a local Ray)")
+    cluster_flags.add_arguments(parser, front_door=True)
 
 
 def parse_weights(items: list[str], transfer_aware: bool) -> CostWeights:
@@ -128,6 +134,8 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
     check_tier_arguments(args)
     if not 0 <= args.http_port <= 65535:
         raise ValueError(f"--http-port must be a port number (0: off), got {args.http_port}")
+    flags = cluster_flags.CredentialFlags.from_args(args)
+    flags.check(front_door=True)  # CredentialError is a ValueError: a one-line message, exit 2
     return StackConfig(
         model=args.model, engine=args.engine, dtype=args.dtype, num_workers=args.workers, redis_url=args.redis_url,
         ray_address=args.ray_address,
@@ -140,6 +148,7 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
         auth_tokens_file=args.auth_tokens, index_source=args.index_source, max_in_flight=args.max_in_flight,
         elastic=args.elastic, raw_transfer_stream=args.transfer_stream == "raw",
         host_cache_gb=args.host_cache_gb, disk_cache=args.disk_cache, disk_cache_gb=args.disk_cache_gb,
+        cluster_secret_file=flags.secret_file, tls_cert=flags.tls_cert, tls_key=flags.tls_key, tls_ca=flags.tls_ca,
     )
 
 
@@ -169,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(s, on_signal)
         workers = ",".join(f"{w}@{i.node_id[:8]}" for w, i in sorted(stack.worker_infos.items()))
         http_port = stack.router_server.http_port
-        http = f" http=http://{config.dial_host()}:{http_port}/v1" if http_port is not None else ""
+        scheme = "https" if config.tls_cert else "http"  # the front doors serve TLS with --tls-cert
+        http = f" http={scheme}://{config.dial_host()}:{http_port}/v1" if http_port is not None else ""
         print(f"ready router={stack.router_address} metrics={stack.metrics_url} "
               f"cache_service={stack.cache_service_address} redis={stack.redis_url} workers={workers}{http}",
               flush=True)

@@ -25,6 +25,11 @@ affinity, so two workers on a two-machine cluster land one per machine. When ela
 cluster we join: ``--ray-address``), a ``RayNodeWatcher`` thread (``deploy/elastic.py``) then starts
 workers on machines that join and forgets the workers of machines that die.
 
+Credentials (DESIGN 6b): every part gets the cluster credential under its own identity (``cache-service``,
+``worker-<i>``, ``router``): a shared secret made for this start unless ``cluster_secret_file`` or the TLS
+files say otherwise (``common/cluster_flags.py``), so a stack with no flags needs no setup and still lets
+no outsider reach its control and data planes. ``stack.credential`` is it (tests make operators with it).
+
 Importing this module stays cheap (no Ray, router or torch): they are imported when the stack starts.
 """
 
@@ -49,6 +54,7 @@ if TYPE_CHECKING:
     import ray
 
     from cache_service.records import WorkerInfo
+    from common.cluster_auth import ClusterCredential
     from deploy.placement import WorkerPlacement
     from router.auth import TokenAuth
     from router.policies import CostWeights
@@ -125,6 +131,12 @@ class StackConfig:
     # Ray restarts a worker whose process died while its machine lives (engine crash, OOM kill), on the
     # same Ray node; -1: without limit. Calls in flight then are not retried by Ray (the router does).
     worker_max_restarts: int = -1
+    # The cluster credential (common/cluster_flags.py): none of these -> a new shared secret per start.
+    cluster_secret_file: str | None = None
+    cluster_secret: bytes | None = None  # tests: this secret instead of a new one
+    tls_cert: str | None = None  # "{id}" = each member's identity; without tls_ca: the router's endpoint only
+    tls_key: str | None = None
+    tls_ca: str | None = None  # mutual TLS between all members
 
     def dial_host(self) -> str:
         """What clients and workers dial to reach this machine's listeners: ``advertise_host``, else
@@ -143,6 +155,7 @@ class Stack:
         self.actors: WorkerActors | None = None  # once the cache service's address is known
         self.router: RouterThread | None = None
         self.watcher: RayNodeWatcher | None = None  # when elastic
+        self.credential: ClusterCredential | None = None  # the cluster's, once started
         self._owns_ray = False  # a local Ray we started: ours to shut down
 
     # ---- addresses and parts ------------------------------------------------------------------------
@@ -196,11 +209,17 @@ class Stack:
     def _start(self) -> None:
         import ray
 
+        from common.cluster_auth import CACHE_SERVICE_IDENTITY, ROUTER_IDENTITY, Member
+        from common.cluster_flags import CredentialFlags
         from router.auth import TokenAuth
         from router.server import RouterConfig, RouterThread
 
         cfg = self.config
         auth = cfg.auth if cfg.auth is not None else TokenAuth.load(cfg.auth_tokens_file)
+        flags = CredentialFlags(cfg.cluster_secret_file, cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
+        flags.check(front_door=True)
+        self.credential = credential = flags.credential(cfg.cluster_secret)
+        tls_cert, tls_key = flags.front_door() or (None, None)  # the router's client-facing TLS
         # Ray first: a local Ray forks its GCS and raylet, running Python in the child before exec (Ray's
         # preexec_fn). Forked from a process whose gRPC server threads already run, that child can die or
         # hang, and Ray then waits for a GCS that never comes. So no thread of ours exists yet at this point.
@@ -208,7 +227,8 @@ class Stack:
         self._owns_ray = join_or_start_ray(cfg.ray_address, num_cpus, cfg.host)
         if cfg.enable_cache_service:
             self.cache = EmbeddedCacheService(cfg.redis_url, cfg.host, cfg.cache_service_port,
-                                              advertise_host=cfg.dial_host())
+                                              advertise_host=cfg.dial_host(),
+                                              member=Member(CACHE_SERVICE_IDENTITY, credential))
             self.cache.start()
             if cfg.ray_address and cfg.host in ("127.0.0.1", "localhost"):
                 log.warning("the cache service listens on 127.0.0.1: workers on other machines cannot reach it "
@@ -224,6 +244,7 @@ class Stack:
             model=cfg.model, block_size=cfg.block_size, host=cfg.host, port=cfg.port,
             metrics_port=cfg.metrics_port, policy=cfg.policy, policy_weights=cfg.policy_weights,
             cache_service_address=self.cache_service_address, index_source=cfg.index_source, auth=auth,
+            member=Member(ROUTER_IDENTITY, credential), tls_cert_file=tls_cert, tls_key_file=tls_key,
             max_in_flight=cfg.max_in_flight, poll_interval_s=cfg.poll_interval_s,
             unresponsive_after_s=cfg.unresponsive_after_s,
             http_port=cfg.http_port, served_model_name=cfg.served_model_name,
@@ -263,6 +284,7 @@ class Stack:
             always_transfer=cfg.always_transfer, raw_transfer_stream=cfg.raw_transfer_stream,
             transfer_host=cfg.host,  # each worker binds here (workers/ray_env.py: bind_host, advertise_host)
             host_cache_gb=cfg.host_cache_gb, disk_cache=cfg.disk_cache, disk_cache_gb=cfg.disk_cache_gb,
+            cluster_credential=self.credential,
         )
         # Every worker must hash as the router will: its model id and block size (a mixed fleet is refused).
         fleet = (checkpoint_model_id(cfg.model), cfg.block_size)

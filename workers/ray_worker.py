@@ -30,6 +30,7 @@ from cache_service.records import (
     BlockEvent, Delta, EngineFailure, FailureKind, GenerateCall, HeldBlock, InvalidRequestError, WorkerCounters,
     WorkerInfo, WorkerPoll,
 )
+from common.cluster_auth import ClusterCredential
 from common.logs import get_logger, request_context
 from workers import ray_env
 from workers.engine_loop import EngineLoop
@@ -55,6 +56,9 @@ class WorkerConfig:
     enable_transfer_server: bool = True  # serve BlockTransfer even without a cache service
     always_transfer: bool = False  # pull from a peer whenever one holds more (skip the cost test)
     raw_transfer_stream: bool = True  # serve and use the raw block stream beside gRPC
+    # The cluster credential (a shared secret, or TLS files read on the worker's machine, "{id}" = worker_id):
+    # the worker acts as the member `worker_id` towards the cache service and its peers. None: open (tests).
+    cluster_credential: ClusterCredential | None = None
     heartbeat_interval_s: float = 1.0
     heartbeat_ttl_s: int = 10
     feed_capacity: int = 65536  # block events kept for the router between polls
@@ -121,15 +125,18 @@ class WorkerActor:
         from cache_service.cache_node import CacheNode, CacheNodeConfig
         from cache_service.client import CacheClientConfig
         from cache_service.prefix_fetcher import FetcherConfig
+        from common.cluster_auth import Member
 
         cfg = self.config
         host = ray_env.bind_host(cfg.transfer_host)  # the stack's --host, made valid on this machine
+        member = Member(cfg.worker_id, cfg.cluster_credential) if cfg.cluster_credential is not None else None
         node = CacheNode.for_engine(
             self.engine, cfg.worker_id, engine_call=self.loop.call, cache_address=cfg.cache_service_address,
             config=CacheNodeConfig(
                 client=CacheClientConfig(ttl_s=cfg.heartbeat_ttl_s, heartbeat_interval_s=cfg.heartbeat_interval_s),
                 fetcher=FetcherConfig(always_transfer=cfg.always_transfer),
                 transfer_host=host, advertise_host=ray_env.advertise_host(host), raw_stream=cfg.raw_transfer_stream,
+                member=member,
             ),
             ray_node_id=self.node_id,
         )

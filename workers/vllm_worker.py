@@ -180,15 +180,19 @@ class VllmWorkerActor:
     async def _start_cache_client(self) -> None:
         from cache_service.client import CacheClient, CacheClientConfig
         from cache_service.types import NodeInfo
+        from common.cluster_auth import Member
 
         cfg = self.config
-        # No transfer address: these workers serve no BlockTransfer (see the module doc).
+        # No transfer address: these workers serve no BlockTransfer (see the module doc). A member of the
+        # cluster like a native worker: the control plane knows it under its own identity only.
+        member = Member(cfg.worker_id, cfg.cluster_credential) if cfg.cluster_credential is not None else None
         info = NodeInfo(node_id=cfg.worker_id, model_id=self.model_id, block_size=cfg.block_size,
                         capacity_blocks=self.num_blocks, ray_node_id=self.node_id)
         self.client = CacheClient(cfg.cache_service_address, info, snapshot=self._snapshot_hashes,
                                   load=self._load,
                                   config=CacheClientConfig(ttl_s=cfg.heartbeat_ttl_s,
-                                                           heartbeat_interval_s=cfg.heartbeat_interval_s))
+                                                           heartbeat_interval_s=cfg.heartbeat_interval_s,
+                                                           member=member))
         await self.client.start()
         await self.client.wait_registered()
 
