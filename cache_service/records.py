@@ -24,8 +24,8 @@ from cache_service.block_hash import BlockHash
 __all__ = [
     "AllBlocksCleared", "BlockEvent", "BlockRemoved", "BlockStored", "Delta", "EngineFailure", "FailureKind",
     "GenerateCall", "HeldBlock", "InvalidRequestError", "MAX_STOP_CHARS", "MAX_STOP_STRINGS", "MAX_TEMPERATURE",
-    "MAX_TOP_K", "MIN_TEMPERATURE", "MIN_TOP_P", "PeerHint", "SamplingParams", "Tier", "Usage", "WorkerCounters",
-    "WorkerInfo",
+    "MAX_TOP_K", "MIN_TEMPERATURE", "MIN_TOP_P", "PeerHint", "SamplingParams", "Tier", "UnsupportedFeatureError",
+    "Usage", "WorkerCounters", "WorkerInfo",
     "WorkerLoad", "WorkerPoll", "TRANSFER_BUCKETS",
 ]
 
@@ -84,6 +84,11 @@ class HeldBlock(NamedTuple):
 # ---- errors ---------------------------------------------------------------------------------------------
 class InvalidRequestError(ValueError):
     """A request that can never be served as given; the message names the offending field."""
+
+
+class UnsupportedFeatureError(Exception):
+    """The worker's engine cannot do this at all (e.g. pins on a vLLM worker); the message says what and why.
+    Relayed across Ray as it is, like ``InvalidRequestError``: it is neither the request's fault nor a failure."""
 
 
 class FailureKind(str, enum.Enum):

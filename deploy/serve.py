@@ -36,6 +36,11 @@ if TYPE_CHECKING:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="demo", help="checkpoint folder (Hugging Face layout) or 'demo'")
+    parser.add_argument("--engine", default="native", choices=("native", "vllm"),
+                        help="the workers' engine: 'native' (this project's) or 'vllm' (vLLM's async engine with "
+                             "prefix caching and KV events; pip install \"prefixcache[vllm]\"; needs --model PATH)")
+    parser.add_argument("--dtype", default=None,
+                        help="the workers' dtype, either engine: float32, bfloat16, float16 (default: the checkpoint's)")
     parser.add_argument("--workers", type=int, default=None,
                         help="number of workers (default: one per GPU, or 2 on CPU)")
     parser.add_argument("--redis-url", default=None, help="Redis for the cache index (default: embedded Valkey)")
@@ -63,7 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transfer-stream", default="raw", choices=("raw", "grpc"),
                         help="how workers move KV blocks between them: 'raw' (gRPC hands each fetch to a plain TCP "
                              "stream, one more port per worker) or 'grpc' (the gRPC stream only)")
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="tokens per KV block (default 16; 32 for --engine vllm on CPU, whose attention needs "
+                             "multiples of 32)")
     parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker (default: by memory)")
     parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
                         help="workers' KV cache storage: 'auto' = the model's dtype, 'fp8' = float8 e4m3 with "
@@ -116,18 +123,28 @@ def config_from_args(args: argparse.Namespace) -> StackConfig:
 
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.engine == "vllm" and args.model == "demo":
+        raise ValueError("--engine vllm serves a checkpoint folder (--model PATH); the demo model is native only")
+    if args.engine == "vllm" and (args.host_cache_gb or args.disk_cache):
+        from workers.vllm_worker import TIERS_UNSUPPORTED
+
+        raise ValueError(TIERS_UNSUPPORTED)
+    if args.block_size is not None and args.block_size <= 0:
+        raise ValueError(f"--block-size must be positive, got {args.block_size}")
     check_tier_arguments(args)
     if not 0 <= args.http_port <= 65535:
         raise ValueError(f"--http-port must be a port number (0: off), got {args.http_port}")
     flags = cluster_flags.CredentialFlags.from_args(args)
     flags.check(front_door=True)  # CredentialError is a ValueError: a one-line message, exit 2
     return StackConfig(
-        model=args.model, num_workers=args.workers, redis_url=args.redis_url, ray_address=args.ray_address,
+        model=args.model, engine=args.engine, dtype=args.dtype, num_workers=args.workers, redis_url=args.redis_url,
+        ray_address=args.ray_address,
         host=args.host, advertise_host=args.advertise_host, port=args.port, metrics_port=args.metrics_port,
         policy=args.policy,
         http_port=args.http_port or None, served_model_name=args.served_model_name,
         policy_weights=parse_weights(args.policy_weight, args.transfer_aware), block_size=args.block_size,
-        num_blocks=args.num_blocks, kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=args.max_num_seqs, cache_service_port=args.cache_service_port,
+        num_blocks=args.num_blocks, kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=args.max_num_seqs,
+        cache_service_port=args.cache_service_port,
         auth_tokens_file=args.auth_tokens, index_source=args.index_source, max_in_flight=args.max_in_flight,
         elastic=args.elastic, raw_transfer_stream=args.transfer_stream == "raw",
         host_cache_gb=args.host_cache_gb, disk_cache=args.disk_cache, disk_cache_gb=args.disk_cache_gb,

@@ -40,7 +40,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from common.logs import get_logger
 from deploy.embedded_cache import EmbeddedCacheService
@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 
     from cache_service.records import WorkerInfo
     from common.cluster_auth import ClusterCredential
+    from deploy.placement import WorkerPlacement
     from router.auth import TokenAuth
     from router.policies import CostWeights
     from router.server import RouterServer, RouterThread
@@ -79,9 +80,15 @@ def default_policy_weights() -> CostWeights:
     return CostWeights(**DEFAULT_POLICY_WEIGHTS)
 
 
+# --engine vllm on CPU: vLLM's CPU attention takes block sizes in multiples of 32 only.
+VLLM_CPU_BLOCK_SIZE = 32
+
+
 @dataclass(slots=True)
 class StackConfig:
     model: str = "demo"
+    engine: str = "native"  # the workers' engine: "native" (workers/ray_worker.py) or "vllm" (workers/vllm_worker.py)
+    dtype: str | None = None  # the workers' dtype (None: the checkpoint's), for either engine
     num_workers: int | None = None  # None: one per GPU, or 2 on CPU
     redis_url: str | None = None  # None: embedded Valkey
     ray_address: str | None = None  # None: a local Ray (unless one is already initialised)
@@ -96,7 +103,7 @@ class StackConfig:
     served_model_name: str | None = None  # None: "demo" or the model folder's name
     policy: str = "cache_aware"
     policy_weights: CostWeights = field(default_factory=default_policy_weights)
-    block_size: int = 16
+    block_size: int | None = 16  # None: 16, or VLLM_CPU_BLOCK_SIZE for vLLM workers without GPUs
     num_blocks: int | None = None
     kv_cache_dtype: str = "auto"  # workers' KV cache storage: "auto" (the model's dtype) | "fp8"
     max_num_seqs: int = 64
@@ -226,9 +233,10 @@ class Stack:
             if cfg.ray_address and cfg.host in ("127.0.0.1", "localhost"):
                 log.warning("the cache service listens on 127.0.0.1: workers on other machines cannot reach it "
                             "(use --host 0.0.0.0 on a multi-machine cluster)")
-        self.actors = self._worker_actors()
         nodes = ray.nodes()
         plan = plan_workers(nodes, cfg.num_workers, cfg.node_ids, cfg.worker_num_cpus)
+        self._resolve_block_size(plan)
+        self.actors = self._worker_actors()
         _, errors = self.actors.launch(plan, threading.Event())
         if errors:
             raise RuntimeError("; ".join(f"{w}: {e}" for w, e in sorted(errors.items())))
@@ -253,12 +261,23 @@ class Stack:
                 cpus_per_worker=cfg.worker_num_cpus, interval_s=cfg.elastic_interval_s)
             self.watcher.start()
 
+    def _resolve_block_size(self, plan: Sequence[WorkerPlacement]) -> int:
+        """``block_size`` None becomes 16, or VLLM_CPU_BLOCK_SIZE for vLLM workers without GPUs; once, since the
+        router and every worker must hash with the same size."""
+        cfg = self.config
+        if cfg.block_size is None:
+            cpu_vllm = cfg.engine == "vllm" and not any(p.num_gpus for p in plan)
+            cfg.block_size = VLLM_CPU_BLOCK_SIZE if cpu_vllm else 16
+        return cfg.block_size
+
     def _worker_actors(self) -> WorkerActors:
+        from workers.model.checkpoint import checkpoint_model_id
         from workers.ray_worker import WorkerConfig
 
         cfg = self.config
+        self._resolve_block_size(())  # started stacks resolved it from their plan already
         template = WorkerConfig(  # worker_id and torch_threads: filled in per placement
-            worker_id="", model=cfg.model, block_size=cfg.block_size, num_blocks=cfg.num_blocks,
+            worker_id="", model=cfg.model, dtype=cfg.dtype, block_size=cfg.block_size, num_blocks=cfg.num_blocks,
             kv_cache_dtype=cfg.kv_cache_dtype,
             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
             cache_service_address=self.cache_service_address, heartbeat_interval_s=cfg.heartbeat_interval_s,
@@ -267,8 +286,10 @@ class Stack:
             host_cache_gb=cfg.host_cache_gb, disk_cache=cfg.disk_cache, disk_cache_gb=cfg.disk_cache_gb,
             cluster_credential=self.credential,
         )
+        # Every worker must hash as the router will: its model id and block size (a mixed fleet is refused).
+        fleet = (checkpoint_model_id(cfg.model), cfg.block_size)
         return WorkerActors(template, cpus_per_worker=cfg.worker_num_cpus, max_restarts=cfg.worker_max_restarts,
-                            start_timeout_s=cfg.worker_start_timeout_s)
+                            start_timeout_s=cfg.worker_start_timeout_s, engine=cfg.engine, fleet=fleet)
 
     def stop(self) -> None:
         """Tear everything down; safe to call twice and after a failed start."""
