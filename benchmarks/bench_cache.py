@@ -1,6 +1,6 @@
 """Cache service benchmarks, each measured side by side in one run (ratios printed; never asserted).
 
-    python -m benchmarks.bench_cache [--json] [--quick] [--skip-model]
+    python -m benchmarks.bench_cache [--json] [--quick] [--skip-model] [--auth-only]
 
 1. Lookup of a 512-block prompt on embedded Valkey: the one-round-trip Lua script vs per-key reads
    (one HKEYS round trip per block, and the same reads pipelined), 8 nodes holding 512, 256, ... 4 blocks.
@@ -8,6 +8,10 @@
 3. BlockTransfer throughput over loopback vs a raw TCP socket moving the same bytes (target >= 50%), the
    serving side in another process (as deployed), then in this process: as deployed (gRPC hands the fetch
    to the raw block stream), over the gRPC stream only, and grpcio's own streaming ceiling.
+   With cluster credentials (DESIGN 6b), side by side in one run: BlockTransfer as deployed without a
+   credential, under the shared secret (a token per fetch, a proof per connection: no encryption) and under
+   mutual TLS (both streams encrypted; certificates of a throwaway CA, benchmarks/pki.py), against the same
+   raw TCP baseline (target: still >= 50% with encryption on).
 4. Transfer + import of a 2048-token prefix of a ~50M-parameter Llama (hidden 512, 8 layers, 8 heads,
    2 kv heads, vocab 32000, fp32; built with transformers in a temp dir) vs recomputing it (target >= 3x).
 """
@@ -271,13 +275,41 @@ def _peer_process_main(conn: Any, num_blocks: int, nbytes: int) -> None:
         conn.close()
 
 
+def _spawn_peer(target: Any, *args: Any) -> tuple[Any, Any, Any]:
+    """(process, pipe, what it sent first) of a spawned serving process ``target(pipe, *args)``."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    parent_conn, child_conn = ctx.Pipe()
+    proc = ctx.Process(target=target, args=(child_conn, *args), daemon=True)
+    proc.start()
+    child_conn.close()
+    try:
+        if not parent_conn.poll(60):
+            raise RuntimeError("the benchmark's serving process did not start within 60 s")
+        return proc, parent_conn, parent_conn.recv()
+    except (EOFError, RuntimeError) as exc:
+        proc.kill()
+        proc.join(5)
+        raise RuntimeError(f"the benchmark's serving process failed to start (exit code {proc.exitcode})") from exc
+
+
+def _stop_peer(proc: Any, conn: Any) -> None:
+    try:
+        conn.send("stop")
+    except OSError:
+        pass
+    proc.join(15)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(5)
+
+
 def bench_transfer(num_blocks: int, nbytes: int, reps: int, *, out_of_process: bool = True,
                    chunk_bytes: int | None = None) -> dict[str, Any]:
     """Alternates a BlockTransfer fetch, a raw TCP transfer of the same bytes and the grpcio ceiling ``reps``
     times (after one warm-up round): on a shared machine the ratio of each adjacent pair is steadier than
     either rate alone. ``out_of_process``: the serving side runs in a spawned process."""
-    import multiprocessing
-
     from cache_service.transfer_settings import DEFAULT_CHUNK_BYTES
 
     chunk_bytes = chunk_bytes or DEFAULT_CHUNK_BYTES
@@ -286,20 +318,8 @@ def bench_transfer(num_blocks: int, nbytes: int, reps: int, *, out_of_process: b
     total = num_blocks * nbytes
     proc = parent_conn = peer = None
     if out_of_process:
-        ctx = multiprocessing.get_context("spawn")
-        parent_conn, child_conn = ctx.Pipe()
-        proc = ctx.Process(target=_peer_process_main, args=(child_conn, num_blocks, nbytes), daemon=True)
-        proc.start()
-        child_conn.close()
-        try:
-            if not parent_conn.poll(60):
-                raise RuntimeError("the benchmark's serving process did not start within 60 s")
-            address, raw_address, ceiling_address = parent_conn.recv()
-        except (EOFError, RuntimeError) as exc:
-            proc.kill()
-            proc.join(5)
-            raise RuntimeError(f"the benchmark's serving process failed to start (exit code {proc.exitcode})") \
-                from exc
+        proc, parent_conn, (address, raw_address, ceiling_address) = _spawn_peer(
+            _peer_process_main, num_blocks, nbytes)
     else:
         peer = TransferPeer(num_blocks, nbytes)
         address, raw_address, ceiling_address = peer.addresses()
@@ -350,15 +370,7 @@ def bench_transfer(num_blocks: int, nbytes: int, reps: int, *, out_of_process: b
         if peer is not None:
             peer.close()
         if proc is not None:
-            assert parent_conn is not None
-            try:
-                parent_conn.send("stop")
-            except OSError:
-                pass
-            proc.join(15)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
+            _stop_peer(proc, parent_conn)
     return {"out_of_process": out_of_process, "bytes": total, "block_bytes": nbytes, "chunk_bytes": chunk_bytes,
             "reps": reps,
             "block_transfer_mb_s": statistics.median(bt_rates), "raw_tcp_mb_s": statistics.median(raw_rates),
@@ -368,6 +380,105 @@ def bench_transfer(num_blocks: int, nbytes: int, reps: int, *, out_of_process: b
             "grpc_stream_ratio": statistics.median([g / r for g, r in zip(grpc_rates, raw_rates)]),
             "grpc_stream_ratio_to_ceiling": statistics.median([g / c for g, c in zip(grpc_rates, ceiling_rates)]),
             "ceiling_ratio": statistics.median([c / r for c, r in zip(ceiling_rates, raw_rates)])}
+
+
+# ---- 3b: BlockTransfer under the cluster's credentials ---------------------------------------------------
+AUTH_MODES = ("open", "secret", "mtls")
+
+
+def _members(mode: str, identity: str, secret: bytes, tls: tuple[str, str, str]) -> Any:
+    from common.cluster_auth import Member, SharedSecret, TlsFiles
+
+    if mode == "open":
+        return None
+    return Member(identity, SharedSecret(secret) if mode == "secret" else TlsFiles(*tls))
+
+
+class SecuredPeer:
+    """The serving side of the credential benchmark: one BlockTransfer server per mode (worker-0 in each
+    cluster) over the same blocks, and the raw TCP sender, on one loop."""
+
+    def __init__(self, num_blocks: int, nbytes: int, secret: bytes, tls: tuple[str, str, str]) -> None:
+        blocks = make_blocks(num_blocks, nbytes)
+        self.by_hash = {b.block_hash: b for b in blocks}
+        self.loop = LoopThread("bench-secured-peer").start()
+        self.servers = {mode: TransferServer(BlockTransferServicer(self.export, "bench"),
+                                             member=_members(mode, "worker-0", secret, tls))
+                        for mode in AUTH_MODES}
+        self.addresses = {mode: self.loop.run(server.start(), 30) for mode, server in self.servers.items()}
+        self.raw = RawTcpSender([b.payload for b in blocks])
+
+    def export(self, hs: list[BlockHash]) -> list[Any]:
+        return [self.by_hash[h] for h in hs if h in self.by_hash]
+
+    def close(self) -> None:
+        self.raw.close()
+        for server in self.servers.values():
+            self.loop.run(server.stop(0), 10)
+        self.loop.stop()
+
+
+def _secured_peer_main(conn: Any, num_blocks: int, nbytes: int, secret: bytes, tls: tuple[str, str, str]) -> None:
+    peer = SecuredPeer(num_blocks, nbytes, secret, tls)
+    try:
+        conn.send((peer.addresses, peer.raw.address))
+        conn.recv()
+    except EOFError:
+        pass
+    finally:
+        peer.close()
+        conn.close()
+
+
+def bench_transfer_auth(num_blocks: int, nbytes: int, reps: int) -> dict[str, Any]:
+    """Alternates a fetch in each mode and a raw TCP transfer of the same bytes ``reps`` times (after a
+    warm-up round), the serving side in a spawned process; ratios of adjacent measurements."""
+    from benchmarks.pki import ThrowawayPki
+
+    expected = make_blocks(num_blocks, nbytes)
+    hashes = [b.block_hash for b in expected]
+    total = num_blocks * nbytes
+    with tempfile.TemporaryDirectory() as tmp:
+        pki = ThrowawayPki(tmp)
+        pki.issue_all(["worker-0", "worker-1"])
+        tls, secret = pki.template(), os.urandom(32)
+        proc, parent_conn, (addresses, raw_address) = _spawn_peer(_secured_peer_main, num_blocks, nbytes, secret,
+                                                                  tls)
+        loop = LoopThread("bench-secured-client").start()
+        clients = {mode: TransferClient("worker-1", member=_members(mode, "worker-1", secret, tls))
+                   for mode in AUTH_MODES}
+        raw = RawTcpReceiver(raw_address, total)
+        rates: dict[str, list[float]] = {mode: [] for mode in (*AUTH_MODES, "raw_tcp")}
+        try:
+            for i in range(reps + 1):
+                for mode, client in clients.items():
+                    t0 = time.perf_counter()
+                    got, num_bytes = loop.run(client.fetch_blocks(addresses[mode], hashes, peer="worker-0",
+                                                                  timeout_s=60), 120)
+                    elapsed = time.perf_counter() - t0
+                    assert len(got) == num_blocks and num_bytes == total, (mode, len(got), num_bytes)
+                    if i <= 1:
+                        assert all(bytes(g.payload) == e.payload for g, e in zip(got, expected)), mode
+                    del got
+                    if i:
+                        rates[mode].append(total / elapsed / 1e6)
+                raw_s = raw.fetch_s()
+                if i:
+                    rates["raw_tcp"].append(total / raw_s / 1e6)
+            assert all(c.num_raw_fetches == reps + 1 for c in clients.values())  # the raw stream, in every mode
+            for client in clients.values():
+                loop.run(client.close(), 10)
+        finally:
+            raw.close()
+            loop.stop()
+            _stop_peer(proc, parent_conn)
+    out: dict[str, Any] = {"bytes": total, "block_bytes": nbytes, "reps": reps}
+    for mode, r in rates.items():
+        out[f"{mode}_mb_s"] = statistics.median(r)
+    for mode in AUTH_MODES:
+        out[f"{mode}_ratio"] = statistics.median([m / t for m, t in zip(rates[mode], rates["raw_tcp"])])
+        out[f"{mode}_vs_open"] = statistics.median([m / o for m, o in zip(rates[mode], rates["open"])])
+    return out
 
 
 # ---- 4: transfer + import vs recompute on a ~50M Llama ---------------------------------------------
@@ -440,19 +551,37 @@ def bench_model(num_tokens: int, reps: int) -> dict[str, Any]:
     }
 
 
+def print_transfer_auth(ta: dict[str, Any]) -> None:
+    print(f"BlockTransfer with cluster credentials, serving side in another process ({ta['bytes'] >> 20} MiB, "
+          f"median of {ta['reps']} alternating rounds; raw TCP {ta['raw_tcp_mb_s']:.0f} MB/s):")
+    for mode, what in (("open", "no credential"), ("secret", "shared secret (authenticated, not encrypted)"),
+                       ("mtls", "mutual TLS (encrypted)")):
+        print(f"  {what:<46}{ta[f'{mode}_mb_s']:>7.0f} MB/s = {ta[f'{mode}_ratio'] * 100:>4.0f}% of raw TCP, "
+              f"{ta[f'{mode}_vs_open'] * 100:>4.0f}% of no credential")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
     parser.add_argument("--skip-model", action="store_true", help="skip the 50M Llama section")
+    parser.add_argument("--auth-only", action="store_true", help="only BlockTransfer with cluster credentials (3b)")
     args = parser.parse_args(argv)
     q = args.quick
     out: dict[str, Any] = {}
+    if args.auth_only:
+        out["transfer_auth"] = bench_transfer_auth(num_blocks=32 if q else 128, nbytes=128 << 10, reps=3 if q else 15)
+        if args.json:
+            print(json.dumps(out, indent=2))
+        else:
+            print_transfer_auth(out["transfer_auth"])
+        return 0
     out["index"] = asyncio.run(bench_index(iters=100 if q else 1000, memory_blocks=20_000 if q else 100_000))
     # Blocks of 128 KiB: one block of the 50M Llama below (8 layers x K,V x 16 tokens x 2 heads x 64 x fp32).
     out["transfer"] = bench_transfer(num_blocks=32 if q else 128, nbytes=128 << 10, reps=3 if q else 15)
     out["transfer_in_process"] = bench_transfer(num_blocks=32 if q else 128, nbytes=128 << 10,
                                                 reps=3 if q else 9, out_of_process=False)
+    out["transfer_auth"] = bench_transfer_auth(num_blocks=32 if q else 128, nbytes=128 << 10, reps=3 if q else 15)
     if not args.skip_model:
         out["model"] = bench_model(num_tokens=2048, reps=1 if q else 3)
     if args.json:
@@ -477,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
               f"gRPC stream only ({tr['chunk_bytes'] >> 10} KiB messages) {tr['grpc_stream_mb_s']:.0f} MB/s = "
               f"{tr['grpc_stream_ratio'] * 100:.0f}%; grpcio's own ceiling (pre-serialized 1 MiB messages) "
               f"{tr['grpc_ceiling_mb_s']:.0f} MB/s = {tr['ceiling_ratio'] * 100:.0f}%")
+    print_transfer_auth(out["transfer_auth"])
     if "model" in out:
         m = out["model"]
         print(f"{m['num_tokens']}-token prefix of a {m['num_params'] / 1e6:.0f}M Llama ({m['bytes'] >> 20} MiB of KV): "

@@ -12,6 +12,13 @@ sources, measured side by side in one run:
     mirror    the router's local index mirror (the default)
     service   CacheService.Lookup over gRPC (embedded Valkey, the one-round-trip Lua walk)
 
+and each again with auth on (``*_auth``): the bearer token checked and the tenant's salt derived first, as
+the router's edge does (``TokenAuth.authenticate`` over 64 tenants' tokens, ``tenant_salt``), and on the
+service path the router's member token on each Lookup (signed by the router, verified by a members-only
+CacheService's interceptor: common/cluster_auth.py). Every request names the same tenant, so that all four
+see the same hashes and the same matches. The member token's own cost (sign + verify, no network) is
+measured apart as well.
+
 Each of 64 distinct 8k-token "documents" is held (as a prefix of random length) by a random subset of
 the 16 workers; each request is one document's prefix + a fresh question. Target: total p99 < 2 ms
 with the mirror. ``total_cpu`` is the same path in CPU time of the thread (what the code costs, without
@@ -34,6 +41,8 @@ from cache_service.embedded_redis import EmbeddedRedis, connect
 from cache_service.index import ClusterIndex
 from cache_service.server import CacheServiceConfig, CacheServiceThread
 from cache_service.types import NodeInfo
+from common.cluster_auth import Member, SharedSecret
+from router.auth import TokenAuth, tenant_salt
 from router.cache_link import CacheLink
 from cache_service.records import BlockStored
 from router.index_mirror import IndexMirror
@@ -48,6 +57,8 @@ from loadgen.stats import percentile as pct
 
 BS = 16
 NUM_DOCS = 64
+NUM_TENANTS = 64
+TENANT = "tenant-7"
 
 
 def summary(xs: list[float]) -> dict[str, float]:
@@ -60,21 +71,45 @@ def make_docs(rng: random.Random, prompt_tokens: int) -> list[str]:
     return ["".join(rng.choice(alphabet) for _ in range(prompt_tokens - 64)) for _ in range(NUM_DOCS)]
 
 
+def bench_member_token(n: int = 20_000) -> dict[str, float]:
+    """One Lookup's credential work, without the network: the router signs, the service verifies."""
+    secret = SharedSecret.generate()
+    router, service = Member("router", secret), Member("cache-service", secret)
+    method = "/prefixcache.v1.CacheService/Lookup"
+    sign, verify = [], []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        metadata = router.call_metadata(method)
+        t1 = time.perf_counter()
+        service.verify(method, metadata)
+        t2 = time.perf_counter()
+        sign.append(t1 - t0)
+        verify.append(t2 - t1)
+    return {"sign": summary(sign), "verify": summary(verify)}
+
+
 async def run(num_requests: int, num_workers: int, prompt_tokens: int) -> dict[str, Any]:
     rng = random.Random(0)
     encoder = PromptEncoder("demo", BS)
     # The demo model attends over 4096 positions; the routing path does not care, so let it take 8k prompts.
     encoder.info = dataclasses.replace(encoder.info, max_context=4 * prompt_tokens)
     docs = make_docs(rng, prompt_tokens)
-    doc_hashes = [encoder.block_hashes(encoder.encode(d)) for d in docs]
+    auth = TokenAuth({f"token-{i:02d}-{rng.getrandbits(64):016x}": f"tenant-{i}" for i in range(NUM_TENANTS)})
+    bearer = (("authorization", f"Bearer {next(t for t, n in auth.tokens.items() if n == TENANT)}"),)
+    salt = tenant_salt(TENANT, "")  # every request's (auth off: the client names it; on: derived from the token)
+    doc_hashes = [encoder.block_hashes(encoder.encode(d), salt) for d in docs]
     holdings: dict[str, list[tuple[int, int]]] = {}  # worker -> (doc, num blocks held)
     for w in range(num_workers):
         held = rng.sample(range(NUM_DOCS), NUM_DOCS // 4)
         holdings[f"worker-{w}"] = [(d, rng.randrange(1, len(doc_hashes[d]) + 1)) for d in held]
     redis = EmbeddedRedis()
     redis.start()
+    secret = SharedSecret.generate()
     service = CacheServiceThread(CacheServiceConfig(redis_url=redis.url, port=0))
+    members_only = CacheServiceThread(CacheServiceConfig(redis_url=redis.url, port=0,
+                                                         member=Member("cache-service", secret)))
     service.start()
+    members_only.start()
     try:
         index = ClusterIndex(connect(redis.url))
         mirror = IndexMirror()
@@ -94,47 +129,62 @@ async def run(num_requests: int, num_workers: int, prompt_tokens: int) -> dict[s
                                     num_waiting_blocks=rng.randrange(64))
         await index.close()
         link = CacheLink(service.address, encoder.model_id)
+        signed_link = CacheLink(members_only.address, encoder.model_id, Member("router", secret))
         metrics = RouterMetrics()
         policy = make_policy("cache_aware")
-        cores = {
-            "mirror": RoutingCore(encoder, registry, mirror, policy, metrics, index_source="mirror"),
-            "service": RoutingCore(encoder, registry, mirror, policy, metrics, service_lookup=link.lookup,
-                                   index_source="service"),
+        mirror_core = RoutingCore(encoder, registry, mirror, policy, metrics, index_source="mirror")
+        cores = {  # name -> (core, auth on)
+            "mirror": (mirror_core, False),
+            "mirror_auth": (mirror_core, True),
+            "service": (RoutingCore(encoder, registry, mirror, policy, metrics, service_lookup=link.lookup,
+                                    index_source="service"), False),
+            "service_auth": (RoutingCore(encoder, registry, mirror, policy, metrics,
+                                         service_lookup=signed_link.lookup, index_source="service"), True),
         }
         texts = [docs[rng.randrange(NUM_DOCS)][: rng.randrange(prompt_tokens // 2, prompt_tokens - 64)] +
                  "".join(rng.choice("xyz ") for _ in range(64)) for _ in range(num_requests)]
         results: dict[str, Any] = {}
         agree = 0
-        for name, core in cores.items():
-            stages: dict[str, list[float]] = {"tokenize": [], "hash": [], "lookup_score": [], "total": [],
+        for name, (core, with_auth) in cores.items():
+            stages: dict[str, list[float]] = {"auth": [], "tokenize": [], "hash": [], "lookup_score": [], "total": [],
                                               "total_cpu": []}
             for i, text in enumerate(texts + texts[:20]):  # the first 20 warm up
                 c0 = time.thread_time()
                 t0 = time.perf_counter()
+                request_salt = tenant_salt(auth.authenticate(bearer), "") if with_auth else salt
+                ta = time.perf_counter()
                 req = validate_generate(GenerateArgs(request_id=f"r{i}", text=text, max_tokens=16), encoder)
+                req.cache_salt = request_salt
                 t1 = time.perf_counter()
                 hashes = encoder.block_hashes(req.prompt_ids, req.cache_salt)
                 t2 = time.perf_counter()
                 decision = await core.decide(req.prompt_ids, hashes, request_id=req.request_id)
                 t3 = time.perf_counter()
                 c3 = time.thread_time()
+                # A refused Lookup falls back to the mirror silently: make sure the service answered.
+                assert decision.lookup_source == core.index_source, (name, decision.lookup_source)
                 if i >= 20:
-                    for key, dt in (("tokenize", t1 - t0), ("hash", t2 - t1), ("lookup_score", t3 - t2),
-                                    ("total", t3 - t0), ("total_cpu", c3 - c0)):
+                    for key, dt in (("auth", ta - t0), ("tokenize", t1 - ta), ("hash", t2 - t1),
+                                    ("lookup_score", t3 - t2), ("total", t3 - t0), ("total_cpu", c3 - c0)):
                         stages[key].append(dt)
-                if name == "service" and i < len(texts):
-                    other = await cores["mirror"].decide(req.prompt_ids, hashes, request_id=req.request_id)
+                if name == "service_auth" and i < len(texts):
+                    other = await mirror_core.decide(req.prompt_ids, hashes, request_id=req.request_id)
                     agree += other.matches == decision.matches
             results[name] = {k: summary(v) for k, v in stages.items()}
         await link.close()
+        await signed_link.close()
         return {
             "workers": num_workers, "prompt_tokens": prompt_tokens, "blocks_per_prompt": prompt_tokens // BS,
             "requests": num_requests, "index_entries": num_entries, "mirror_vs_service_matches_agree": agree,
             **results,
             "service_over_mirror_total_p50": results["service"]["total"]["p50_ms"] / results["mirror"]["total"]["p50_ms"],
+            "auth_added_p50_ms": {src: results[f"{src}_auth"]["total"]["p50_ms"] - results[src]["total"]["p50_ms"]
+                                  for src in ("mirror", "service")},
+            "member_token": bench_member_token(),
         }
     finally:
         service.stop()
+        members_only.stop()
         redis.stop()
 
 
@@ -201,13 +251,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"routing path, {out['workers']} workers, prompts up to {out['prompt_tokens']} tokens "
           f"({out['blocks_per_prompt']} blocks), {out['index_entries']} index entries, {out['requests']} requests")
-    print(f"{'source':<9}{'stage':<14}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}")
-    for source in ("mirror", "service"):
-        for stage in ("tokenize", "hash", "lookup_score", "total", "total_cpu"):
+    print(f"{'source':<14}{'stage':<14}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}")
+    for source in ("mirror", "mirror_auth", "service", "service_auth"):
+        for stage in ("auth", "tokenize", "hash", "lookup_score", "total", "total_cpu"):
             s = out[source][stage]
-            print(f"{source:<9}{stage:<14}{s['p50_ms']:>9.3f}{s['p99_ms']:>9.3f}{s['mean_ms']:>9.3f}")
+            print(f"{source:<14}{stage:<14}{s['p50_ms']:>9.3f}{s['p99_ms']:>9.3f}{s['mean_ms']:>9.3f}")
     print(f"service / mirror total p50: {out['service_over_mirror_total_p50']:.1f}x; "
           f"matches agree on {out['mirror_vs_service_matches_agree']}/{out['requests']} requests")
+    added, tok = out["auth_added_p50_ms"], out["member_token"]
+    print(f"auth on vs off, total p50: mirror {added['mirror']:+.3f} ms, service {added['service']:+.3f} ms; "
+          f"bearer check alone p50 {out['mirror_auth']['auth']['p50_ms'] * 1e3:.1f} us; member token sign p50 "
+          f"{tok['sign']['p50_ms'] * 1e3:.1f} us + verify p50 {tok['verify']['p50_ms'] * 1e3:.1f} us")
     bpe = out["bpe"]
     print(f"tokenize with a {bpe['vocab_size']}-token byte-level BPE (prompts of {bpe['mean_prompt_tokens']:.0f} "
           f"tokens on average): p50 {bpe['tokenize']['p50_ms']:.3f} ms, p99 {bpe['tokenize']['p99_ms']:.3f} ms "

@@ -15,10 +15,15 @@ All coroutines run on the owner's event loop::
       PrefixFetcher  lookup -> policy -> TransferClient.fetch_blocks -> engine_call(import_blocks, verify_block)
       PeerTrust      which imported runs to verify, which peers are quarantined (the fetcher's)
       ReplicaMirror  fed by lookups, fetches and exports; read by the pool when it evicts
+
+``CacheNodeConfig.member`` (the node's identity, its node id, and the cluster credential) goes to all
+three that talk to others: the client's calls carry it, the BlockTransfer server serves members only, and
+the transfer client takes blocks only from peers that prove they are the node the index named.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -37,8 +42,9 @@ from cache_service.transfer_server import (
     TransferFaults,
     TransferServer,
 )
-from cache_service.records import BlockEvent, PeerHint, WorkerLoad
+from cache_service.records import BlockEvent, HeldBlock, PeerHint, WorkerLoad
 from cache_service.types import NodeInfo, PrefixMatch
+from common.cluster_auth import Member
 from common.logs import get_logger
 
 log = get_logger("cache_service")
@@ -56,6 +62,8 @@ class CacheNodeConfig:
     # per worker, on the same host; off, every transfer streams through gRPC.
     raw_stream: bool = True
     mirror_ttl_s: float = 60.0
+    # The node's cluster identity (its node id) and credential; None: an open node (tests, one process).
+    member: Member | None = None
 
 
 class CacheNode:
@@ -79,14 +87,17 @@ class CacheNode:
         self.model_id = model_id
         self.block_size = block_size
         self.config = cfg = config or CacheNodeConfig()
+        if cfg.member is not None and cfg.member.identity != node_id:
+            raise ValueError(f"node {node_id!r} holds the credential of {cfg.member.identity!r}")
         self.cache_address = cache_address
         self.mirror = ReplicaMirror(ttl_s=cfg.mirror_ttl_s)
         self.policy = TransferPolicy()
         self.transfer_client = TransferClient(requester=node_id, max_chunk_bytes=cfg.max_chunk_bytes,
-                                              raw_stream=cfg.raw_stream)
+                                              raw_stream=cfg.raw_stream, member=cfg.member)
         self.servicer = BlockTransferServicer(self._export, model_id, on_export=self._on_export, faults=faults)
         self.transfer_server = TransferServer(self.servicer, cfg.transfer_host, cfg.transfer_port,
-                                              advertise_host=cfg.advertise_host, raw_stream=cfg.raw_stream)
+                                              advertise_host=cfg.advertise_host, raw_stream=cfg.raw_stream,
+                                              member=cfg.member)
         self.info = NodeInfo(node_id=node_id, model_id=model_id, block_size=block_size,
                              capacity_blocks=num_blocks, block_nbytes=block_nbytes, ray_node_id=ray_node_id)
         self.client: CacheClient | None = None
@@ -122,9 +133,13 @@ class CacheNode:
         if self.cache_address:
             self.client = CacheClient(
                 self.cache_address, self.info, snapshot=self._snapshot, load=self._load,
-                on_pins=self._on_pins, config=self.config.client,
+                on_pins=self._on_pins, config=self._client_config(),
             )
             await self.client.start()
+
+    def _client_config(self) -> CacheClientConfig:
+        client = self.config.client
+        return dataclasses.replace(client, member=self.config.member) if client.member is None else client
 
     async def stop(self) -> None:
         if self.client is not None:
@@ -172,8 +187,8 @@ class CacheNode:
         if self.client is not None and result.attempted:
             self.client.record_transfer(result.ok, result.num_blocks, result.num_bytes)
 
-    async def _snapshot(self) -> list[BlockHash]:
-        return await self.engine_call(lambda e: e.cached_hashes())
+    async def _snapshot(self) -> list[HeldBlock]:
+        return await self.engine_call(lambda e: e.cached_blocks())  # (hash, fastest tier) per block held
 
     async def _load(self) -> WorkerLoad:
         return await self.engine_call(lambda e: e.load())

@@ -10,6 +10,10 @@ Recovery: a heartbeat answered ``known=false`` (expired, or Redis lost its
 data) or a publication refused with NOT_FOUND / FAILED_PRECONDITION makes
 the client register again (a new epoch) and publish a full snapshot of the
 engine's cached set before any further events.
+
+Under a cluster credential (``CacheClientConfig.member``, the node's own identity) every call carries the
+node's token (shared secret) or rides a mutual-TLS channel that checks the service's certificate names
+``cache-service``; the service accepts the node's calls only under its own node id.
 """
 
 from __future__ import annotations
@@ -30,12 +34,15 @@ from cache_service.types import NodeInfo, PinAssignment, PrefixMatch, TierCounts
 from cache_service.validation import MAX_EVENTS_PER_PUBLISH, MAX_MESSAGE_BYTES
 from protos.prefixcache.v1 import cache_pb2 as pb
 from protos.prefixcache.v1 import cache_pb2_grpc
-from cache_service.records import AllBlocksCleared, BlockEvent, BlockRemoved, BlockStored, WorkerLoad
+from cache_service.records import AllBlocksCleared, BlockEvent, BlockRemoved, BlockStored, HeldBlock, WorkerLoad
+from common.cluster_auth import CACHE_SERVICE_IDENTITY, Member
 from common.logs import get_logger, request_id_metadata
 
 log = get_logger("cache_service")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CacheService"].full_name
 
-SnapshotFn = Callable[[], "list[BlockHash] | Awaitable[list[BlockHash]]"]
+# The node's held set: one HeldBlock (hash, fastest tier) per block (records.WorkerPoll.snapshot's format).
+SnapshotFn = Callable[[], "list[HeldBlock] | Awaitable[list[HeldBlock]]"]
 LoadFn = Callable[[], "WorkerLoad | Awaitable[WorkerLoad]"]
 PinsFn = Callable[[list[PinAssignment]], "None | Awaitable[None]"]
 
@@ -53,6 +60,8 @@ class CacheClientConfig:
     lookup_timeout_s: float = 0.5
     backoff_initial_s: float = 0.1
     backoff_max_s: float = 2.0
+    # The node's cluster identity (its node id) and credential; None: a service that runs open (tests).
+    member: Member | None = None
 
 
 @dataclass(slots=True)
@@ -119,6 +128,16 @@ class CacheClient:
         self.epoch: int | None = None  # None: not registered (yet, or any more)
         self._registered = asyncio.Event()
         self._snapshot_in_flight = False
+        member = self.config.member
+        if member is not None and member.identity != info.node_id:
+            raise ValueError(f"node {info.node_id!r} holds the credential of {member.identity!r}: a node "
+                             f"registers only under its own identity")
+
+    def _metadata(self, method: str) -> tuple[tuple[str, str], ...]:
+        """A call's metadata: the request id, and the node's token for ``method`` under a shared secret."""
+        member = self.config.member
+        auth = member.call_metadata(f"/{SERVICE_NAME}/{method}") if member is not None else ()
+        return (*request_id_metadata(), *auth)
 
     # ---- engine thread ---------------------------------------------------------
     def offer_events(self, events: Sequence[BlockEvent]) -> None:
@@ -134,7 +153,7 @@ class CacheClient:
 
     # ---- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
-        self._channel = grpc.aio.insecure_channel(self.address, options=[
+        options = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             # gRPC's default reconnect backoff grows to minutes: a service that comes
@@ -142,7 +161,10 @@ class CacheClient:
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
-        ])
+        ]
+        member = self.config.member
+        self._channel = (member.channel(self.address, CACHE_SERVICE_IDENTITY, options) if member is not None
+                         else grpc.aio.insecure_channel(self.address, options=options))
         self._stub = cache_pb2_grpc.CacheServiceStub(self._channel)
         self._tasks = [
             asyncio.create_task(self._heartbeat_loop(), name=f"cache-heartbeat-{self.info.node_id}"),
@@ -191,7 +213,7 @@ class CacheClient:
         assert self._stub is not None
         resp = await self._stub.RegisterNode(
             pb.RegisterNodeRequest(node=node_info_to_proto(self.info), ttl_seconds=self.config.ttl_s),
-            timeout=self.config.rpc_timeout_s,
+            timeout=self.config.rpc_timeout_s, metadata=self._metadata("RegisterNode"),
         )
         self.epoch = resp.epoch
         self.queue.request_resync()  # the service dropped what it held for us: republish everything
@@ -228,7 +250,7 @@ class CacheClient:
                                  num_free_blocks=load.num_free_blocks, num_cached_blocks=load.num_cached_blocks),
                 transfers=pb.TransferCounters(num_transfers=sent.num_transfers, num_failed=sent.num_failed,
                                               num_blocks=sent.num_blocks, num_bytes=sent.num_bytes),
-            ), timeout=self.config.rpc_timeout_s)
+            ), timeout=self.config.rpc_timeout_s, metadata=self._metadata("Heartbeat"))
         except BaseException:
             t = self._transfers  # not delivered: count them with the next heartbeat
             t.num_transfers += sent.num_transfers
@@ -282,8 +304,8 @@ class CacheClient:
             cut = self.queue.cut()
             self._snapshot_in_flight = True
             try:
-                hashes = list(await _maybe_await(self._snapshot()))
-                await self._publish_snapshot(epoch, hashes)
+                held = list(await _maybe_await(self._snapshot()))
+                await self._publish_snapshot(epoch, held)
             except BaseException:
                 self.queue.request_resync()
                 raise
@@ -297,21 +319,22 @@ class CacheClient:
             return False
         await self._stub.PublishEvents(pb.PublishEventsRequest(
             node_id=self.info.node_id, epoch=epoch, events=[event_to_proto(e) for _, e in batch],
-        ), timeout=self.config.publish_timeout_s)
+        ), timeout=self.config.publish_timeout_s, metadata=self._metadata("PublishEvents"))
         self.queue.ack(batch[-1][0])
         self.stats.num_published_events += len(batch)
         return True
 
-    async def _publish_snapshot(self, epoch: int, hashes: list[BlockHash]) -> None:
+    async def _publish_snapshot(self, epoch: int, held: list[HeldBlock]) -> None:
         assert self._stub is not None
         step = min(self.config.snapshot_part_events, MAX_EVENTS_PER_PUBLISH)
-        for start in range(0, max(1, len(hashes)), step):
-            part = hashes[start : start + step]
+        for start in range(0, max(1, len(held)), step):
+            part = held[start : start + step]
             await self._stub.PublishEvents(pb.PublishEventsRequest(
                 node_id=self.info.node_id, epoch=epoch, full_snapshot=start == 0,
-                events=[pb.BlockEvent(stored=pb.BlockStoredEvent(block_hash=bytes(h))) for h in part],
-            ), timeout=self.config.publish_timeout_s)
-        self.stats.num_published_events += len(hashes)
+                events=[pb.BlockEvent(stored=pb.BlockStoredEvent(block_hash=bytes(h), tier=int(tier)))
+                        for h, tier in part],
+            ), timeout=self.config.publish_timeout_s, metadata=self._metadata("PublishEvents"))
+        self.stats.num_published_events += len(held)
 
     # ---- lookups --------------------------------------------------------------------
     async def lookup(self, block_hashes: Sequence[BlockHash], model_id: str | None = None) -> list[PrefixMatch]:
@@ -323,7 +346,7 @@ class CacheClient:
             resp = await self._stub.Lookup(pb.LookupRequest(
                 block_hashes=[bytes(h) for h in block_hashes],
                 model_id=self.info.model_id if model_id is None else model_id,
-            ), timeout=self.config.lookup_timeout_s, metadata=request_id_metadata())
+            ), timeout=self.config.lookup_timeout_s, metadata=self._metadata("Lookup"))
         except grpc.aio.AioRpcError as exc:
             self.stats.num_lookup_failures += 1
             self._note_error("lookup", exc)

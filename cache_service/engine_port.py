@@ -20,7 +20,7 @@ from typing import Awaitable, Callable, Protocol, Sequence, TypeVar
 from cache_service.block_hash import BlockHash
 from cache_service.block_wire import ExportedBlock
 from cache_service.peer_trust import VerifyResult
-from cache_service.records import BlockEvent, WorkerLoad
+from cache_service.records import BlockEvent, HeldBlock, WorkerLoad
 
 T = TypeVar("T")
 PinId = str
@@ -52,11 +52,17 @@ class EnginePort(Protocol):
 
     # ---- the prefix cache ------------------------------------------------------------------------------
     def num_cached_prefix_blocks(self, block_hashes: Sequence[BlockHash]) -> int:
-        """Leading blocks of ``block_hashes`` held (cached or in use)."""
+        """Leading blocks of ``block_hashes`` held (cached or in use), in any tier: a block in host memory or on
+        disk is loaded back at admission, cheaper than a transfer."""
         ...
 
     def cached_hashes(self) -> list[BlockHash]:
-        """Every block hash held now (a snapshot for an index)."""
+        """Every block hash held now, in any tier (a snapshot for an index that tracks holders only)."""
+        ...
+
+    def cached_blocks(self) -> list[HeldBlock]:
+        """Every block held now with the fastest tier holding it (a snapshot for an index that tracks tiers);
+        the same blocks as ``cached_hashes``."""
         ...
 
     def set_eviction_advisor(self, advisor: EvictionAdvisor | None) -> None: ...
@@ -76,7 +82,10 @@ class EnginePort(Protocol):
         ...
 
     # ---- block transfer -----------------------------------------------------------------------------------
-    def export_blocks(self, block_hashes: Sequence[BlockHash]) -> list[ExportedBlock]: ...
+    def export_blocks(self, block_hashes: Sequence[BlockHash]) -> list[ExportedBlock]:
+        """The leading blocks of ``block_hashes`` held, as payloads, read from the device pool, then host memory,
+        then disk (stops at the first block no tier holds)."""
+        ...
 
     def import_blocks(self, blocks: Sequence[ExportedBlock], parent_hash: BlockHash | None = None, *,
                       cache_salt: str | None = None) -> int: ...

@@ -29,6 +29,11 @@ A mismatch cannot say which block of the chain 0..k is wrong: the local
 prefix may be at fault (it came from an earlier, unverified import). When it
 is not empty, its last block is verified too on that path: if it fails as
 well, the whole chain is dropped and the peer is not blamed.
+
+With a cluster credential the transfer client first makes the peer prove it is the node the index (or the
+router's hint) named, before a single block counts: checksums prove a block arrived as it was sent, not
+that a member sent it (a stranger computes hashes, tokens and checksum of garbage as easily); a peer that
+cannot prove it is a failed fetch, and the engine recomputes.
 """
 
 from __future__ import annotations
@@ -199,7 +204,7 @@ class PrefixFetcher:
         t0 = time.perf_counter()
         try:
             blocks, num_bytes = await self.transfer.fetch_blocks(
-                peer.transfer_address, wanted, model_id=self.model_id, timeout_s=timeout
+                peer.transfer_address, wanted, peer=peer.node_id, model_id=self.model_id, timeout_s=timeout
             )
         except TransferError as exc:
             result.outcome, result.error = FetchOutcome.FAILED, str(exc)

@@ -15,27 +15,38 @@ verified when the blocks are imported. A connection carries one fetch at a time;
 cancel closes it, because its position in the stream is then unknown. A pooled connection the peer
 closed while idle is replaced by a fresh one; a peer that cannot be reached at all is a
 ``RawConnectError``, which lets the caller fall back to gRPC.
+
+With a cluster credential (``member``) the requester also makes sure the peer is the member the index named
+(``peer``) before it reads a block: under a shared secret a fresh connection sends an A frame (its token
+and a nonce) with the first request, and the answer must open with the peer's A frame proving its key;
+under mutual TLS the TLS handshake checks the peer's certificate names ``peer``. A peer that cannot prove
+it is refused: ``RawStreamError``, and the request recomputes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from typing import Callable
 
 from cache_service.chunk_codec import ChunkView
+from cache_service.raw_conn import PlainConn, TlsConn
 from cache_service.raw_frames import (
     HEADER,
+    KIND_AUTH,
     KIND_END,
     KIND_ERROR,
     KIND_REQUEST,
+    RAW_STREAM_METHOD,
     FrameError,
     answer_header,
     error_message,
     frame,
     read_block_meta,
 )
-from cache_service.raw_socket import recv_exactly, tune_socket
+from cache_service.raw_socket import tune_socket
+from common.cluster_auth import Member, new_nonce
 from protos.prefixcache.v1 import cache_pb2 as pb
 
 MAX_IDLE_PER_PEER = 4
@@ -59,10 +70,34 @@ def _split_address(address: str) -> tuple[str, int]:
 class RawStreamPool:
     """Connections to peers' raw block streams (idle ones are kept for the next fetch), on one loop."""
 
-    def __init__(self) -> None:
-        self._idle: dict[str, list[socket.socket]] = {}
+    def __init__(self, member: Member | None = None) -> None:
+        self.member = member  # None: peers are not asked who they are (tests, one process)
+        # (address, the peer's identity) -> authenticated idle connections.
+        self._idle: dict[tuple[str, str], list[PlainConn]] = {}
 
-    async def _connect(self, loop: asyncio.AbstractEventLoop, address: str) -> socket.socket:
+    async def _connect(self, loop: asyncio.AbstractEventLoop, address: str, peer: str) -> PlainConn:
+        sock = await self._connect_socket(loop, address)
+        context = self.member.client_ssl_context() if self.member is not None else None
+        if context is None:
+            return PlainConn(loop, sock)
+        if not peer:
+            sock.close()
+            raise RawStreamError(f"no identity to check {address}'s certificate against")
+        conn = TlsConn(loop, sock, context, server_side=False, server_hostname=peer)
+        try:
+            await conn.handshake()
+        except ssl.SSLCertVerificationError as exc:  # another CA, or a certificate that does not name `peer`
+            sock.close()
+            raise RawStreamError(f"{address} did not prove it is {peer!r}: {exc.verify_message}") from None
+        except (OSError, EOFError) as exc:  # ssl.SSLError included: refused by the peer, or the network
+            sock.close()
+            raise RawConnectError(f"TLS handshake with {address} failed: {exc}") from None
+        except BaseException:  # the deadline, a cancel
+            sock.close()
+            raise
+        return conn
+
+    async def _connect_socket(self, loop: asyncio.AbstractEventLoop, address: str) -> socket.socket:
         host, port = _split_address(address)
         try:
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -81,66 +116,93 @@ class RawStreamPool:
             raise
         return sock
 
-    async def fetch(self, address: str, request: pb.FetchBlocksRequest, add: Callable[[ChunkView], None]) -> int:
+    async def fetch(self, address: str, request: pb.FetchBlocksRequest, add: Callable[[ChunkView], None],
+                    peer: str = "") -> int:
         """Send ``request`` and pass each block to ``add(ChunkView)``; the number of payload bytes.
 
+        ``peer``: the identity the index named for ``address``, checked when the pool has a credential.
         Raises ``RawConnectError`` when nothing was received (the caller may try gRPC instead) and
         ``RawStreamError`` for everything else. Wrap in a deadline: a cancel closes the connection.
         """
         loop = asyncio.get_running_loop()
         message = frame(KIND_REQUEST, request.SerializeToString())
-        idle = self._idle.get(address) or []
+        key = (address, peer)
+        idle = self._idle.get(key) or []
         while True:
             reused = bool(idle)
-            sock = idle.pop() if reused else await self._connect(loop, address)
+            conn = idle.pop() if reused else await self._connect(loop, address, peer)
+            nonce = ""
+            first = message
+            if not reused and self.member is not None and not conn.tls:  # a shared secret: A first
+                nonce = new_nonce()
+                first = frame(KIND_AUTH, self.member.token(RAW_STREAM_METHOD, nonce).to_bytes()) + message
             try:
-                await loop.sock_sendall(sock, message)
-                head = await recv_exactly(loop, sock, HEADER.size)
+                await conn.sendall(first)
+                head = await conn.recv_exactly(HEADER.size)
             except (OSError, EOFError) as exc:
-                sock.close()
+                conn.close()
                 if reused:
                     continue  # the peer closed an idle connection (e.g. it restarted): try a fresh one
                 raise RawConnectError(f"{address} closed the connection before answering: {exc}") from exc
             except BaseException:
-                sock.close()
+                conn.close()
                 raise
             break
         ok = False
         try:
-            num_bytes = await self._read_answer(loop, sock, address, head, add)
+            if nonce:
+                head = await self._check_proof(conn, address, peer, nonce, head)
+            num_bytes = await self._read_answer(conn, address, head, add)
             ok = True
             return num_bytes
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError) as exc:  # ssl.SSLError included
             raise RawStreamError(f"raw stream from {address} broke: {exc}") from exc
         except FrameError as exc:
             raise RawStreamError(f"{address} {exc}") from None
         finally:
-            if ok and len(self._idle.setdefault(address, [])) < MAX_IDLE_PER_PEER:
-                self._idle[address].append(sock)
+            if ok and len(self._idle.setdefault(key, [])) < MAX_IDLE_PER_PEER:
+                self._idle[key].append(conn)
             else:
-                sock.close()
+                conn.close()
 
-    async def _read_answer(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, address: str,
-                           head: memoryview, add: Callable[[ChunkView], None]) -> int:
+    async def _check_proof(self, conn: PlainConn, address: str, peer: str, nonce: str, head: memoryview) -> memoryview:
+        """The answer's first frame must be the peer's A proving ``peer``'s key; the header after it."""
+        assert self.member is not None
+        kind, meta_len, _ = answer_header(head)
+        if kind == KIND_ERROR:
+            raise RawStreamError(f"{address} answered {error_message(await conn.recv_exactly(meta_len))}")
+        if kind != KIND_AUTH:
+            raise RawStreamError(f"{address} did not prove it is {peer!r} (its answer opens without an A frame)")
+        buf = await conn.recv_exactly(meta_len + HEADER.size)
+        proof = bytes(buf[:meta_len]).decode("ascii", "replace")
+        if not self.member.proves(peer, nonce, proof):
+            raise RawStreamError(f"{address} did not prove it is {peer!r} (its proof does not verify)")
+        return buf[meta_len:]
+
+    async def _read_answer(self, conn: PlainConn, address: str, head: memoryview,
+                           add: Callable[[ChunkView], None]) -> int:
         num_bytes = 0
         while True:
             kind, meta_len, data_len = answer_header(head)
             if kind == KIND_END:
                 return num_bytes
             if kind == KIND_ERROR:
-                message = error_message(await recv_exactly(loop, sock, meta_len))
+                message = error_message(await conn.recv_exactly(meta_len))
                 raise RawStreamError(f"{address} answered {message}")
+            if kind == KIND_AUTH:
+                raise FrameError("sent an A frame in the middle of an answer")
             # A block: its meta and payload, and the header of the frame after it (there always is one).
-            buf = await recv_exactly(loop, sock, meta_len + data_len + HEADER.size)
+            buf = await conn.recv_exactly(meta_len + data_len + HEADER.size)
             index, block_hash, token_ids = read_block_meta(buf, meta_len)
             add(ChunkView(index, block_hash, 0, 1, buf[meta_len : meta_len + data_len], token_ids))
             num_bytes += data_len
             head = buf[meta_len + data_len :]
 
     def forget(self, address: str) -> None:
-        for sock in self._idle.pop(address, []):
-            sock.close()
+        for key in [k for k in self._idle if k[0] == address]:
+            for conn in self._idle.pop(key):
+                conn.close()
 
     def close(self) -> None:
-        for address in list(self._idle):
+        for address in {k[0] for k in self._idle}:
             self.forget(address)

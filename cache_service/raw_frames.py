@@ -17,6 +17,15 @@ and from then on sends the same ``FetchBlocksRequest`` over a persistent TCP con
 
     every frame starts with a 16-byte header (little endian):  kind u8 | 3 pad | meta_len u32 | data_len u64
 
+Between members holding a shared secret (``common/cluster_auth.py``), a connection opens with one A frame
+each way, sent together with the first R (no extra round trip):
+
+    requester -> worker   A  meta = the requester's token for RAW_STREAM_METHOD (identity, time, MAC, nonce)
+    worker -> requester   A  meta = the worker's proof: HMAC(its member key, nonce), hex
+                          (or X "UNAUTHENTICATED: ..." and close, before anything else)
+
+Under mutual TLS the connection is TLS (``raw_conn``) and the handshake does this instead: no A frames.
+
 This module is the format alone, both directions, no sockets: ``raw_socket`` moves the bytes,
 ``raw_listener`` is the worker's side, ``raw_client`` the requester's.
 """
@@ -28,10 +37,13 @@ from typing import Sequence
 
 HEADER = struct.Struct("<B3xIQ")
 BLOCK_META = struct.Struct("<I16sI")  # block index, block hash, number of token ids (then the ids, u32 each)
-KIND_REQUEST, KIND_BLOCK, KIND_END, KIND_ERROR = b"RBEX"
+KIND_REQUEST, KIND_BLOCK, KIND_END, KIND_ERROR, KIND_AUTH = b"RBEXA"
+# What the A frame's token is made for: not a gRPC method, so that no gRPC token opens a raw stream.
+RAW_STREAM_METHOD = "raw-stream:/prefixcache.v1.BlockTransfer/FetchBlocks"
+MAX_AUTH_BYTES = 1024  # an A frame's meta: a token or a proof is ~250 bytes
 MAX_META_BYTES = 1 << 20  # a request of 8,192 hashes is ~150 KiB; a block's meta is its token ids
 MAX_BLOCK_BYTES = 256 << 20  # one block's payload (a 16-token block of a 70B model in fp16 is ~5 MiB)
-_ANSWER_KINDS = (KIND_BLOCK, KIND_END, KIND_ERROR)
+_ANSWER_KINDS = (KIND_BLOCK, KIND_END, KIND_ERROR, KIND_AUTH)
 
 
 class FrameError(ValueError):
@@ -53,11 +65,13 @@ def block_meta(index: int, block_hash: bytes, token_ids: Sequence[int]) -> bytes
 
 
 # ---- decoding -------------------------------------------------------------------------------------
-def request_header(head: bytes | memoryview) -> int:
-    """The meta length of a requester's frame header; ``FrameError`` unless it is a well-formed R."""
+def request_header(head: bytes | memoryview, kind_expected: int = KIND_REQUEST) -> int:
+    """The meta length of a requester's frame header; ``FrameError`` unless it is a well-formed R (or A)."""
     kind, meta_len, data_len = HEADER.unpack(head)
-    if kind != KIND_REQUEST or data_len or meta_len > MAX_META_BYTES:
-        raise FrameError(f"malformed request frame (kind {kind}, meta {meta_len} B, data {data_len} B)")
+    limit = MAX_AUTH_BYTES if kind_expected == KIND_AUTH else MAX_META_BYTES
+    if kind != kind_expected or data_len or meta_len > limit:
+        raise FrameError(f"malformed {'auth' if kind_expected == KIND_AUTH else 'request'} frame (kind {kind}, "
+                         f"meta {meta_len} B, data {data_len} B)")
     return meta_len
 
 
@@ -71,6 +85,8 @@ def answer_header(head: bytes | memoryview) -> tuple[int, int, int]:
         raise FrameError(f"sent an unknown frame kind {kind}")
     if kind == KIND_BLOCK and meta_len < BLOCK_META.size:
         raise FrameError(f"sent a block header of {meta_len} bytes")
+    if kind == KIND_AUTH and (meta_len > MAX_AUTH_BYTES or data_len):
+        raise FrameError(f"sent an auth frame of {meta_len} + {data_len} bytes")
     return kind, meta_len, data_len
 
 

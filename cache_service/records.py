@@ -23,8 +23,9 @@ from cache_service.block_hash import BlockHash
 
 __all__ = [
     "AllBlocksCleared", "BlockEvent", "BlockRemoved", "BlockStored", "Delta", "EngineFailure", "FailureKind",
-    "GenerateCall", "InvalidRequestError", "MAX_STOP_CHARS", "MAX_STOP_STRINGS", "MAX_TEMPERATURE", "MAX_TOP_K",
-    "MIN_TEMPERATURE", "MIN_TOP_P", "PeerHint", "SamplingParams", "Tier", "Usage", "WorkerCounters", "WorkerInfo",
+    "GenerateCall", "HeldBlock", "InvalidRequestError", "MAX_STOP_CHARS", "MAX_STOP_STRINGS", "MAX_TEMPERATURE",
+    "MAX_TOP_K", "MIN_TEMPERATURE", "MIN_TOP_P", "PeerHint", "SamplingParams", "Tier", "UnsupportedFeatureError",
+    "Usage", "WorkerCounters", "WorkerInfo",
     "WorkerLoad", "WorkerPoll", "TRANSFER_BUCKETS",
 ]
 
@@ -36,6 +37,15 @@ class Tier(enum.IntEnum):
     DEVICE = 0  # the engine's KV pool: a hit costs nothing
     HOST = 1  # host memory under the pool: a hit costs a copy back
     DISK = 2  # local files under the host tier: a hit costs a read and a copy back
+
+
+# The event contract across tiers (one stream per worker; workers/lower_tiers.py and the block pool emit it):
+#   a block computed, imported or loaded back into the device pool      BlockStored(h, tier=DEVICE)
+#   evicted from the device pool into host memory                          BlockStored(h, tier=HOST)
+#   moved on from host memory to disk (or from the pool to disk directly)   BlockStored(h, tier=DISK)
+#   found on disk when a worker starts (its disk cache survived)            BlockStored(h, tier=DISK)
+#   dropped from the last tier that held it                                 BlockRemoved(h)
+# A copy kept in a slower tier while a faster one holds the block says nothing: the events track the fastest.
 
 
 class BlockStored(NamedTuple):
@@ -63,9 +73,22 @@ class AllBlocksCleared(NamedTuple):
 BlockEvent = BlockStored | BlockRemoved | AllBlocksCleared
 
 
+class HeldBlock(NamedTuple):
+    """One entry of a worker's snapshot: a block it holds and the fastest tier that holds it (what the
+    ``BlockStored`` events for it have said last). A plain ``(hash, tier)`` pair, so ``for h, tier in ...``."""
+
+    block_hash: BlockHash
+    tier: Tier = Tier.DEVICE
+
+
 # ---- errors ---------------------------------------------------------------------------------------------
 class InvalidRequestError(ValueError):
     """A request that can never be served as given; the message names the offending field."""
+
+
+class UnsupportedFeatureError(Exception):
+    """The worker's engine cannot do this at all (e.g. pins on a vLLM worker); the message says what and why.
+    Relayed across Ray as it is, like ``InvalidRequestError``: it is neither the request's fault nor a failure."""
 
 
 class FailureKind(str, enum.Enum):
@@ -235,6 +258,8 @@ class Usage:
     cached_tokens: int = 0
     transferred_tokens: int = 0  # of cached_tokens, those pulled from a peer for this request
     predicted_cached_tokens: int = 0  # what the router predicted (set by the router)
+    host_cached_tokens: int = 0  # of cached_tokens, those loaded back from the worker's host tier
+    disk_cached_tokens: int = 0  # of cached_tokens, those loaded back from the worker's disk tier
 
 
 @dataclass(slots=True)
@@ -275,10 +300,18 @@ class WorkerLoad:
     num_cached_blocks: int = 0
     num_pinned_blocks: int = 0
     prefix_query_tokens: int = 0
-    prefix_hit_tokens: int = 0
+    prefix_hit_tokens: int = 0  # every tier: what requests reported as cached_tokens
     num_preemptions: int = 0
     prefill_tokens_per_s: float = 0.0
     decode_tokens_per_s: float = 0.0
+    # The tiers under the device pool (--host-cache-gb, --disk-cache): blocks in host memory (never also on
+    # the device) and on disk (files: a block loaded back keeps its file), and of prefix_hit_tokens those
+    # loaded back from each (cumulative, like prefix_hit_tokens; the device's own share is
+    # prefix_hit_tokens - prefix_host_hit_tokens - prefix_disk_hit_tokens: router/metrics.py load_tier_tokens).
+    num_host_blocks: int = 0
+    num_disk_blocks: int = 0
+    prefix_host_hit_tokens: int = 0
+    prefix_disk_hit_tokens: int = 0
 
 
 TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -353,7 +386,10 @@ class WorkerPoll:
     feed_epoch: str
     feed_seq: int
     events: list[BlockEvent]  # since the asked seq (empty when snapshot is given)
-    snapshot: list[BlockHash] | None  # the whole cached set, when the feed could not continue
+    # The whole held set, when the feed could not continue: one ``HeldBlock(hash, tier)`` per block the
+    # worker holds in any tier, each at its fastest tier (DEVICE for every block of a worker without host or
+    # disk tiers). A consumer that only tracks holders takes ``[h for h, _ in snapshot]``.
+    snapshot: list[HeldBlock] | None
     # The engine loop's latest load; num_waiting_blocks also counts requests still being admitted.
     load: WorkerLoad = field(default_factory=WorkerLoad)
     counters: WorkerCounters = field(default_factory=WorkerCounters)

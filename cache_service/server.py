@@ -7,6 +7,12 @@ shuts down gracefully and joins.
 
 The service keeps no state Redis does not have: several replicas can share
 one Redis (their sweepers are idempotent scripts).
+
+With a ``member`` (``CacheServiceConfig.member``: the ``cache-service`` identity and the cluster
+credential) only cluster members get past the first interceptor (UNAUTHENTICATED; under mutual TLS not
+even past the handshake), and each RPC checks what the caller's identity may do (``access.py``). Without
+one the service is open, as a library default for tests; ``prefixcache serve`` and ``prefixcache
+cache-service`` always give one.
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ from cache_service.index import DEFAULT_PREFIX, ClusterIndex, IndexUnavailable
 from cache_service.loop_thread import LoopThread
 from cache_service.servicer import CacheServicer
 from cache_service.validation import MAX_MESSAGE_BYTES
+from common.cluster_auth import Member
 from common.grpc_edge import EdgeInterceptor
 from common.logs import RequestIdInterceptor, get_logger
+from common.member_interceptor import MemberInterceptor
 from protos.prefixcache.v1 import cache_pb2, cache_pb2_grpc
 
 log = get_logger("cache_service")
@@ -53,6 +61,8 @@ class CacheServiceConfig:
     pin_quota_blocks: int | None = None
     # Tenants that may unpin any tenant's pin, besides the literal "operator" (types.OPERATOR_TENANT).
     operator_tenants: frozenset[str] = frozenset()
+    # This service's cluster identity (common/cluster_auth.py); None: open to anyone (tests, one process).
+    member: Member | None = None
 
 
 class CacheServiceServer:
@@ -79,7 +89,8 @@ class CacheServiceServer:
                 ("grpc.max_metadata_size", MAX_METADATA_BYTES),
             ],
             maximum_concurrent_rpcs=self.config.max_concurrent_rpcs,
-            interceptors=[RequestIdInterceptor(), EdgeInterceptor(log)],  # request ids; status codes at the edge
+            # Request ids; members only (before anything is parsed); status codes at the edge.
+            interceptors=[RequestIdInterceptor(), *self._member_interceptors(), EdgeInterceptor(log)],
         )
         servicer = CacheServicer(self.index, pin_quota_blocks=self.config.pin_quota_blocks,
                                  operator_tenants=self.config.operator_tenants)
@@ -89,15 +100,21 @@ class CacheServiceServer:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server,
         )
-        port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        member = self.config.member
+        port = member.add_port(server, address) if member is not None else server.add_insecure_port(address)
         if port == 0:
             raise OSError(f"cannot bind the cache service to {self.config.host}:{self.config.port}")
         await server.start()
         self._server, self.port = server, port
         await self._set_health(await self.index.ping())
         self._tasks.append(asyncio.create_task(self._sweep_loop(), name="cache-sweeper"))
-        log.info("cache service listening", extra={"address": self.address, "redis_url": self.config.redis_url})
+        log.info("cache service listening", extra={"address": self.address, "redis_url": self.config.redis_url,
+                                                   "members_only": repr(member) if member else "no (open)"})
         return port
+
+    def _member_interceptors(self) -> list[MemberInterceptor]:
+        return [MemberInterceptor(self.config.member)] if self.config.member is not None else []
 
     async def _set_health(self, ok: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING

@@ -5,7 +5,9 @@ Status codes:
     NOT_FOUND            PublishEvents from a node that is not registered / expired
     FAILED_PRECONDITION  PublishEvents with a stale epoch (an earlier incarnation)
     UNAVAILABLE          Redis is down (fails fast: short socket timeouts)
-    PERMISSION_DENIED    Unpin (or Pin again) of another tenant's pin
+    PERMISSION_DENIED    Unpin (or Pin again) of another tenant's pin; a member calling what its identity may
+                         not (cache_service/access.py: a node for another node, a worker pinning, ...)
+    UNAUTHENTICATED      no cluster credential, or one that does not verify (common/member_interceptor.py)
     RESOURCE_EXHAUSTED   a Pin over its tenant's quota of pinned blocks
     INTERNAL             anything else (logged with its traceback; the caller gets a generic message)
 Heartbeat from an unknown node is not an error: it answers ``known=false``,
@@ -18,6 +20,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 import grpc
 
+from cache_service import access
 from cache_service import validation as v
 from cache_service.block_hash import BlockHash
 from cache_service.index import (
@@ -32,8 +35,10 @@ from cache_service.index import (
 from cache_service.records import AllBlocksCleared, BlockEvent, BlockRemoved, BlockStored, Tier, WorkerLoad
 from cache_service.types import (DEFAULT_TENANT, OPERATOR_TENANT, NodeInfo, PinSpec, PrefixMatch, TierCounts,
                                  TransferCounts)
+from common.cluster_auth import Caller, PermissionDenied
 from common.grpc_edge import abort_internal
 from common.logs import get_logger
+from common.member_interceptor import current_caller
 from protos.prefixcache.v1 import cache_pb2 as pb
 from protos.prefixcache.v1 import cache_pb2_grpc
 
@@ -104,10 +109,16 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
         self.pin_quota_blocks = pin_quota_blocks
         self.operator_tenants = frozenset(operator_tenants) | {OPERATOR_TENANT}
 
+    def _operator(self, tenant: str, caller: Caller | None) -> bool:
+        """May act on any tenant's pin: an operator tenant named by the router, or the operator identity itself."""
+        return tenant in self.operator_tenants or access.is_operator(caller)
+
     async def _call(self, context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]]) -> T:
         """Run ``fn`` mapping the core's errors to status codes (abort raises)."""
         try:
             return await fn()
+        except PermissionDenied as exc:  # checked first in every handler: nothing was read or written
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except v.InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except (NodeNotFound, NodeExpired) as exc:
@@ -125,6 +136,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
     async def RegisterNode(self, request: pb.RegisterNodeRequest, context: grpc.aio.ServicerContext):
         async def go() -> pb.RegisterNodeResponse:
             n = request.node
+            access.check_node(current_caller(), n.node_id, "RegisterNode")
             v.check_id(n.node_id, "node.node_id")
             v.check_address(n.transfer_address, "node.transfer_address")
             v.check_text(n.model_id, "node.model_id", v.MAX_MODEL_ID_LEN, required=True)
@@ -140,6 +152,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext):
         async def go() -> pb.HeartbeatResponse:
+            access.check_node(current_caller(), request.node_id, "Heartbeat")  # its answer holds pinned tokens
             v.check_id(request.node_id, "node_id")
             ld, t = request.load, request.transfers
             res = await self.index.heartbeat(
@@ -158,6 +171,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
 
     async def PublishEvents(self, request: pb.PublishEventsRequest, context: grpc.aio.ServicerContext):
         async def go() -> pb.PublishEventsResponse:
+            access.check_node(current_caller(), request.node_id, "PublishEvents")
             v.check_id(request.node_id, "node_id")
             if len(request.events) > v.MAX_EVENTS_PER_PUBLISH:
                 raise v.InvalidRequest(
@@ -171,6 +185,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
 
     async def Lookup(self, request: pb.LookupRequest, context: grpc.aio.ServicerContext):
         async def go() -> pb.LookupResponse:
+            access.check_lookup(current_caller())
             hashes = v.check_hashes(request.block_hashes, "block_hashes", v.MAX_LOOKUP_BLOCKS)
             v.check_text(request.model_id, "model_id", v.MAX_MODEL_ID_LEN)
             if not hashes:
@@ -182,6 +197,8 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
 
     async def Pin(self, request: pb.PinBlocksRequest, context: grpc.aio.ServicerContext):
         async def go() -> pb.PinBlocksResponse:
+            caller = current_caller()
+            access.check_router_or_operator(caller, "Pin")
             v.check_id(request.pin_id, "pin_id")
             v.check_text(request.model_id, "model_id", v.MAX_MODEL_ID_LEN, required=True)
             v.check_text(request.cache_salt, "cache_salt", v.MAX_SALT_LEN)
@@ -197,7 +214,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
             spec = PinSpec(request.pin_id, request.model_id, [BlockHash(h) for h in hashes], tokens,
                            request.cache_salt, replicas, ttl, tenant)
             try:
-                holders = await self.index.pin(spec, operator=tenant in self.operator_tenants,
+                holders = await self.index.pin(spec, operator=self._operator(tenant, caller),
                                                quota_blocks=self.pin_quota_blocks)
             except PinNotYours as exc:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
@@ -209,11 +226,13 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
 
     async def Unpin(self, request: pb.PinBlocksRequest, context: grpc.aio.ServicerContext):
         async def go() -> pb.PinBlocksResponse:
+            caller = current_caller()
+            access.check_router_or_operator(caller, "Unpin")
             v.check_id(request.pin_id, "pin_id")
             tenant = v.check_tenant(request.tenant) or DEFAULT_TENANT
             try:
                 found, holders = await self.index.unpin(request.pin_id, tenant,
-                                                        operator=tenant in self.operator_tenants)
+                                                        operator=self._operator(tenant, caller))
             except PinNotYours as exc:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
             return pb.PinBlocksResponse(pin_id=request.pin_id, node_ids=holders, found=found)
@@ -222,6 +241,7 @@ class CacheServicer(cache_pb2_grpc.CacheServiceServicer):
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext):
         async def go() -> pb.GetStatsResponse:
+            access.check_router_or_operator(current_caller(), "GetStats")
             s = await self.index.stats()
             return pb.GetStatsResponse(
                 nodes=[

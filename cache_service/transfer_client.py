@@ -13,6 +13,13 @@ checksum is verified when the blocks are imported.
 
 Both streams deliver ``ChunkView``s (``chunk_codec``) to one ``_Assembler``, so one set of protocol
 checks and one reassembly serve both.
+
+Blocks are taken only from the member the index named (``peer``), when the client has a credential
+(``member``): under a shared secret each gRPC fetch carries the node's token and a nonce, and the peer's
+first message counts only if its initial metadata proves the peer's key (x-pc-proof); under mutual TLS
+the channel checks that the peer's certificate, signed by the cluster CA, names ``peer``. The raw stream
+does the same on its own connection (``raw_client``). A peer that cannot prove it fails the fetch: the
+request recomputes.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from cache_service.transfer_settings import (
     STREAM_WINDOW_BYTES,
     TRANSFER_MESSAGE_BYTES,
 )
+from common.cluster_auth import PROOF_KEY, Member, new_nonce
 from common.logs import request_id_metadata
 from protos.prefixcache.v1 import cache_pb2 as pb
 
@@ -100,22 +108,26 @@ class TransferClient:
     """Fetches from peers; keeps one channel per peer address (on the current event loop)."""
 
     def __init__(self, requester: str = "", max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 raw_stream: bool = True) -> None:
+                 raw_stream: bool = True, member: Member | None = None) -> None:
         self.requester = requester
         self.max_chunk_bytes = max_chunk_bytes
         self.raw_stream = raw_stream  # ask peers for their raw block stream (raw_client)
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.member = member  # the requester's cluster identity; None: peers are not checked (tests)
+        if member is not None and member.identity != requester:
+            raise ValueError(f"requester {requester!r} holds the credential of {member.identity!r}")
+        # (address, the peer's identity) -> channel: under TLS a channel checks the certificate of one identity.
+        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
         # Per peer (its gRPC address): its raw stream address, "" when it has none. Learnt on the first fetch.
         self._raw_addresses: dict[str, str] = {}
         self._raw_down_until: dict[str, float] = {}  # raw stream unreachable: gRPC until then
-        self._raw = RawStreamPool()
+        self._raw = RawStreamPool(member)
         self.num_raw_fetches = 0
         self.num_grpc_fetches = 0
 
-    def _fetch_method(self, address: str) -> grpc.aio.UnaryStreamMultiCallable:
-        channel = self._channels.get(address)
+    def _fetch_method(self, address: str, peer: str) -> grpc.aio.UnaryStreamMultiCallable:
+        channel = self._channels.get((address, peer))
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=[
+            options = [
                 ("grpc.max_receive_message_length", TRANSFER_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", 4 << 20),
                 # Fail fast on a dead peer instead of waiting for it to come back, and
@@ -128,8 +140,10 @@ class TransferClient:
                 # sender from waiting for window updates between 1 MiB messages.
                 ("grpc.http2.max_frame_size", HTTP2_MAX_FRAME_BYTES),
                 ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
-            ])
-            self._channels[address] = channel
+            ]
+            channel = (self.member.channel(address, peer, options) if self.member is not None
+                       else grpc.aio.insecure_channel(address, options=options))
+            self._channels[(address, peer)] = channel
         # Responses stay raw bytes: chunk_codec parses them without copying the payload.
         return channel.unary_stream(FETCH_METHOD, request_serializer=pb.FetchBlocksRequest.SerializeToString,
                                     response_deserializer=None)
@@ -142,14 +156,16 @@ class TransferClient:
         raw = self._raw_addresses.pop(address, "")
         if raw:
             self._raw.forget(raw)
-        channel = self._channels.pop(address, None)
-        if channel is not None:
-            await channel.close()
+        for key in [k for k in self._channels if k[0] == address]:
+            await self._channels.pop(key).close()
 
     async def fetch_blocks(
-        self, address: str, block_hashes: Sequence[BlockHash], *, model_id: str = "", timeout_s: float = 5.0
+        self, address: str, block_hashes: Sequence[BlockHash], *, peer: str = "", model_id: str = "",
+        timeout_s: float = 5.0,
     ) -> tuple[list[ExportedBlock], int]:
         """(blocks, bytes received) for the leading blocks of ``block_hashes`` the peer holds.
+
+        ``peer``: the node id the index named for ``address``; with a credential, the peer must prove it.
 
         Over the peer's raw block stream when it has one (learnt from its first gRPC answer), else over
         the gRPC stream; a raw stream that cannot be reached sends this fetch, and the next ones for a
@@ -157,6 +173,8 @@ class TransferClient:
         """
         if not block_hashes:
             return [], 0
+        if self.member is not None and not peer:
+            raise TransferError(f"fetch from {address}: no peer identity to authenticate it against")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         request = pb.FetchBlocksRequest(
@@ -166,22 +184,22 @@ class TransferClient:
         raw = self._raw_addresses.get(address, "") if self.raw_stream else ""
         if raw and self._raw_down_until.get(raw, 0.0) <= loop.time():
             try:
-                return await self._fetch_raw(address, raw, request, block_hashes, timeout_s)
+                return await self._fetch_raw(address, raw, peer, request, block_hashes, timeout_s)
             except RawConnectError:
                 self._raw_down_until[raw] = loop.time() + RAW_RETRY_AFTER_S  # gRPC meanwhile
         request.accept_raw_stream = self.raw_stream and address not in self._raw_addresses
-        blocks = await self._fetch_grpc(address, request, block_hashes, max(0.0, deadline - loop.time()))
+        blocks = await self._fetch_grpc(address, peer, request, block_hashes, max(0.0, deadline - loop.time()))
         if blocks is None:  # handed over to the raw stream: send the request again there
-            return await self.fetch_blocks(address, block_hashes, model_id=model_id,
+            return await self.fetch_blocks(address, block_hashes, peer=peer, model_id=model_id,
                                            timeout_s=max(0.0, deadline - loop.time()))
         return blocks
 
-    async def _fetch_raw(self, address: str, raw: str, request: pb.FetchBlocksRequest,
+    async def _fetch_raw(self, address: str, raw: str, peer: str, request: pb.FetchBlocksRequest,
                          block_hashes: Sequence[BlockHash], timeout_s: float) -> tuple[list[ExportedBlock], int]:
         assembler = _Assembler(block_hashes)
         self.num_raw_fetches += 1
         try:
-            num_bytes = await asyncio.wait_for(self._raw.fetch(raw, request, assembler.add), timeout_s)
+            num_bytes = await asyncio.wait_for(self._raw.fetch(raw, request, assembler.add, peer), timeout_s)
         except asyncio.TimeoutError:
             raise TransferError(f"fetch from {address} (raw stream {raw}) exceeded its {timeout_s:.2f} s "
                                 f"deadline after {len(assembler.blocks)} blocks") from None
@@ -191,16 +209,24 @@ class TransferClient:
             raise TransferError(f"fetch from {address} failed: {exc}") from exc
         return assembler.finish(), num_bytes
 
-    async def _fetch_grpc(self, address: str, request: pb.FetchBlocksRequest, block_hashes: Sequence[BlockHash],
-                          timeout_s: float) -> tuple[list[ExportedBlock], int] | None:
+    async def _fetch_grpc(self, address: str, peer: str, request: pb.FetchBlocksRequest,
+                          block_hashes: Sequence[BlockHash], timeout_s: float
+                          ) -> tuple[list[ExportedBlock], int] | None:
         """The fetch over the gRPC stream; None when the peer hands it to its raw stream."""
         assembler = _Assembler(block_hashes)
         self.num_grpc_fetches += 1
-        call = self._fetch_method(address)(request, timeout=timeout_s, wait_for_ready=False,
-                                           metadata=request_id_metadata())
+        member = self.member
+        nonce = new_nonce() if member is not None and not member.tls else ""  # TLS: the channel checks the peer
+        auth = member.call_metadata(FETCH_METHOD, nonce) if member is not None else ()
+        call = self._fetch_method(address, peer)(request, timeout=timeout_s, wait_for_ready=False,
+                                                 metadata=(*request_id_metadata(), *auth))
         first = request.accept_raw_stream
+        unproven = bool(nonce)
         try:
             async for raw in call:
+                if unproven:  # nothing the peer sends counts before it proved who it is
+                    await self._check_proof(call, address, peer, nonce)
+                    unproven = False
                 try:
                     chunks = decode_chunks(raw)
                 except ChunkDecodeError as exc:
@@ -229,6 +255,13 @@ class TransferClient:
             call.cancel()
             raise
         return assembler.finish(), assembler.num_bytes
+
+    async def _check_proof(self, call: grpc.aio.UnaryStreamCall, address: str, peer: str, nonce: str) -> None:
+        assert self.member is not None
+        proof = next((v for k, v in await call.initial_metadata() or () if k == PROOF_KEY), "")
+        if not self.member.proves(peer, nonce, proof if isinstance(proof, str) else proof.decode("ascii", "replace")):
+            raise TransferError(f"{address} did not prove it is {peer!r}: "
+                                f"{'a proof that does not verify' if proof else 'no proof in its answer'}")
 
     async def close(self) -> None:
         self._raw.close()

@@ -14,6 +14,11 @@ The modules of the data plane, each importing only those below it:
                                  -> raw_listener      -> transfer_source, raw_frames, raw_socket
     requesting:  transfer_client -> raw_client        -> raw_frames, raw_socket, chunk_codec
                                  -> chunk_codec, transfer_settings
+    both streams' connections (plain or TLS): raw_conn; who may fetch: access
+
+With a ``member`` (the worker's identity and the cluster credential) both endpoints serve members only:
+the gRPC server checks every call (``common/member_interceptor.py``; under mutual TLS it requires a client
+certificate of the cluster CA), and the raw stream authenticates each connection (``raw_listener``).
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from cache_service.raw_listener import MAX_REQUEST_BYTES, RawStreamListener
 from cache_service.transfer_servicer import BlockTransferServicer, add_transfer_servicer
 from cache_service.transfer_settings import DEFAULT_CHUNK_BYTES, HTTP2_MAX_FRAME_BYTES, TRANSFER_MESSAGE_BYTES
 from cache_service.transfer_source import TransferFaults
+from common.cluster_auth import Member
 from common.grpc_edge import EdgeInterceptor
 from common.logs import RequestIdInterceptor, get_logger
+from common.member_interceptor import MemberInterceptor
 
 log = get_logger("transfer")
 
@@ -45,8 +52,10 @@ class TransferServer:
         advertise_host: str | None = None,
         max_concurrent_rpcs: int = 16,
         raw_stream: bool = True,
+        member: Member | None = None,
     ) -> None:
         self.servicer = servicer
+        self.member = member  # None: anyone may fetch (tests, one process)
         self.host = host
         self.port = port
         self.advertise_host = advertise_host or host
@@ -54,7 +63,8 @@ class TransferServer:
         self._server: grpc.aio.Server | None = None
         # The bulk path beside gRPC (raw_listener); off, every fetch streams through gRPC.
         self.raw: RawStreamListener | None = (
-            RawStreamListener(servicer, host, advertise_host=self.advertise_host, max_concurrent=max_concurrent_rpcs)
+            RawStreamListener(servicer, host, advertise_host=self.advertise_host, max_concurrent=max_concurrent_rpcs,
+                              member=member)
             if raw_stream else None)
 
     @property
@@ -74,10 +84,13 @@ class TransferServer:
                 ("grpc.http2.max_frame_size", HTTP2_MAX_FRAME_BYTES),
             ],
             maximum_concurrent_rpcs=self.max_concurrent_rpcs,
-            interceptors=[RequestIdInterceptor(), EdgeInterceptor(log)],  # request ids; status codes at the edge
+            # Request ids; members only (before anything is parsed); status codes at the edge.
+            interceptors=[RequestIdInterceptor(), *([MemberInterceptor(self.member)] if self.member else []),
+                          EdgeInterceptor(log)],
         )
         add_transfer_servicer(self.servicer, server)
-        port = server.add_insecure_port(f"{self.host}:{self.port}")
+        address = f"{self.host}:{self.port}"
+        port = self.member.add_port(server, address) if self.member else server.add_insecure_port(address)
         if port == 0:
             raise OSError(f"cannot bind BlockTransfer to {self.host}:{self.port}")
         await server.start()

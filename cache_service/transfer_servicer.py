@@ -14,6 +14,10 @@ that accepts bundles gets consecutive small chunks in one message (see
 has one, gets a single message naming it instead (``raw_frames``). Chunks
 are encoded by hand (``chunk_codec``: the same wire bytes as protobuf,
 fewer copies).
+
+On a server with a cluster credential (``TransferServer(member=...)``) the interceptor has authenticated
+the caller; this servicer answers PERMISSION_DENIED to a caller that is not a node, or that asks for
+blocks on behalf of another requester (``access.check_fetch``).
 """
 
 from __future__ import annotations
@@ -23,12 +27,15 @@ from typing import AsyncIterator
 
 import grpc
 
+from cache_service import access
 from cache_service import validation as v
 from cache_service.block_hash import BlockHash
 from cache_service.block_wire import ExportedBlock
 from cache_service.chunk_codec import Part, bundle, chunk_parts
 from cache_service.transfer_settings import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, SERVICE_NAME
 from cache_service.transfer_source import BlockSource
+from common.cluster_auth import PermissionDenied
+from common.member_interceptor import current_caller
 from protos.prefixcache.v1 import cache_pb2 as pb
 
 
@@ -66,7 +73,10 @@ class BlockTransferServicer(BlockSource):
     async def FetchBlocks(self, request: pb.FetchBlocksRequest, context: grpc.aio.ServicerContext
                           ) -> AsyncIterator[bytes]:
         try:
+            access.check_fetch(current_caller(), request.requester)
             hashes = self.check(request)
+        except PermissionDenied as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except v.InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if request.accept_raw_stream and self.raw_stream_address:

@@ -22,12 +22,15 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from cache_service.embedded_redis import EmbeddedRedis
     from cache_service.server import CacheServiceThread
+    from common.cluster_auth import Member
 
 __all__ = ["EmbeddedCacheService", "reachable"]
 
 
 class EmbeddedCacheService:
-    def __init__(self, redis_url: str | None, host: str, port: int, advertise_host: str | None = None) -> None:
+    def __init__(self, redis_url: str | None, host: str, port: int, advertise_host: str | None = None,
+                 member: Member | None = None) -> None:
+        self.member = member  # the service's cluster identity (cache-service): members only
         self.redis_url = redis_url  # None until start(): then the embedded Valkey's
         self.host = host  # where the CacheService binds
         self.port = port
@@ -44,7 +47,7 @@ class EmbeddedCacheService:
             self.redis = EmbeddedRedis(supervise=True, durable=True)
             self.redis_url = self.redis.start()
         self.server = CacheServiceThread(CacheServiceConfig(redis_url=self.redis_url, host=self.host,
-                                                            port=self.port))
+                                                            port=self.port, member=self.member))
         self.server.start()
         bound = self.server.address
         self.address = (f"{self.advertise_host}:{bound.rpartition(':')[2]}" if self.advertise_host

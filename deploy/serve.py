@@ -11,6 +11,10 @@ With ``--ray-address`` (or ``--elastic``) machines that join later get workers (
 ``worker-<N+1>``, ...) that enter the rotation; ``--no-elastic`` keeps the start-up set.
 On SIGINT/SIGTERM everything is stopped in reverse order (router, workers
 via ``ray.kill``, ``ray.shutdown()`` for a Ray we started, cache service, Valkey): no process is left.
+
+Only members reach the cache service and the workers' BlockTransfer endpoints: with no credential flag the
+stack makes a shared secret for this start; ``--cluster-secret-file`` or ``--tls-cert/--tls-key/--tls-ca``
+choose one (``common/cluster_flags.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
+from common import cluster_flags
 from router.policies import POLICY_NAMES
 
 if TYPE_CHECKING:
@@ -31,6 +36,11 @@ if TYPE_CHECKING:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="demo", help="checkpoint folder (Hugging Face layout) or 'demo'")
+    parser.add_argument("--engine", default="native", choices=("native", "vllm"),
+                        help="the workers' engine: 'native' (this project's) or 'vllm' (vLLM's async engine with "
+                             "prefix caching and KV events; pip install \"prefixcache[vllm]\"; needs --model PATH)")
+    parser.add_argument("--dtype", default=None,
+                        help="the workers' dtype, either engine: float32, bfloat16, float16 (default: the checkpoint's)")
     parser.add_argument("--workers", type=int, default=None,
                         help="number of workers (default: one per GPU, or 2 on CPU)")
     parser.add_argument("--redis-url", default=None, help="Redis for the cache index (default: embedded Valkey)")
@@ -58,12 +68,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transfer-stream", default="raw", choices=("raw", "grpc"),
                         help="how workers move KV blocks between them: 'raw' (gRPC hands each fetch to a plain TCP "
                              "stream, one more port per worker) or 'grpc' (the gRPC stream only)")
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="tokens per KV block (default 16; 32 for --engine vllm on CPU, whose attention needs "
+                             "multiples of 32)")
     parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker (default: by memory)")
     parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
                         help="workers' KV cache storage: 'auto' = the model's dtype, 'fp8' = float8 e4m3 with "
                              "per-token scales (~4x the blocks of float32); blocks move only between equal dtypes")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences per batch per worker")
+    from workers.generate_cli import add_tier_arguments  # torch-free: the flags only
+
+    add_tier_arguments(parser)  # --host-cache-gb, --disk-cache DIR (per worker: DIR/<worker id>), --disk-cache-gb
     parser.add_argument("--cache-service-port", type=int, default=50052, help="CacheService gRPC port")
     parser.add_argument("--auth-tokens", default=None, metavar="FILE",
                         help="JSON {token: tenant}; enables bearer-token auth "
@@ -76,6 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start workers on Ray nodes that join while serving (one per GPU; one per CPU-only "
                              "node with room in a CPU fleet) and retire those of nodes that die (default: on "
                              "with --ray-address, off for a local Ray)")
+    cluster_flags.add_arguments(parser, front_door=True)
 
 
 def parse_weights(items: list[str], transfer_aware: bool) -> CostWeights:
@@ -103,19 +119,36 @@ def parse_weights(items: list[str], transfer_aware: bool) -> CostWeights:
 def config_from_args(args: argparse.Namespace) -> StackConfig:
     from deploy.stack import StackConfig
 
+    from workers.generate_cli import check_tier_arguments
+
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.engine == "vllm" and args.model == "demo":
+        raise ValueError("--engine vllm serves a checkpoint folder (--model PATH); the demo model is native only")
+    if args.engine == "vllm" and (args.host_cache_gb or args.disk_cache):
+        from workers.vllm_worker import TIERS_UNSUPPORTED
+
+        raise ValueError(TIERS_UNSUPPORTED)
+    if args.block_size is not None and args.block_size <= 0:
+        raise ValueError(f"--block-size must be positive, got {args.block_size}")
+    check_tier_arguments(args)
     if not 0 <= args.http_port <= 65535:
         raise ValueError(f"--http-port must be a port number (0: off), got {args.http_port}")
+    flags = cluster_flags.CredentialFlags.from_args(args)
+    flags.check(front_door=True)  # CredentialError is a ValueError: a one-line message, exit 2
     return StackConfig(
-        model=args.model, num_workers=args.workers, redis_url=args.redis_url, ray_address=args.ray_address,
+        model=args.model, engine=args.engine, dtype=args.dtype, num_workers=args.workers, redis_url=args.redis_url,
+        ray_address=args.ray_address,
         host=args.host, advertise_host=args.advertise_host, port=args.port, metrics_port=args.metrics_port,
         policy=args.policy,
         http_port=args.http_port or None, served_model_name=args.served_model_name,
         policy_weights=parse_weights(args.policy_weight, args.transfer_aware), block_size=args.block_size,
-        num_blocks=args.num_blocks, kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=args.max_num_seqs, cache_service_port=args.cache_service_port,
+        num_blocks=args.num_blocks, kv_cache_dtype=args.kv_cache_dtype, max_num_seqs=args.max_num_seqs,
+        cache_service_port=args.cache_service_port,
         auth_tokens_file=args.auth_tokens, index_source=args.index_source, max_in_flight=args.max_in_flight,
         elastic=args.elastic, raw_transfer_stream=args.transfer_stream == "raw",
+        host_cache_gb=args.host_cache_gb, disk_cache=args.disk_cache, disk_cache_gb=args.disk_cache_gb,
+        cluster_secret_file=flags.secret_file, tls_cert=flags.tls_cert, tls_key=flags.tls_key, tls_ca=flags.tls_ca,
     )
 
 
@@ -145,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(s, on_signal)
         workers = ",".join(f"{w}@{i.node_id[:8]}" for w, i in sorted(stack.worker_infos.items()))
         http_port = stack.router_server.http_port
-        http = f" http=http://{config.dial_host()}:{http_port}/v1" if http_port is not None else ""
+        scheme = "https" if config.tls_cert else "http"  # the front doors serve TLS with --tls-cert
+        http = f" http={scheme}://{config.dial_host()}:{http_port}/v1" if http_port is not None else ""
         print(f"ready router={stack.router_address} metrics={stack.metrics_url} "
               f"cache_service={stack.cache_service_address} redis={stack.redis_url} workers={workers}{http}",
               flush=True)

@@ -25,6 +25,11 @@ affinity, so two workers on a two-machine cluster land one per machine. When ela
 cluster we join: ``--ray-address``), a ``RayNodeWatcher`` thread (``deploy/elastic.py``) then starts
 workers on machines that join and forgets the workers of machines that die.
 
+Credentials (DESIGN 6b): every part gets the cluster credential under its own identity (``cache-service``,
+``worker-<i>``, ``router``): a shared secret made for this start unless ``cluster_secret_file`` or the TLS
+files say otherwise (``common/cluster_flags.py``), so a stack with no flags needs no setup and still lets
+no outsider reach its control and data planes. ``stack.credential`` is it (tests make operators with it).
+
 Importing this module stays cheap (no Ray, router or torch): they are imported when the stack starts.
 """
 
@@ -35,7 +40,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from common.logs import get_logger
 from deploy.embedded_cache import EmbeddedCacheService
@@ -49,6 +54,8 @@ if TYPE_CHECKING:
     import ray
 
     from cache_service.records import WorkerInfo
+    from common.cluster_auth import ClusterCredential
+    from deploy.placement import WorkerPlacement
     from router.auth import TokenAuth
     from router.policies import CostWeights
     from router.server import RouterServer, RouterThread
@@ -73,9 +80,15 @@ def default_policy_weights() -> CostWeights:
     return CostWeights(**DEFAULT_POLICY_WEIGHTS)
 
 
+# --engine vllm on CPU: vLLM's CPU attention takes block sizes in multiples of 32 only.
+VLLM_CPU_BLOCK_SIZE = 32
+
+
 @dataclass(slots=True)
 class StackConfig:
     model: str = "demo"
+    engine: str = "native"  # the workers' engine: "native" (workers/ray_worker.py) or "vllm" (workers/vllm_worker.py)
+    dtype: str | None = None  # the workers' dtype (None: the checkpoint's), for either engine
     num_workers: int | None = None  # None: one per GPU, or 2 on CPU
     redis_url: str | None = None  # None: embedded Valkey
     ray_address: str | None = None  # None: a local Ray (unless one is already initialised)
@@ -90,11 +103,15 @@ class StackConfig:
     served_model_name: str | None = None  # None: "demo" or the model folder's name
     policy: str = "cache_aware"
     policy_weights: CostWeights = field(default_factory=default_policy_weights)
-    block_size: int = 16
+    block_size: int | None = 16  # None: 16, or VLLM_CPU_BLOCK_SIZE for vLLM workers without GPUs
     num_blocks: int | None = None
     kv_cache_dtype: str = "auto"  # workers' KV cache storage: "auto" (the model's dtype) | "fp8"
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    # Tiers under each worker's device pool (workers/lower_tiers.py); worker w keeps its files in disk_cache/w.
+    host_cache_gb: float = 0.0
+    disk_cache: str | None = None
+    disk_cache_gb: float = 16.0
     cache_service_port: int = 50052
     auth_tokens_file: str | None = None
     auth: TokenAuth | None = None  # tests; None: from auth_tokens_file / the environment
@@ -114,6 +131,12 @@ class StackConfig:
     # Ray restarts a worker whose process died while its machine lives (engine crash, OOM kill), on the
     # same Ray node; -1: without limit. Calls in flight then are not retried by Ray (the router does).
     worker_max_restarts: int = -1
+    # The cluster credential (common/cluster_flags.py): none of these -> a new shared secret per start.
+    cluster_secret_file: str | None = None
+    cluster_secret: bytes | None = None  # tests: this secret instead of a new one
+    tls_cert: str | None = None  # "{id}" = each member's identity; without tls_ca: the router's endpoint only
+    tls_key: str | None = None
+    tls_ca: str | None = None  # mutual TLS between all members
 
     def dial_host(self) -> str:
         """What clients and workers dial to reach this machine's listeners: ``advertise_host``, else
@@ -132,6 +155,7 @@ class Stack:
         self.actors: WorkerActors | None = None  # once the cache service's address is known
         self.router: RouterThread | None = None
         self.watcher: RayNodeWatcher | None = None  # when elastic
+        self.credential: ClusterCredential | None = None  # the cluster's, once started
         self._owns_ray = False  # a local Ray we started: ours to shut down
 
     # ---- addresses and parts ------------------------------------------------------------------------
@@ -185,11 +209,17 @@ class Stack:
     def _start(self) -> None:
         import ray
 
+        from common.cluster_auth import CACHE_SERVICE_IDENTITY, ROUTER_IDENTITY, Member
+        from common.cluster_flags import CredentialFlags
         from router.auth import TokenAuth
         from router.server import RouterConfig, RouterThread
 
         cfg = self.config
         auth = cfg.auth if cfg.auth is not None else TokenAuth.load(cfg.auth_tokens_file)
+        flags = CredentialFlags(cfg.cluster_secret_file, cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
+        flags.check(front_door=True)
+        self.credential = credential = flags.credential(cfg.cluster_secret)
+        tls_cert, tls_key = flags.front_door() or (None, None)  # the router's client-facing TLS
         # Ray first: a local Ray forks its GCS and raylet, running Python in the child before exec (Ray's
         # preexec_fn). Forked from a process whose gRPC server threads already run, that child can die or
         # hang, and Ray then waits for a GCS that never comes. So no thread of ours exists yet at this point.
@@ -197,14 +227,16 @@ class Stack:
         self._owns_ray = join_or_start_ray(cfg.ray_address, num_cpus, cfg.host)
         if cfg.enable_cache_service:
             self.cache = EmbeddedCacheService(cfg.redis_url, cfg.host, cfg.cache_service_port,
-                                              advertise_host=cfg.dial_host())
+                                              advertise_host=cfg.dial_host(),
+                                              member=Member(CACHE_SERVICE_IDENTITY, credential))
             self.cache.start()
             if cfg.ray_address and cfg.host in ("127.0.0.1", "localhost"):
                 log.warning("the cache service listens on 127.0.0.1: workers on other machines cannot reach it "
                             "(use --host 0.0.0.0 on a multi-machine cluster)")
-        self.actors = self._worker_actors()
         nodes = ray.nodes()
         plan = plan_workers(nodes, cfg.num_workers, cfg.node_ids, cfg.worker_num_cpus)
+        self._resolve_block_size(plan)
+        self.actors = self._worker_actors()
         _, errors = self.actors.launch(plan, threading.Event())
         if errors:
             raise RuntimeError("; ".join(f"{w}: {e}" for w, e in sorted(errors.items())))
@@ -212,6 +244,7 @@ class Stack:
             model=cfg.model, block_size=cfg.block_size, host=cfg.host, port=cfg.port,
             metrics_port=cfg.metrics_port, policy=cfg.policy, policy_weights=cfg.policy_weights,
             cache_service_address=self.cache_service_address, index_source=cfg.index_source, auth=auth,
+            member=Member(ROUTER_IDENTITY, credential), tls_cert_file=tls_cert, tls_key_file=tls_key,
             max_in_flight=cfg.max_in_flight, poll_interval_s=cfg.poll_interval_s,
             unresponsive_after_s=cfg.unresponsive_after_s,
             http_port=cfg.http_port, served_model_name=cfg.served_model_name,
@@ -228,20 +261,35 @@ class Stack:
                 cpus_per_worker=cfg.worker_num_cpus, interval_s=cfg.elastic_interval_s)
             self.watcher.start()
 
+    def _resolve_block_size(self, plan: Sequence[WorkerPlacement]) -> int:
+        """``block_size`` None becomes 16, or VLLM_CPU_BLOCK_SIZE for vLLM workers without GPUs; once, since the
+        router and every worker must hash with the same size."""
+        cfg = self.config
+        if cfg.block_size is None:
+            cpu_vllm = cfg.engine == "vllm" and not any(p.num_gpus for p in plan)
+            cfg.block_size = VLLM_CPU_BLOCK_SIZE if cpu_vllm else 16
+        return cfg.block_size
+
     def _worker_actors(self) -> WorkerActors:
+        from workers.model.checkpoint import checkpoint_model_id
         from workers.ray_worker import WorkerConfig
 
         cfg = self.config
+        self._resolve_block_size(())  # started stacks resolved it from their plan already
         template = WorkerConfig(  # worker_id and torch_threads: filled in per placement
-            worker_id="", model=cfg.model, block_size=cfg.block_size, num_blocks=cfg.num_blocks,
+            worker_id="", model=cfg.model, dtype=cfg.dtype, block_size=cfg.block_size, num_blocks=cfg.num_blocks,
             kv_cache_dtype=cfg.kv_cache_dtype,
             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
             cache_service_address=self.cache_service_address, heartbeat_interval_s=cfg.heartbeat_interval_s,
             always_transfer=cfg.always_transfer, raw_transfer_stream=cfg.raw_transfer_stream,
             transfer_host=cfg.host,  # each worker binds here (workers/ray_env.py: bind_host, advertise_host)
+            host_cache_gb=cfg.host_cache_gb, disk_cache=cfg.disk_cache, disk_cache_gb=cfg.disk_cache_gb,
+            cluster_credential=self.credential,
         )
+        # Every worker must hash as the router will: its model id and block size (a mixed fleet is refused).
+        fleet = (checkpoint_model_id(cfg.model), cfg.block_size)
         return WorkerActors(template, cpus_per_worker=cfg.worker_num_cpus, max_restarts=cfg.worker_max_restarts,
-                            start_timeout_s=cfg.worker_start_timeout_s)
+                            start_timeout_s=cfg.worker_start_timeout_s, engine=cfg.engine, fleet=fleet)
 
     def stop(self) -> None:
         """Tear everything down; safe to call twice and after a failed start."""

@@ -5,11 +5,15 @@
     actors.forget("worker-3")                    # our slot freed, its actor killed
     actors.stop_all()                            # shutdown() on each, then ray.kill
 
-Each placement (``deploy/placement.py``) becomes one ``WorkerActor`` from the ``template`` config (the
+Each placement (``deploy/placement.py``) becomes one worker actor of the stack's engine (``engine``:
+``WorkerActor``, or ``VllmWorkerActor`` for ``--engine vllm``) from the ``template`` config (the
 worker id and torch threads filled in per placement): with a GPU (``num_gpus=1``, no CPU reserved) or
 ``cpus_per_worker`` CPUs, pinned to its Ray node by a hard affinity when the plan names one. The node
 watcher's thread launches and forgets while the stack serves, so ``handles`` and ``infos`` change under
 one lock.
+
+One fleet shares one index, so every worker must hash as the router does: a started worker whose model id or
+block size differs from ``fleet`` (the router's) is refused with a message naming both, killed and forgotten.
 """
 
 from __future__ import annotations
@@ -29,15 +33,30 @@ if TYPE_CHECKING:
     from deploy.placement import WorkerPlacement
     from workers.ray_worker import WorkerConfig
 
-__all__ = ["WorkerActors"]
+__all__ = ["ENGINES", "WorkerActors", "fleet_mismatch"]
+
+ENGINES = ("native", "vllm")
 
 log = get_logger("serve")
 
 
+def fleet_mismatch(info: WorkerInfo, fleet: tuple[str, int]) -> str | None:
+    """Why ``info``'s worker cannot join a fleet of ``(model_id, block_size)`` (None: it can)."""
+    model_id, block_size = fleet
+    if (info.model_id, info.block_size) == (model_id, block_size):
+        return None
+    return (f"refused: it serves model {info.model_id!r} with block size {info.block_size}, but the fleet (and "
+            f"its router) serves {model_id!r} with block size {block_size}; a mixed fleet cannot share one index")
+
+
 class WorkerActors:
     def __init__(self, template: WorkerConfig, *, cpus_per_worker: float, max_restarts: int,
-                 start_timeout_s: float) -> None:
+                 start_timeout_s: float, engine: str = "native", fleet: tuple[str, int] | None = None) -> None:
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
         self.template = template
+        self.engine = engine
+        self.fleet = fleet  # (model_id, block_size) every worker must report; None: not checked
         self.cpus_per_worker = cpus_per_worker
         self.max_restarts = max_restarts  # Ray restarts a dead worker process on its node; -1: no limit
         self.start_timeout_s = start_timeout_s  # actor placement + model load, per batch
@@ -53,9 +72,7 @@ class WorkerActors:
         stopping) abandons the wait."""
         import ray
 
-        from workers.ray_worker import WorkerActor
-
-        actor_cls = ray.remote(WorkerActor)
+        actor_cls = ray.remote(self._actor_class())
         pending: dict[ray.ObjectRef, str] = {}  # start() ref -> worker_id
         for p in plan:
             handle = actor_cls.options(**self._options(p)).remote(self._config(p))
@@ -71,9 +88,15 @@ class WorkerActors:
             for ref in ready:
                 worker_id = pending.pop(ref)
                 try:
-                    infos[worker_id] = ray.get(ref)  # ready: does not block
+                    info = ray.get(ref)  # ready: does not block
                 except Exception as exc:  # noqa: BLE001 - the machine died, placement failed, model load failed
                     errors[worker_id] = f"failed to start: {exc}"
+                    continue
+                why = fleet_mismatch(info, self.fleet) if self.fleet is not None else None
+                if why is None:
+                    infos[worker_id] = info
+                else:
+                    errors[worker_id] = why
         for worker_id in pending.values():
             errors[worker_id] = ("start abandoned (the stack is stopping)" if cancel.is_set()
                                  else f"did not start within {self.start_timeout_s:g}s")
@@ -83,6 +106,15 @@ class WorkerActors:
         with self._lock:
             self.infos.update(infos)
         return infos, errors
+
+    def _actor_class(self) -> type:
+        if self.engine == "vllm":
+            from workers.vllm_worker import VllmWorkerActor
+
+            return VllmWorkerActor
+        from workers.ray_worker import WorkerActor
+
+        return WorkerActor
 
     def _options(self, p: WorkerPlacement) -> dict[str, Any]:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy

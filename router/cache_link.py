@@ -13,6 +13,10 @@ A failed call raises ``CacheServiceError`` with the code the router's caller sho
     anything else (UNKNOWN, INTERNAL, ...)    UNAVAILABLE: a fault between router and service, not the caller's
 
 The words not relayed stay on the error (``cause``) for the router's log.
+
+With the router's cluster identity (``member``: ``router`` and the cluster credential) every call carries
+the router's token (shared secret) or rides a mutual-TLS channel that checks the service's certificate;
+the service lets the router Lookup, Pin, Unpin and GetStats, nothing a node does.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import grpc
 
 from cache_service.block_hash import BlockHash
 from cache_service.types import TierCounts
+from common.cluster_auth import CACHE_SERVICE_IDENTITY, Member
 from common.grpc_edge import short_detail
 from common.logs import request_id_metadata
 from protos.prefixcache.v1 import cache_pb2, cache_pb2_grpc
@@ -64,19 +69,28 @@ class CacheServiceError(Exception):
         return cls(grpc.StatusCode.UNAVAILABLE, f"the cache service failed ({what}: {code.name})", cause)
 
 
+SERVICE_NAME = cache_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
+
+
 class CacheLink:
-    def __init__(self, address: str, model_id: str) -> None:
+    def __init__(self, address: str, model_id: str, member: Member | None = None) -> None:
         self.address = address
         self.model_id = model_id
-        self._channel = grpc.aio.insecure_channel(address)
+        self.member = member  # None: a service that runs open (tests)
+        self._channel = (member.channel(address, CACHE_SERVICE_IDENTITY) if member is not None
+                         else grpc.aio.insecure_channel(address))
         self._stub = cache_pb2_grpc.CacheServiceStub(self._channel)
+
+    def _metadata(self, method: str) -> tuple[tuple[str, str], ...]:
+        auth = self.member.call_metadata(f"/{SERVICE_NAME}/{method}") if self.member is not None else ()
+        return (*request_id_metadata(), *auth)
 
     async def lookup(self, hashes: Sequence[BlockHash]) -> dict[str, int]:
         if not hashes:
             return {}
         resp = await self._call("Lookup", self._stub.Lookup(
             cache_pb2.LookupRequest(block_hashes=[bytes(h) for h in hashes], model_id=self.model_id),
-            timeout=LOOKUP_TIMEOUT_S, metadata=request_id_metadata(),
+            timeout=LOOKUP_TIMEOUT_S, metadata=self._metadata("Lookup"),
         ))
         return {m.node_id: m.num_blocks for m in resp.matches}
 
@@ -86,7 +100,7 @@ class CacheLink:
             return {}, {}
         resp = await self._call("Lookup", self._stub.Lookup(
             cache_pb2.LookupRequest(block_hashes=[bytes(h) for h in hashes], model_id=self.model_id),
-            timeout=LOOKUP_TIMEOUT_S, metadata=request_id_metadata(),
+            timeout=LOOKUP_TIMEOUT_S, metadata=self._metadata("Lookup"),
         ))
         tiers = {m.node_id: TierCounts(m.num_device_blocks, m.num_host_blocks, m.num_disk_blocks)
                  for m in resp.matches if m.num_host_blocks or m.num_disk_blocks}
@@ -99,14 +113,14 @@ class CacheLink:
                 pin_id=pin_id, block_hashes=[bytes(h) for h in hashes], replicas=replicas, ttl_seconds=ttl_seconds,
                 token_ids=list(token_ids), cache_salt=cache_salt, model_id=self.model_id, tenant=tenant,
             ),
-            timeout=PIN_TIMEOUT_S, metadata=request_id_metadata(),
+            timeout=PIN_TIMEOUT_S, metadata=self._metadata("Pin"),
         ))
         return list(resp.node_ids)
 
     async def unpin(self, pin_id: str, tenant: str = "") -> tuple[bool, list[str]]:
         resp = await self._call("Unpin", self._stub.Unpin(
             cache_pb2.PinBlocksRequest(pin_id=pin_id, model_id=self.model_id, tenant=tenant),
-            timeout=PIN_TIMEOUT_S, metadata=request_id_metadata(),
+            timeout=PIN_TIMEOUT_S, metadata=self._metadata("Unpin"),
         ))
         return resp.found, list(resp.node_ids)
 

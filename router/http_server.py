@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 from typing import Any
 
 import uvicorn
@@ -31,7 +32,8 @@ class _Server(uvicorn.Server):
 
 
 class HttpServer:
-    def __init__(self, app: Any, host: str, port: int, *, limit_concurrency: int | None = None) -> None:
+    def __init__(self, app: Any, host: str, port: int, *, limit_concurrency: int | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.host = host
         self.port = port
         self.config = uvicorn.Config(
@@ -41,6 +43,8 @@ class HttpServer:
             # A backstop above the dispatcher's in-flight cap (that one answers 429 in OpenAI's shape):
             # connections beyond this get uvicorn's plain 503, so that no client can hold unbounded sockets.
             limit_concurrency=limit_concurrency,
+            # HTTPS with the router's certificate when it has one (router/server.py): the same TLS as gRPC.
+            ssl_context_factory=(lambda _config, _default: ssl_context) if ssl_context is not None else None,
         )
         self.server = _Server(self.config)
         self._sock: socket.socket | None = None

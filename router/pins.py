@@ -21,7 +21,7 @@ import asyncio
 from dataclasses import dataclass
 
 from cache_service.pin_keeper import pin_refusal
-from cache_service.records import InvalidRequestError
+from cache_service.records import InvalidRequestError, UnsupportedFeatureError
 from cache_service.types import DEFAULT_PIN_QUOTA_FRACTION, DEFAULT_TENANT, OPERATOR_TENANT
 from router.cache_link import CacheLink
 from router.dispatch import OverloadedError
@@ -43,6 +43,12 @@ class PinQuotaError(OverloadedError):
 
 class PinNotYoursError(PermissionError):
     """Unpin or pin again of another tenant's pin (without a cache service; with one, the service says)."""
+
+
+class PinUnsupportedError(Exception):
+    """Every worker chosen for the pin runs an engine that cannot hold blocks (vLLM workers: their ``pin``
+    raises ``UnsupportedFeatureError``). FAILED_PRECONDITION at the edge, naming the workers and why; nothing
+    of the pin is left behind."""
 
 
 def _no_room(num_blocks: int) -> PinQuotaError:
@@ -114,7 +120,12 @@ class PinManager:
             holders = self._choose_holders(pin_id, hashes, replicas)
             if not holders and self.registry.live_workers():
                 raise _no_room(len(hashes))
-        await self._warm(pin_id, full, cache_salt, holders)
+        try:
+            await self._warm(pin_id, full, cache_salt, holders)
+        except PinUnsupportedError:
+            if self.link is not None:  # kept nowhere: the service must not re-warm it on the workers either
+                await self.link.unpin(pin_id, tenant)
+            raise
         if self.link is None:
             self._owners[pin_id] = (tenant, len(hashes))
         return PinResult(pin_id, holders, len(full), len(hashes))
@@ -160,6 +171,10 @@ class PinManager:
                     w.pins = w.pins | {pin_id}
             errors = [r for r in results if isinstance(r, BaseException)]
             if errors and len(errors) == len(results):
+                unsupported = [w.worker_id for w, r in zip(states, results) if isinstance(r, UnsupportedFeatureError)]
+                if unsupported:
+                    first = next(r for r in results if isinstance(r, UnsupportedFeatureError))
+                    raise PinUnsupportedError(f"Pin is not available on {', '.join(unsupported)}: {first}")
                 raise errors[0]
 
     async def unpin(self, text: str, token_ids: list[int], cache_salt: str, tenant: str | None = None) -> PinResult:

@@ -10,7 +10,7 @@ from typing import Any, AsyncIterator, Sequence
 
 import ray
 
-from cache_service.records import Delta, GenerateCall, InvalidRequestError, WorkerPoll
+from cache_service.records import Delta, GenerateCall, InvalidRequestError, UnsupportedFeatureError, WorkerPoll
 from router.worker_client import WorkerCallError
 
 
@@ -20,6 +20,8 @@ def _call_error(exc: BaseException) -> Exception:
         cause = exc.cause
         if isinstance(cause, InvalidRequestError):
             return InvalidRequestError(str(cause))
+        if isinstance(cause, UnsupportedFeatureError):  # the engine cannot do it (pins on vLLM): say so as it is
+            return UnsupportedFeatureError(str(cause))
         return WorkerCallError(f"the worker failed: {type(cause).__name__}: {cause}")
     if isinstance(exc, ray.exceptions.ActorDiedError):
         return WorkerCallError(f"the worker process died ({name})", dead=True)

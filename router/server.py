@@ -5,6 +5,12 @@ the OpenAI-compatible HTTP front door (router/http_app.py) on the same loop, ove
 ``RouterServer`` runs on the caller's asyncio loop; ``RouterThread`` runs one on a private loop in a
 daemon thread (the ``serve`` launcher and the tests). Health is NOT_SERVING until the workers
 answered their first poll, and again while no worker is live.
+
+Its two credentials (DESIGN 6b): ``member``, the router's cluster identity, for its calls to the cache
+service; ``tls_cert_file``/``tls_key_file`` (PEM) for the client-facing endpoints, gRPC and HTTP, which
+then serve TLS without asking clients for a certificate (clients authenticate with bearer tokens, which TLS
+keeps off the wire in clear text). Without them both are plaintext, and with bearer tokens the router warns
+at start.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
+from common.cluster_auth import Member, read_pem, server_ssl_context, server_tls_credentials
 from common.grpc_edge import EdgeInterceptor
 from common.logs import RequestIdInterceptor, get_logger
 from protos.prefixcache.v1 import generation_pb2, generation_pb2_grpc
@@ -67,6 +74,9 @@ class RouterConfig:
     index_source: str = "mirror"  # or "service": look every prompt up in the CacheService
     transfer_hints: bool = True  # False: never point a worker at a peer (no transfers)
     auth: TokenAuth | None = None
+    member: Member | None = None  # the router's cluster identity (cache service calls); None: an open service
+    tls_cert_file: str | None = None  # PEM certificate chain of the client-facing endpoints; None: plaintext
+    tls_key_file: str | None = None
     max_in_flight: int = 256
     max_attempts: int = 3
     poll_interval_s: float = 0.1
@@ -89,7 +99,7 @@ class RouterServer:
         for w in workers:
             self.registry.add(w.client, w.node_id, w.transfer_address)
         self.metrics.attach_registry(self.registry)
-        self.link = (CacheLink(config.cache_service_address, self.encoder.model_id)
+        self.link = (CacheLink(config.cache_service_address, self.encoder.model_id, config.member)
                      if config.cache_service_address else None)
         self.policy = make_policy(config.policy, seed=config.seed, weights=config.policy_weights)
         self.routing = RoutingCore(self.encoder, self.registry, self.mirror, self.policy, self.metrics,
@@ -126,7 +136,17 @@ class RouterServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server)
-        port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        address = f"{cfg.host}:{cfg.port}"
+        if (cfg.tls_cert_file is None) != (cfg.tls_key_file is None):
+            raise ValueError("the router's TLS needs both a certificate and its key")
+        if cfg.tls_cert_file is not None and cfg.tls_key_file is not None:
+            port = server.add_secure_port(address, server_tls_credentials(
+                read_pem(cfg.tls_cert_file, "certificate"), read_pem(cfg.tls_key_file, "private key")))
+        else:
+            port = server.add_insecure_port(address)
+            if cfg.auth is not None:
+                log.warning("bearer tokens cross the network in clear text: the router's endpoint has no TLS "
+                            "(give --tls-cert and --tls-key)", extra={"address": address})
         if port == 0:
             raise OSError(f"cannot bind the router to {cfg.host}:{cfg.port}")
         if cfg.http_port is not None:  # bound now too: a port in use fails the start before any wait
@@ -145,7 +165,7 @@ class RouterServer:
         self._health_task = asyncio.get_running_loop().create_task(self._health_loop(), name="router-health")
         log.info("router listening", extra={"address": self.address, "metrics_port": self.metrics_port,
                                             "http_port": self.http_port, "policy": cfg.policy,
-                                            "model_id": self.encoder.model_id})
+                                            "model_id": self.encoder.model_id, "tls": cfg.tls_cert_file is not None})
         return port
 
     def _http_front_door(self) -> Any:
@@ -158,7 +178,11 @@ class RouterServer:
                         cfg.served_model_name or default_served_model_name(cfg.model),
                         is_live=lambda: bool(self.registry.live_workers()), metrics_registry=self.metrics.registry)
         # Connections beyond the in-flight cap, with room for idle keep-alive clients, get uvicorn's 503.
-        return HttpServer(app.build(), cfg.host, cfg.http_port, limit_concurrency=4 * cfg.max_in_flight + 64)
+        # The same TLS as the gRPC endpoint: bearer tokens cross neither door in clear text when TLS is configured.
+        tls = (server_ssl_context(cfg.tls_cert_file, cfg.tls_key_file)
+               if cfg.tls_cert_file is not None and cfg.tls_key_file is not None else None)
+        return HttpServer(app.build(), cfg.host, cfg.http_port, limit_concurrency=4 * cfg.max_in_flight + 64,
+                          ssl_context=tls)
 
     async def _set_health(self, ok: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING

@@ -8,6 +8,7 @@ Errors map to status codes here and nowhere else:
     NoWorkerError / StreamBrokenError          UNAVAILABLE        (no live worker, worker lost mid-stream)
     WorkerCallError / TimeoutError             UNAVAILABLE        (Pin: a worker failed or did not warm in time)
     PinNotFoundError                           NOT_FOUND
+    PinUnsupportedError                        FAILED_PRECONDITION (the workers' engine cannot hold pins: vLLM)
     CacheServiceError                          the cache service's code (router/cache_link.py says which)
     anything else                              INTERNAL, a generic message; the traceback goes to the log
 """
@@ -27,7 +28,7 @@ from router.auth import AuthError, TokenAuth
 from router.cache_link import CacheServiceError
 from router.dispatch import Dispatcher, OverloadedError, RequestFailedError, StreamBrokenError
 from router.front_door import FrontDoor
-from router.pins import PinManager, PinNotFoundError, PinNotYoursError
+from router.pins import PinManager, PinNotFoundError, PinNotYoursError, PinUnsupportedError
 from router.routing import NoWorkerError, UnknownWorkerError
 from router.tokenize import PromptEncoder
 from router.validation import GenerateArgs, ValidRequest
@@ -45,6 +46,7 @@ _STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (StreamBrokenError, grpc.StatusCode.UNAVAILABLE),
     (PinNotFoundError, grpc.StatusCode.NOT_FOUND),
     (PinNotYoursError, grpc.StatusCode.PERMISSION_DENIED),
+    (PinUnsupportedError, grpc.StatusCode.FAILED_PRECONDITION),
 ]
 
 

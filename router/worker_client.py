@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator, Protocol, Sequence
 
-from cache_service.records import Delta, GenerateCall, InvalidRequestError, WorkerPoll
+from cache_service.records import Delta, GenerateCall, InvalidRequestError, UnsupportedFeatureError, WorkerPoll
 
 
 class WorkerCallError(Exception):
@@ -96,7 +96,7 @@ class InProcessWorkerClient:
     async def _call(coro: Any) -> Any:
         try:
             return await coro
-        except (WorkerCallError, InvalidRequestError):
+        except (WorkerCallError, InvalidRequestError, UnsupportedFeatureError):
             raise
         except Exception as exc:  # noqa: BLE001 - the worker's failure, as Ray would report it
             raise WorkerCallError(f"the worker failed: {type(exc).__name__}: {exc}") from None

@@ -16,6 +16,7 @@ from cache_service.client import CacheClientConfig
 from cache_service.local_node import LocalCacheNode
 from cache_service.prefix_fetcher import FetcherConfig
 from cache_service.server import CacheServiceConfig, CacheServiceThread
+from common.cluster_auth import ClusterCredential, Member
 from workers.engine import Engine, EngineConfig
 from cache_service.records import SamplingParams
 
@@ -37,9 +38,9 @@ def cache_service(valkey_module) -> Iterator[CacheServiceThread]:
     svc.stop()
 
 
-def node_config(raw_stream: bool = True, **fetcher: object) -> CacheNodeConfig:
+def node_config(raw_stream: bool = True, member: Member | None = None, **fetcher: object) -> CacheNodeConfig:
     return CacheNodeConfig(
-        raw_stream=raw_stream,
+        raw_stream=raw_stream, member=member,
         client=CacheClientConfig(ttl_s=1, heartbeat_interval_s=0.2, publish_interval_s=0.02,
                                  backoff_initial_s=0.05, backoff_max_s=0.3, rpc_timeout_s=1.0),
         # Generous deadlines: this machine is shared; the slow-peer test sets its own.
@@ -51,7 +52,7 @@ def node_config(raw_stream: bool = True, **fetcher: object) -> CacheNodeConfig:
 @pytest.fixture
 def make_node(demo_model, cache_service, valkey_module) -> Iterator[Callable[..., LocalCacheNode]]:
     """``make_node("A", num_blocks=64, kv_cache_dtype="auto", **fetcher_config)``; all are stopped at the end
-    of the test."""
+    of the test. ``credential``: the node joins as the member ``node_id`` of a cluster with that credential."""
     from cache_service.embedded_redis import connect_sync
 
     connect_sync(valkey_module.url).flushall()
@@ -59,11 +60,13 @@ def make_node(demo_model, cache_service, valkey_module) -> Iterator[Callable[...
 
     def make(node_id: str, num_blocks: int = 64, cache_address: str | None = "default",
              wait_registered_s: float = 10.0, raw_stream: bool = True, kv_cache_dtype: str = "auto",
-             **fetcher: object):
+             credential: ClusterCredential | None = None, **fetcher: object):
         engine = Engine(EngineConfig(model="demo", num_blocks=num_blocks, kv_cache_dtype=kv_cache_dtype),
                         loaded=demo_model)
         address = cache_service.address if cache_address == "default" else cache_address
-        node = LocalCacheNode(engine, node_id, cache_address=address, config=node_config(raw_stream, **fetcher))
+        member = Member(node_id, credential) if credential is not None else None
+        node = LocalCacheNode(engine, node_id, cache_address=address,
+                              config=node_config(raw_stream, member, **fetcher))
         nodes.append(node)
         return node.start(wait_registered_s)
 
@@ -89,3 +92,32 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0, what: str
 def prompt_of(n: int, seed: int = 0) -> list[int]:
     """``n`` deterministic byte-range token ids (the demo vocabulary holds them all)."""
     return [(seed * 37 + i * 11) % 250 + 3 for i in range(n)]
+
+
+class MemberStub:
+    """A CacheService stub whose every call carries ``member``'s cluster credential: for tests that call a
+    members-only service (a whole stack's: ``Stack.credential``) as an operator, the router or a node."""
+
+    def __init__(self, address: str, member: Member) -> None:
+        from protos.prefixcache.v1 import cache_pb2_grpc
+
+        self.member = member
+        self.channel = member.sync_channel(address, "cache-service")
+        self._stub = cache_pb2_grpc.CacheServiceStub(self.channel)
+
+    def __getattr__(self, name: str) -> Callable[..., object]:
+        call = getattr(self._stub, name)
+        path = f"/prefixcache.v1.CacheService/{name}"
+
+        def signed_call(request: object, metadata: tuple = (), **kwargs: object) -> object:
+            # A token per call: a stub kept for minutes must not send one past the clock skew.
+            return call(request, metadata=(*metadata, *self.member.call_metadata(path)), **kwargs)
+
+        return signed_call
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def member_stub(address: str, credential: ClusterCredential, identity: str = "operator") -> MemberStub:
+    return MemberStub(address, Member(identity, credential))

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, Sequence
 
 from cache_service.block_hash import BlockHash
-from cache_service.records import (BlockEvent, BlockRemoved, BlockStored, Delta, EngineFailure, FailureKind,
+from cache_service.records import (BlockEvent, BlockRemoved, BlockStored, Delta, EngineFailure, FailureKind, HeldBlock,
                                    GenerateCall, SamplingParams, Usage, WorkerLoad, WorkerPoll)
 from router.dispatch import Dispatcher
 from router.index_mirror import IndexMirror
@@ -145,7 +145,7 @@ class FakeWorker:
         if feed_epoch == self.epoch and self._oldest <= feed_seq <= self.seq:
             events, snapshot = self._buf[feed_seq - self._oldest:], None
         else:
-            events, snapshot = [], sorted(self.cached)
+            events, snapshot = [], [HeldBlock(h) for h in sorted(self.cached)]  # every block on the device
         return WorkerPoll(self.epoch, self.seq, events, snapshot, load=dataclasses.replace(self.load),
                           pins=sorted(self.pins), engine_stalled_s=self.engine_stalled_s,
                           transfer_address=self.transfer_address)

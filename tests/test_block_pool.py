@@ -163,3 +163,151 @@ def test_random_operations_keep_integrity():
         if step % 97 == 0:
             pool.check_integrity()
     pool.check_integrity()
+
+
+# ---- tiers under the pool: device -> host -> disk -> gone, one event stream -------------------------------
+def tiered_pool(tmp_path, num_blocks=2, host_slots=2, disk_files=2):
+    """A 2-block pool over a tiny real KV cache (1 layer, 1 KV head, head_dim 2: 64 bytes a block), with a
+    host tier of ``host_slots`` and a disk tier that holds exactly ``disk_files`` files, wired as the
+    KVManager wires them."""
+    import dataclasses
+
+    import torch
+
+    from cache_service.block_wire import encode_payload
+    from workers.disk_tier import DiskTier, encode_file
+    from workers.host_tier import DeviceCopies, HostTier
+    from workers.lower_tiers import LowerTiers
+    from workers.model.demo import demo_config
+    from workers.model.kv_cache import KVCache
+
+    cfg = dataclasses.replace(demo_config(), num_layers=1, num_kv_heads=1, head_dim=2)
+    cache = KVCache(cfg, num_blocks, BS, torch.float32, "cpu")
+    copies = DeviceCopies(cache)
+    file_nbytes = len(encode_file(tuple(range(BS)), encode_payload("m", bytes(16), "float32", cache.block_shape,
+                                                                     bytes(cache.block_nbytes()))))
+    disk = DiskTier(tmp_path, disk_files * file_nbytes, model_id="m", dtype="float32", block_shape=cache.block_shape)
+    tiers = LowerTiers("m", copies, dtype="float32", block_shape=cache.block_shape,
+                       host=HostTier(host_slots, copies) if host_slots else None, disk=disk)
+    pool = BlockPool(num_blocks, BS, lower=tiers)
+    tiers.attach(pool.emit, lambda h: h in pool.cached)
+    return pool, tiers, cache
+
+
+def fill_with_data(pool, cache, tokens, value):
+    """``fill``, with every K/V element of the chain's block i set to ``value + i`` (to follow the bytes)."""
+    import torch
+
+    blocks, hashes = fill(pool, tokens)
+    for i, b in enumerate(blocks):
+        cache.write_block(b.block_id, torch.full(cache.block_shape, float(value + i)))
+    return blocks, hashes
+
+
+def toks(start):
+    return tuple(range(start, start + BS))
+
+
+def test_evicted_blocks_go_device_host_disk_then_gone_with_exact_events(tmp_path):
+    from cache_service.records import HeldBlock, Tier
+
+    pool, tiers, cache = tiered_pool(tmp_path, disk_files=4)
+    assert pool.drain_events() == []  # an empty disk folder announces nothing
+    a, ha = fill_with_data(pool, cache, list(range(0, 8)), 10)
+    pool.free(a)  # queue = [1, 0]: chain tails first
+    assert pool.drain_events() == [BlockStored(ha[0], None, toks(0), 0), BlockStored(ha[1], ha[0], toks(4), 1)]
+
+    # B takes both blocks: A's go to host memory (tail first), not away (and through to disk: files).
+    b, hb = fill_with_data(pool, cache, list(range(100, 108)), 20)
+    assert [blk.block_id for blk in b] == [1, 0]
+    assert pool.drain_events() == [
+        BlockStored(ha[1], None, toks(4), None, Tier.HOST), BlockStored(ha[0], None, toks(0), None, Tier.HOST),
+        BlockStored(hb[0], None, toks(100), 1), BlockStored(hb[1], hb[0], toks(104), 0)]
+    assert pool.num_evicted == 2 and list(tiers.host.hashes()) == [ha[1], ha[0]]
+
+    # C: B's blocks need the host slots, so A's (least recently used first) move on to disk.
+    pool.free(b)
+    c, hc = fill_with_data(pool, cache, list(range(200, 208)), 30)
+    assert pool.drain_events() == [
+        BlockStored(ha[1], None, toks(4), None, Tier.DISK), BlockStored(hb[1], None, toks(104), None, Tier.HOST),
+        BlockStored(ha[0], None, toks(0), None, Tier.DISK), BlockStored(hb[0], None, toks(100), None, Tier.HOST),
+        BlockStored(hc[0], None, toks(200), 0), BlockStored(hc[1], hc[0], toks(204), 1)]
+
+    # D: C to host, B to disk, and C's files take the places of A's (4 files, least recently used first):
+    # A is gone from every tier.
+    pool.free(c)
+    d, hd = fill_with_data(pool, cache, list(range(300, 308)), 40)
+    assert pool.drain_events() == [
+        BlockStored(hb[1], None, toks(104), None, Tier.DISK), BlockRemoved(ha[1]),
+        BlockStored(hc[1], None, toks(204), None, Tier.HOST),
+        BlockStored(hb[0], None, toks(100), None, Tier.DISK), BlockRemoved(ha[0]),
+        BlockStored(hc[0], None, toks(200), None, Tier.HOST),
+        BlockStored(hd[0], None, toks(300), 1), BlockStored(hd[1], hd[0], toks(304), 0)]
+    assert sorted(pool.cached.values(), key=lambda blk: blk.block_id) == sorted(d, key=lambda blk: blk.block_id)
+    assert tiers.blocks() == [HeldBlock(hc[1], Tier.HOST), HeldBlock(hc[0], Tier.HOST),
+                              HeldBlock(hb[1], Tier.DISK), HeldBlock(hb[0], Tier.DISK)]
+    assert sorted(p.name for p in tiers.disk.directory.iterdir()) == sorted(f"{h.hex()}.kvb" for h in hb + hc)
+
+    # The bytes travelled unchanged: C's in host slots, B's in checked disk payloads.
+    import torch
+
+    from cache_service.block_wire import check_payload
+    for i, h in enumerate(hc):
+        (host_bytes,) = tiers.host.data(tiers.host.get(h).slot)  # one part: values (no fp8 scales)
+        assert torch.equal(host_bytes.view(torch.float32).reshape(cache.block_shape),
+                           torch.full(cache.block_shape, 30.0 + i))
+    for i, h in enumerate(hb):
+        raw = check_payload(tiers.disk.read(h), model_id="m", dtype="float32", shape=cache.block_shape, block_hash=h)
+        assert torch.equal(torch.frombuffer(bytearray(raw), dtype=torch.float32).reshape(cache.block_shape),
+                           torch.full(cache.block_shape, 20.0 + i))
+    pool.free(d)
+    pool.check_integrity()
+    tiers.check_integrity()
+
+
+def test_without_a_host_tier_evicted_blocks_go_straight_to_disk(tmp_path):
+    from cache_service.records import Tier
+
+    pool, tiers, cache = tiered_pool(tmp_path, host_slots=0, disk_files=3)
+    a, ha = fill_with_data(pool, cache, list(range(0, 8)), 10)
+    pool.free(a)
+    pool.drain_events()
+    b, hb = fill_with_data(pool, cache, list(range(100, 108)), 20)
+    assert pool.drain_events()[:2] == [BlockStored(ha[1], None, toks(4), None, Tier.DISK),
+                                       BlockStored(ha[0], None, toks(0), None, Tier.DISK)]
+    pool.free(b)
+    fill_with_data(pool, cache, list(range(200, 208)), 30)  # 4 files for 3 places: A's oldest goes
+    assert pool.drain_events()[:3] == [BlockStored(hb[1], None, toks(104), None, Tier.DISK),
+                                       BlockRemoved(ha[1]), BlockStored(hb[0], None, toks(100), None, Tier.DISK)]
+    pool.check_integrity()
+    tiers.check_integrity()
+
+
+class RecordingTier:
+    """A LowerTier that records what the pool hands it, and what the pool's hash map says meanwhile."""
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.calls = []
+
+    def spill(self, evicted):
+        self.calls.append([(e.block_hash, e.token_ids, e.block_id, e.block_hash in self.pool.cached)
+                           for e in evicted])
+
+
+def test_the_pool_hands_every_victim_of_one_allocation_to_the_tier_below_at_once():
+    pool = BlockPool(4, BS)
+    tier = RecordingTier(pool)
+    pool.lower = tier
+    a, ha = fill(pool, list(range(0, 8)))  # blocks 0, 1; 2 and 3 never used
+    pool.free(a)  # queue = [2, 3, 1, 0]
+    pool.drain_events()
+    got = pool.allocate(3)  # two unhashed blocks first, then a's tail
+    assert [b.block_id for b in got] == [2, 3, 1]
+    # One call per allocation, in eviction order, each victim already out of the hash map; the pool
+    # itself emits nothing for it (the tier below says where it went).
+    assert tier.calls == [[(ha[1], toks(4), 1, False)]]
+    assert pool.drain_events() == [] and pool.num_evicted == 1
+    assert pool.allocate(0) == [] and tier.calls == [[(ha[1], toks(4), 1, False)]]
+    pool.free(got)
+    pool.check_integrity()

@@ -18,6 +18,7 @@ from cache_service.block_hash import hash_prompt_blocks
 from cache_service.embedded_redis import connect_sync
 from cache_service.server import CacheServiceConfig, CacheServiceThread
 from cache_service.validation import MAX_EVENTS_PER_PUBLISH, MAX_LOOKUP_BLOCKS
+from common.cluster_auth import Member, SharedSecret
 from protos.prefixcache.v1 import cache_pb2 as pb
 from protos.prefixcache.v1 import cache_pb2_grpc
 
@@ -243,18 +244,26 @@ def test_cli_runs_with_embedded_valkey_and_stops_on_sigterm():
     proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "cache-service", "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        address = None
+        address = secret_file = None
         deadline = time.monotonic() + 60
         while address is None and time.monotonic() < deadline:
             line = proc.stdout.readline()
+            if line.startswith("cluster secret for this start: "):  # members only: a secret made for this start
+                secret_file = line.split(": ", 1)[1].split()[0]
             if line.startswith("cache service listening on "):
                 address = line.split()[-1]
-        assert address is not None, "the CLI did not report its address"
+        assert address is not None and secret_file is not None, "the CLI did not report its address and secret"
+        operator = Member("operator", SharedSecret.from_file(secret_file))
         with grpc.insecure_channel(address) as channel:
-            stats = cache_pb2_grpc.CacheServiceStub(channel).GetStats(pb.GetStatsRequest(), timeout=10)
-            assert stats.num_blocks == 0
+            stub = cache_pb2_grpc.CacheServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.GetStats(pb.GetStatsRequest(), timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            metadata = operator.call_metadata("/prefixcache.v1.CacheService/GetStats")
+            assert stub.GetStats(pb.GetStatsRequest(), timeout=10, metadata=metadata).num_blocks == 0
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+        assert not os.path.exists(secret_file)  # removed with the service
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -39,10 +39,11 @@ import pytest
 from cache_service.records import SamplingParams
 from deploy.stack import Stack, StackConfig
 from deploy.stats import parse_metrics
-from protos.prefixcache.v1 import cache_pb2, cache_pb2_grpc
+from protos.prefixcache.v1 import cache_pb2
 from protos.prefixcache.v1 import generation_pb2 as pb
 from protos.prefixcache.v1 import generation_pb2_grpc
 from router.server import wait_until
+from tests.cache_fixtures import member_stub
 from tests.ray_fixtures import two_node_cluster  # noqa: F401  (module-scoped: this module's own cluster)
 
 pytestmark = pytest.mark.timeout(300)
@@ -112,13 +113,13 @@ def test_correct_answers_through_a_valkey_kill_and_a_lost_machine(two_node_clust
                               cache_service_port=0, num_blocks=NUM_BLOCKS, block_size=BS, max_num_seqs=8))
     stack.start()
     router = grpc.insecure_channel(stack.router_address)
-    cache = grpc.insecure_channel(stack.cache_service_address)
+    cache = member_stub(stack.cache_service_address, stack.credential)  # members only: as an operator
     gates = [threading.Event() for _ in range(NUM_PHASES)]  # gates[p]: clients may start phase p
     abort = threading.Event()
     pool = ThreadPoolExecutor(NUM_CLIENTS, thread_name_prefix="chaos-client")
     try:
         gen = generation_pb2_grpc.GenerationStub(router)
-        svc = cache_pb2_grpc.CacheServiceStub(cache)
+        svc = cache
         registry = stack.router_server.registry
         assert stack.worker_infos[SURVIVOR].node_id == two_node_cluster.head_node_id
         assert stack.worker_infos[LOST].node_id == two_node_cluster.worker_node_id

@@ -322,9 +322,9 @@ def test_engine_has_every_engine_port_member_with_its_signature(loaded):
     engine = make_engine(loaded["llama"])
     members = {name: m for name, m in vars(EnginePort).items() if not name.startswith("_")}
     assert sorted(members) == [
-        "block_nbytes", "block_size", "cached_hashes", "drain_events", "evict", "export_blocks", "import_blocks",
-        "load", "model_id", "num_blocks", "num_cached_prefix_blocks", "pin", "pinned", "set_eviction_advisor",
-        "unpin", "verify_block",
+        "block_nbytes", "block_size", "cached_blocks", "cached_hashes", "drain_events", "evict", "export_blocks",
+        "import_blocks", "load", "model_id", "num_blocks", "num_cached_prefix_blocks", "pin", "pinned",
+        "set_eviction_advisor", "unpin", "verify_block",
     ]
     for name, member in members.items():
         if isinstance(member, property):  # a static fact: a plain value of the annotated type

@@ -24,6 +24,7 @@ import grpc
 import pytest
 
 from cache_service.block_hash import hash_prompt_blocks
+from common.cluster_auth import Member, SharedSecret
 from protos.prefixcache.v1 import cache_pb2, cache_pb2_grpc, generation_pb2, generation_pb2_grpc
 from stack_process import (free_port, prefixcache_cmd, process_env, start_session, stop_session, tail,
                                  wait_for_stack)
@@ -77,8 +78,15 @@ def _generate(stub, token_ids: list[int], target_worker: str = "", timeout: floa
         sampling=generation_pb2.SamplingParams(max_tokens=4, ignore_eos=True)), timeout=timeout)
 
 
+# The stack's cluster secret (the test writes it and hands it to `serve`): the cache service serves members only.
+SECRET = SharedSecret(b"test-ray-cluster-secret-0123456789")
+OPERATOR, ROUTER = Member("operator", SECRET), Member("router", SECRET)
+
+
 def _stats(cache_stub) -> dict[str, cache_pb2.NodeStats]:
-    return {n.node.node_id: n for n in cache_stub.GetStats(cache_pb2.GetStatsRequest(), timeout=10).nodes}
+    metadata = OPERATOR.call_metadata("/prefixcache.v1.CacheService/GetStats")
+    return {n.node.node_id: n for n in cache_stub.GetStats(cache_pb2.GetStatsRequest(), timeout=10,
+                                                           metadata=metadata).nodes}
 
 
 def _workers_up(metrics_port: int) -> dict[str, float]:
@@ -89,7 +97,7 @@ def _workers_up(metrics_port: int) -> dict[str, float]:
 def _lookup(cache_stub, token_ids: list[int]) -> dict[str, int]:
     hashes = hash_prompt_blocks(token_ids, BLOCK_SIZE, "demo", "")
     resp = cache_stub.Lookup(cache_pb2.LookupRequest(block_hashes=[bytes(h) for h in hashes], model_id="demo"),
-                             timeout=10)
+                             timeout=10, metadata=ROUTER.call_metadata("/prefixcache.v1.CacheService/Lookup"))
     return {m.node_id: m.num_blocks for m in resp.matches}
 
 
@@ -115,11 +123,12 @@ def test_serve_on_raylets_takes_in_a_joining_one_and_survives_losing_one():
         # Several raylets are the multi-machine case: the stack listens on every interface (--host 0.0.0.0),
         # so each worker advertises its own node's IP to its peers (with the default --host 127.0.0.1 every
         # listener stays on loopback, which only a one-machine stack can use).
+        (tmp / "cluster-secret").write_bytes(SECRET.secret)
         procs["serve"] = start_session(prefixcache_cmd(
             "serve", "--ray-address", address, "--host", "0.0.0.0", "--workers", "2", "--model", "demo",
             "--port", str(port),
-            "--metrics-port", str(metrics_port), "--cache-service-port", str(cs_port), "--num-blocks", "128"),
-            tmp / "serve.log")
+            "--metrics-port", str(metrics_port), "--cache-service-port", str(cs_port), "--num-blocks", "128",
+            "--cluster-secret-file", str(tmp / "cluster-secret")), tmp / "serve.log")
         wait_for_stack(procs["serve"], port, metrics_port, tmp / "serve.log", timeout_s=150)
 
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch, grpc.insecure_channel(f"127.0.0.1:{cs_port}") as cch:

@@ -11,7 +11,7 @@ import pytest
 from cache_service.block_hash import hash_prompt_blocks
 from router.index_mirror import IndexMirror
 from workers.engine import Engine, EngineConfig
-from cache_service.records import BlockRemoved, BlockStored, GenerateCall, SamplingParams
+from cache_service.records import BlockRemoved, BlockStored, GenerateCall, SamplingParams, Tier
 from workers.event_feed import EventFeed
 from workers.ray_worker import WorkerActor, WorkerConfig
 
@@ -80,7 +80,8 @@ def test_poll_feeds_a_mirror_incrementally_and_by_snapshot(actor):
         mirror = IndexMirror()
         first = await actor.poll("", 0)  # unknown epoch: snapshot
         assert first.snapshot is not None and first.events == []
-        mirror.replace_worker("w", first.snapshot)
+        assert all(tier is Tier.DEVICE for _, tier in first.snapshot)  # no tiers under this worker's pool
+        mirror.replace_worker("w", [h for h, _ in first.snapshot])
         ids = prompt(4, 70)
         await collect(actor, "c", ids, SamplingParams(max_tokens=2))
         second = await actor.poll(first.feed_epoch, first.feed_seq)
@@ -92,7 +93,7 @@ def test_poll_feeds_a_mirror_incrementally_and_by_snapshot(actor):
         assert second.load.capacity_blocks == 64 and second.load.num_running == 0
         assert second.counters.num_blocks_stored >= 4
         stale = await actor.poll("another-epoch", 0)
-        assert stale.snapshot is not None and set(stale.snapshot) == set(await actor.cached_hashes())
+        assert stale.snapshot is not None and {h for h, _ in stale.snapshot} == set(await actor.cached_hashes())
 
     asyncio.run(go())
 

@@ -22,9 +22,11 @@ import pytest
 
 from cache_service.block_hash import hash_prompt_blocks
 from cache_service.embedded_redis import EmbeddedRedis, connect_sync
-from protos.prefixcache.v1 import cache_pb2, cache_pb2_grpc
+from protos.prefixcache.v1 import cache_pb2
 from protos.prefixcache.v1 import generation_pb2 as pb
 from protos.prefixcache.v1 import generation_pb2_grpc
+from common.cluster_auth import SharedSecret
+from tests.cache_fixtures import member_stub
 from tests.stack_process import (free_port, listening_sockets, prefixcache_cmd, session_pids, start_session,
                                  stop_session, tail, wait_for_stack)
 
@@ -110,18 +112,22 @@ def is_loopback(address: str) -> bool:
 
 def test_serve_on_loopback_listens_on_loopback_only(tmp_path):
     port, metrics_port, cs_port = free_port(), free_port(), free_port()
+    secret_file = tmp_path / "cluster-secret"  # the cache service serves members only: we call as an operator
+    secret_file.write_text("test-trust-bind-secret-0123456789")
     log = tmp_path / "serve.log"
     proc = start_session(prefixcache_cmd(
         "serve", "--model", "demo", "--workers", "2", "--num-blocks", "64", "--host", "127.0.0.1", "--port", str(port),
-        "--metrics-port", str(metrics_port), "--cache-service-port", str(cs_port)), log)
+        "--metrics-port", str(metrics_port), "--cache-service-port", str(cs_port),
+        "--cluster-secret-file", str(secret_file)), log)
     try:
         wait_for_stack(proc, port, metrics_port, log, timeout_s=150)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             r = generation_pb2_grpc.GenerationStub(ch).Generate(
                 pb.GenerateRequest(token_ids=list(range(40, 80)), sampling=pb.SamplingParams(max_tokens=2)), timeout=60)
         assert r.usage.prompt_tokens == 40
-        with grpc.insecure_channel(f"127.0.0.1:{cs_port}") as ch:
-            stats = cache_pb2_grpc.CacheServiceStub(ch).GetStats(cache_pb2.GetStatsRequest(), timeout=10)
+        operator = member_stub(f"127.0.0.1:{cs_port}", SharedSecret.from_file(secret_file))
+        stats = operator.GetStats(cache_pb2.GetStatsRequest(), timeout=10)
+        operator.close()
         sockets = listening_sockets(session_pids(proc.pid))
         listing = "\n".join(map(str, sockets))
         assert [s for s in sockets if not is_loopback(s[2])] == [], listing
@@ -154,10 +160,11 @@ def test_a_killed_embedded_valkey_comes_back_with_the_index_and_the_pins():
                               num_blocks=64, block_size=BS, max_num_seqs=8))
     stack.start()
     router = grpc.insecure_channel(stack.router_address)
-    cache = grpc.insecure_channel(stack.cache_service_address)
+    cache = member_stub(stack.cache_service_address, stack.credential)  # members only: as an operator
+    as_router = member_stub(stack.cache_service_address, stack.credential, "router")  # Lookup is the router's
     try:
         gen = generation_pb2_grpc.GenerationStub(router)
-        svc = cache_pb2_grpc.CacheServiceStub(cache)
+        svc = cache
         workers = dict(sorted(stack.workers.items()))
 
         def generate(prompt: list[int], worker: str) -> pb.GenerateResponse:
@@ -192,7 +199,8 @@ def test_a_killed_embedded_valkey_comes_back_with_the_index_and_the_pins():
         assert {n.node.node_id: n.epoch for n in after.nodes} == {n.node.node_id: n.epoch for n in before.nodes}
         for worker, prompt in prompts.items():
             hashes = [bytes(h) for h in hash_prompt_blocks(prompt, BS, "demo")]
-            matches = svc.Lookup(cache_pb2.LookupRequest(block_hashes=hashes, model_id="demo"), timeout=5).matches
+            matches = as_router.Lookup(cache_pb2.LookupRequest(block_hashes=hashes, model_id="demo"),
+                                       timeout=5).matches
             assert [(m.node_id, m.num_blocks) for m in matches] == [(worker, len(hashes))]
         # Publishing goes on: blocks made after the restart are indexed too.
         generate(list(range(200, 200 + 2 * BS + 1)), "worker-1")
@@ -205,4 +213,5 @@ def test_a_killed_embedded_valkey_comes_back_with_the_index_and_the_pins():
     finally:
         router.close()
         cache.close()
+        as_router.close()
         stack.stop()

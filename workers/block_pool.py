@@ -25,12 +25,22 @@ but not the reverse).
 
 Every change of the cached set becomes an event (``BlockStored`` /
 ``BlockRemoved``) that the cache service's client drains and publishes.
+
+Tiers below the pool (host memory, disk: ``workers/lower_tiers.py``) hang on
+the ``lower`` hook. When ``allocate`` reuses a cached block, the block leaves
+the hash map first and is then handed to ``lower.spill`` while its K/V is
+still intact (nothing writes a block before ``allocate`` returns it), so the
+data can be copied down. The hook then says where the block went, with
+``BlockStored(h, tier=HOST | DISK)`` or ``BlockRemoved(h)`` on the pool's one
+event stream (``emit``); without a hook the pool says ``BlockRemoved`` itself.
+A referenced block (a running sequence's, a pin's) is never in the free queue,
+so it never leaves the device pool.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Protocol, Sequence
 
 from cache_service.block_hash import BlockHash
 from cache_service.engine_port import EvictionAdvisor
@@ -51,6 +61,24 @@ class Block:
     def __repr__(self) -> str:
         h = self.block_hash.hex()[:8] if self.block_hash else None
         return f"Block(id={self.block_id}, ref={self.ref_count}, hash={h})"
+
+
+class Evicted(NamedTuple):
+    """A cached block ``allocate`` is reusing: out of the hash map already, its K/V still in ``block_id``."""
+
+    block_hash: BlockHash
+    token_ids: tuple[int, ...]
+    block_id: int
+
+
+class LowerTier(Protocol):
+    """What the pool needs of the tiers below it."""
+
+    def spill(self, evicted: Sequence[Evicted]) -> None:
+        """Keep these blocks below the pool where there is room (copying their K/V now: the caller writes
+        the blocks once ``allocate`` returns) and emit one event each, in order: the tier that took it, or
+        ``BlockRemoved``."""
+        ...
 
 
 class FreeBlockQueue:
@@ -111,6 +139,7 @@ class BlockPool:
         enable_caching: bool = True,
         eviction_advisor: EvictionAdvisor | None = None,
         eviction_window: int = 16,
+        lower: LowerTier | None = None,
     ) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError("num_blocks and block_size must be positive")
@@ -121,6 +150,7 @@ class BlockPool:
         # How far from the LRU head we look for a replicated victim: bounded so
         # that allocation stays O(1) and LRU order still dominates.
         self.eviction_window = eviction_window
+        self.lower = lower  # where evicted cached blocks go (None: they are forgotten)
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue = FreeBlockQueue(self.blocks)
         self.cached: dict[BlockHash, Block] = {}
@@ -189,13 +219,20 @@ class BlockPool:
         if not self.can_allocate(num_blocks):
             return None
         out = []
+        evicted: list[Evicted] = []
         for _ in range(num_blocks):
             block = self._pick_victim()
             self.free_queue.remove(block)
             if block.block_hash is not None:
-                self._evict(block)
+                if self.lower is not None:
+                    evicted.append(Evicted(block.block_hash, block.token_ids, block.block_id))
+                self._evict(block, announce=self.lower is None)
             block.ref_count = 1
             out.append(block)
+        if evicted:
+            # All victims are out of the hash map before the tiers below see them: the tiers' events then
+            # describe a state in which none of them is on the device any more.
+            self.lower.spill(evicted)
         return out
 
     def _pick_victim(self) -> Block:
@@ -211,12 +248,14 @@ class BlockPool:
         assert head is not None, "free queue is empty"
         return head
 
-    def _evict(self, block: Block) -> None:
+    def _evict(self, block: Block, announce: bool = True) -> None:
+        """Forget ``block``'s hash; ``announce=False`` when the tiers below emit the event (they took it)."""
         h = block.block_hash
         assert h is not None
         if self.cached.get(h) is block:
             del self.cached[h]
-            self._events.append(BlockRemoved(h))
+            if announce:
+                self._events.append(BlockRemoved(h))
             self.num_evicted += 1
         block.block_hash = None
         block.token_ids = None
@@ -261,7 +300,8 @@ class BlockPool:
                     self.free_queue.appendleft(block)
 
     def evict(self, block_hash: BlockHash) -> bool:
-        """Drop an unreferenced cached block now (cluster-driven eviction)."""
+        """Drop an unreferenced cached block now (cluster-driven eviction): ``BlockRemoved``, nothing spills
+        (the KV manager drops the copies below first)."""
         block = self.cached.get(block_hash)
         if block is None or block.ref_count > 0:
             return False
@@ -280,6 +320,11 @@ class BlockPool:
         self.cached.clear()
         self._events.append(AllBlocksCleared())
         return True
+
+    def emit(self, event: BlockEvent) -> None:
+        """Append to the pool's event stream: the tiers below emit here, so that one ordered stream says
+        where every block went."""
+        self._events.append(event)
 
     def drain_events(self) -> list[BlockEvent]:
         events, self._events = self._events, []

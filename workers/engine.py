@@ -38,6 +38,7 @@ from workers.block_pool import BlockPool
 from workers.engine_cache import EngineCache
 from workers.engine_load import StepRates, worker_load
 from workers.kv_manager import KVManager
+from workers.lower_tiers import LowerTiers
 from workers.model import KVCache, LoadedModel, load_model
 from workers.model_runner import build_forward_batch, tune_host_allocator
 from workers.output_builder import OutputBuilder, accumulate, emit, rejected_output, request_output
@@ -66,6 +67,11 @@ class EngineConfig:
     kv_cache_memory_bytes: int = DEFAULT_KV_CACHE_BYTES
     kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "fp8": float8 e4m3 with scales (model/kv_cache.py)
     seed: int = 0  # the shared generator of unseeded sampled requests
+    # Tiers under the device pool (workers/lower_tiers.py): host memory (0: none) and a disk folder (None:
+    # none) bounded by disk_cache_gb; evicted blocks move down, hits below the pool are loaded back.
+    host_cache_gb: float = 0.0
+    disk_cache_dir: str | None = None
+    disk_cache_gb: float = 16.0
 
 
 class Engine(EngineCache):
@@ -85,11 +91,15 @@ class Engine(EngineCache):
                                                    config.kv_cache_dtype)
         if num_blocks < 1:
             raise ValueError(f"the KV cache must hold at least one block (num_blocks={num_blocks})")
+        kv_cache = KVCache(lm.config, num_blocks, config.block_size, lm.dtype, lm.device, config.kv_cache_dtype)
+        tiers = None
+        if config.enable_prefix_caching:
+            tiers = LowerTiers.for_cache(kv_cache, lm.model_id, host_cache_gb=config.host_cache_gb,
+                                         disk_cache_dir=config.disk_cache_dir, disk_cache_gb=config.disk_cache_gb)
         # Only the KVManager touches the block pool.
         kv = KVManager(BlockPool(num_blocks, config.block_size, enable_caching=config.enable_prefix_caching),
-                       lm.model_id)
-        super().__init__(lm.model_id, kv, KVCache(lm.config, num_blocks, config.block_size, lm.dtype, lm.device,
-                                                  config.kv_cache_dtype))
+                       lm.model_id, tiers)
+        super().__init__(lm.model_id, kv, kv_cache)
         self.scheduler = Scheduler(kv, config.max_num_seqs, config.max_num_batched_tokens)
         self.max_model_len = lm.config.max_position_embeddings
         self.limits = RequestLimits(lm.config.vocab_size, self.max_model_len, config.block_size, num_blocks)

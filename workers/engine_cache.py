@@ -1,7 +1,8 @@
 """The engine's port side: what the cache service and a worker host use of an engine.
 
     static facts       model_id, block_size, num_blocks, block_nbytes (any thread: they never change)
-    the prefix cache   num_cached_prefix_blocks, cached_hashes, block_hashes, set_eviction_advisor, reset_cache
+    the prefix cache   num_cached_prefix_blocks, cached_hashes, cached_blocks, block_hashes, set_eviction_advisor,
+                       reset_cache (every tier: the device pool, then host memory and disk when configured)
     pins               pin / unpin / pinned: the one pin table, keyed by pin id
     block transfer     export_blocks / import_blocks (the bytes: workers/block_io.py), verify_block (an
                        imported block recomputed by this engine's model: workers/block_verifier.py), evict
@@ -22,7 +23,7 @@ from cache_service.block_wire import ExportedBlock
 from cache_service.engine_port import EvictionAdvisor, PinId
 from cache_service.peer_trust import VerifyResult
 from cache_service.pin_keeper import pin_refusal
-from cache_service.records import BlockEvent, InvalidRequestError
+from cache_service.records import BlockEvent, HeldBlock, InvalidRequestError
 from workers.block_io import export_blocks, import_blocks
 from workers import block_verifier
 from workers.block_pool import Block
@@ -66,6 +67,10 @@ class EngineCache:
     def cached_hashes(self) -> list[BlockHash]:
         return self.kv.cached_hashes()
 
+    def cached_blocks(self) -> list[HeldBlock]:
+        """Every block held, with the fastest tier holding it (the snapshot a worker publishes)."""
+        return self.kv.cached_blocks()
+
     def set_eviction_advisor(self, advisor: EvictionAdvisor | None) -> None:
         self.kv.set_eviction_advisor(advisor)
 
@@ -86,7 +91,8 @@ class EngineCache:
         """Cache the full blocks of ``token_ids`` (prefilling them if needed) and hold them until ``unpin``.
 
         Idempotent per pin id. Two pin ids over the same prefix each hold their own reference, so releasing
-        one never releases the other.
+        one never releases the other. A pinned block is referenced, so it never leaves the device pool for a
+        lower tier (a pin whose prefix sits in host memory or on disk is loaded back by its warm-up).
         """
         if pin_id in self._pins:
             return len(self._pins[pin_id])
@@ -121,8 +127,15 @@ class EngineCache:
 
     # ---- block transfer -----------------------------------------------------------------------------------
     def export_blocks(self, block_hashes: Seq[BlockHash]) -> list[ExportedBlock]:
-        """The leading blocks of ``block_hashes`` this engine holds, as bytes (stops at the first miss)."""
-        return export_blocks(self.kv, self.kv_cache, block_hashes)
+        """The leading blocks of ``block_hashes`` this engine holds, as bytes (stops at the first miss): the
+        device pool's run, continued from host memory and disk (``export_below``)."""
+        out = export_blocks(self.kv, self.kv_cache, block_hashes)
+        return out + self.export_below(block_hashes[len(out):]) if len(out) < len(block_hashes) else out
+
+    def export_below(self, block_hashes: Seq[BlockHash]) -> list[ExportedBlock]:
+        """The leading run of ``block_hashes`` held in the tiers under the device pool, as bytes; a peer is
+        served from them without loading anything back into the pool."""
+        return self.kv.export_below(list(block_hashes))
 
     def import_blocks(
         self, blocks: Seq[ExportedBlock], parent_hash: BlockHash | None = None, *, cache_salt: str | None = None

@@ -61,11 +61,16 @@ def worker_load(scheduler: Scheduler, kv: KVManager, num_pinned_blocks: int, rat
         num_preemptions=s.num_preemptions,
         prefill_tokens_per_s=rates.prefill.value or 0.0,
         decode_tokens_per_s=rates.decode.value or 0.0,
+        num_host_blocks=kv.num_host_blocks,
+        num_disk_blocks=kv.num_disk_blocks,
+        prefix_host_hit_tokens=s.num_host_hit_tokens,
+        prefix_disk_hit_tokens=s.num_disk_hit_tokens,
     )
 
 
 def prefill_backlog(scheduler: Scheduler, kv: KVManager) -> int:
-    """Tokens still to prefill: waiting sequences net of their cached prefix, plus running prefills."""
+    """Tokens still to prefill: waiting sequences net of their cached prefix (any tier: a block below the pool
+    is loaded back, not prefilled), plus running prefills."""
     total = 0
     for seq in scheduler.waiting:
         total += seq.num_tokens - kv.num_cached_prefix_blocks(kv.reusable_hashes(seq)) * kv.block_size

@@ -46,6 +46,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "scales (~4x the blocks of float32 in the same memory)")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step (default 64)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (default 2048)")
+    add_tier_arguments(parser)
+
+
+def add_tier_arguments(parser: argparse.ArgumentParser) -> None:
+    """The tiers under the device pool (``generate`` and ``serve`` alike)."""
+    parser.add_argument("--host-cache-gb", type=float, default=0.0, metavar="G",
+                        help="host memory under the device pool: evicted KV blocks move there, hits load back "
+                             "(default 0: none)")
+    parser.add_argument("--disk-cache", default=None, metavar="DIR",
+                        help="a local folder under the host tier: blocks evicted from it are kept as checksummed "
+                             "files, found again after a restart (default: none)")
+    parser.add_argument("--disk-cache-gb", type=float, default=16.0, metavar="G",
+                        help="the most the disk cache keeps, least recently used files deleted first (default 16)")
+
+
+def check_tier_arguments(args: argparse.Namespace) -> None:
+    """ValueError naming the flag for a negative size."""
+    if args.host_cache_gb < 0:
+        raise ValueError(f"--host-cache-gb must be >= 0, got {args.host_cache_gb}")
+    if args.disk_cache_gb <= 0:
+        raise ValueError(f"--disk-cache-gb must be > 0, got {args.disk_cache_gb}")
 
 
 class LineError(ValueError):
@@ -119,13 +140,16 @@ def run(args: argparse.Namespace) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     config = EngineConfig(model=args.model, dtype=args.dtype, device=device, block_size=args.block_size,
                           num_blocks=args.num_blocks, max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_dtype=args.kv_cache_dtype)
+                          max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_dtype=args.kv_cache_dtype,
+                          host_cache_gb=args.host_cache_gb, disk_cache_dir=args.disk_cache,
+                          disk_cache_gb=args.disk_cache_gb)
     try:
+        check_tier_arguments(args)
         engine = Engine(config)
     except ModelLoadError as exc:
         print(f"prefixcache generate: cannot load model {args.model!r}: {exc}", file=sys.stderr)
         return 2
-    except ValueError as exc:  # bad engine settings (block size, number of blocks...)
+    except (ValueError, OSError) as exc:  # bad engine settings (block size, blocks, a disk cache folder...)
         print(f"prefixcache generate: {exc}", file=sys.stderr)
         return 2
 

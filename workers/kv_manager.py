@@ -13,6 +13,11 @@ produces the logits the next token is sampled from. Hence the cap ``num_reusable
 
 The cache-wide side (lookups for routing hints, held runs for pins and export, one block at a time for
 import, events, reset) works on whole cached blocks and never on a sequence.
+
+With tiers under the pool (``workers/lower_tiers.py``: host memory, disk) the pool spills what it evicts into
+them, and ``lookup_prefix`` extends the device hit with the blocks that continue it there: it copies them into
+fresh device blocks and caches them, exactly like an import, so the scheduler sees ordinary cached blocks.
+Counts, the held set and exports then cover every tier.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ from __future__ import annotations
 from typing import Sequence as Seq
 
 from cache_service.block_hash import BlockHash, hash_prompt_blocks, num_reusable_blocks
-from cache_service.records import BlockEvent
+from cache_service.block_wire import ExportedBlock
+from cache_service.records import BlockEvent, HeldBlock, Tier
 from cache_service.engine_port import EvictionAdvisor
 from workers.block_pool import Block, BlockPool
+from workers.lower_tiers import LowerTiers
 from workers.sequence import Sequence
 
 
@@ -31,10 +38,14 @@ def cdiv(a: int, b: int) -> int:
 
 
 class KVManager:
-    def __init__(self, pool: BlockPool, model_id: str) -> None:
+    def __init__(self, pool: BlockPool, model_id: str, tiers: LowerTiers | None = None) -> None:
         self._pool = pool
         self.block_size = pool.block_size
         self.model_id = model_id
+        self.tiers = tiers
+        if tiers is not None:
+            pool.lower = tiers
+            tiers.attach(pool.emit, lambda h: h in pool.cached)
 
     # ---- hashing ---------------------------------------------------------
     def update_block_hashes(self, seq: Sequence, num_tokens: int | None = None) -> list[BlockHash]:
@@ -58,7 +69,40 @@ class KVManager:
         assert not seq.block_table and seq.num_computed_tokens == 0
         if not self._pool.enable_caching:
             return []  # no hit is possible: skip hashing the prompt now
-        return self.cached_prefix(self.reusable_hashes(seq), seq.token_ids)
+        hashes = self.reusable_hashes(seq)
+        hits = self.cached_prefix(hashes, seq.token_ids)
+        if self.tiers is None or len(hits) == len(hashes):
+            return hits
+        loaded = self._load_back(hashes, seq.token_ids, hits)
+        if seq.num_cached_tokens is None:  # counted for the first admission only (as the hit itself is)
+            seq.num_host_hit_tokens += sum(t is Tier.HOST for t in loaded) * self.block_size
+            seq.num_disk_hit_tokens += sum(t is Tier.DISK for t in loaded) * self.block_size
+        return self.cached_prefix(hashes, seq.token_ids) if loaded else hits
+
+    def _load_back(self, hashes: list[BlockHash], token_ids: list[int], hits: list[Block]) -> list[Tier]:
+        """Copy the blocks that continue ``hits`` in the lower tiers into fresh device blocks and cache them
+        (unreferenced, like an import); returns their tiers. Only as many as leave the pool a free block
+        beyond the whole hit, so that the load never takes the room the prefill needs next."""
+        pool, start = self._pool, len(hits)
+        run = self.tiers.find_run(hashes, token_ids, start)
+        room = pool.num_free_blocks - sum(1 for b in hits if b.ref_count == 0) - 1
+        run = run[: max(0, room)]
+        if not run:
+            return []
+        pool.touch(hits)  # held: the allocations below must not evict the hit they extend
+        # Taken out first (host slots reserved, disk payloads read and checked), so that what the allocations
+        # push down cannot push them out; one block at a time, so that the slot a load frees takes the next
+        # block the pool evicts.
+        rising = self.tiers.take(hashes[start : start + len(run)])
+        blocks: list[Block] = []
+        for i, up in enumerate(rising, start=start):
+            new = pool.allocate(1)
+            assert new is not None, "room was counted with the hits held"
+            self.tiers.load(up, new[0].block_id)
+            pool.cache_block(new[0], up.block_hash, up.token_ids, hashes[i - 1] if i else None)
+            blocks.extend(new)
+        pool.free(hits + blocks)  # last first: the loaded chain's tail is evicted before its head
+        return [up.tier for up in rising]
 
     def reusable_hashes(self, seq: Sequence) -> list[BlockHash]:
         """The hashes of the blocks a hit may cover: all full blocks but one that holds the last token."""
@@ -110,8 +154,13 @@ class KVManager:
             parent = hashes[i - 1] if i else None
             # False when an equal block is already cached (computed concurrently by another sequence):
             # ours then stays a private copy and is recycled as worthless when freed.
-            self._pool.cache_block(seq.block_table[i], hashes[i], seq.token_ids[i * bs : (i + 1) * bs], parent)
+            if self._pool.cache_block(seq.block_table[i], hashes[i], seq.token_ids[i * bs : (i + 1) * bs], parent):
+                self._on_device_cached(hashes[i])
         seq.num_registered_blocks = num_full
+
+    def _on_device_cached(self, block_hash: BlockHash) -> None:
+        if self.tiers is not None:
+            self.tiers.on_device_cached(block_hash)  # the host copy is redundant now
 
     def free(self, seq: Sequence) -> None:
         """Give back the sequence's blocks (its computed full blocks stay cached for later hits)."""
@@ -139,11 +188,30 @@ class KVManager:
         return self._pool.num_cached_blocks
 
     def num_cached_prefix_blocks(self, block_hashes: Seq[BlockHash]) -> int:
-        """Leading hashes held, without a token check (a routing hint, not a hit)."""
-        return self._pool.count_cached_prefix(block_hashes)
+        """Leading hashes held in any tier, without a token check (a routing hint, not a hit)."""
+        n = self._pool.count_cached_prefix(block_hashes)
+        if self.tiers is not None and n < len(block_hashes):
+            n += self.tiers.count_run(block_hashes[n:])
+        return n
 
     def cached_hashes(self) -> list[BlockHash]:
-        return self._pool.cached_hashes()
+        """Every block held, in any tier."""
+        return [h for h, _ in self.cached_blocks()]
+
+    def cached_blocks(self) -> list[HeldBlock]:
+        """Every block held, at its fastest tier: the device pool's, then those only the lower tiers hold."""
+        out = [HeldBlock(h, Tier.DEVICE) for h in self._pool.cached_hashes()]
+        if self.tiers is not None:
+            out.extend(self.tiers.blocks())
+        return out
+
+    @property
+    def num_host_blocks(self) -> int:
+        return self.tiers.num_host_blocks if self.tiers is not None else 0
+
+    @property
+    def num_disk_blocks(self) -> int:
+        return self.tiers.num_disk_blocks if self.tiers is not None else 0
 
     # ---- the cached set as a whole: holding and adding blocks ----------------
     def held_run(self, block_hashes: Seq[BlockHash]) -> list[Block]:
@@ -176,7 +244,12 @@ class KVManager:
 
     def publish(self, block: Block, block_hash: BlockHash, token_ids: Seq[int], parent: BlockHash | None) -> None:
         """Register a held block whose K/V was just written under its hash (a ``BlockStored`` event)."""
-        self._pool.cache_block(block, block_hash, token_ids, parent)
+        if self._pool.cache_block(block, block_hash, token_ids, parent):
+            self._on_device_cached(block_hash)
+
+    def export_below(self, block_hashes: Seq[BlockHash]) -> list[ExportedBlock]:
+        """The leading run of ``block_hashes`` the lower tiers hold, as payloads (continues ``held_run``)."""
+        return self.tiers.export(block_hashes) if self.tiers is not None and block_hashes else []
 
     def release(self, blocks: Seq[Block]) -> None:
         """Drop the references ``hold_prefix`` / ``new_block`` took (cached blocks stay cached)."""
@@ -190,12 +263,25 @@ class KVManager:
         self._pool.eviction_advisor = advisor
 
     def reset_cache(self) -> bool:
-        """Forget every cached block; False (nothing done) while any block is in use."""
-        return self._pool.reset_cache()
+        """Forget every cached block, in every tier (disk files deleted); False (nothing done) while any block
+        is in use."""
+        if not self._pool.reset_cache():
+            return False
+        if self.tiers is not None:
+            self.tiers.clear()  # AllBlocksCleared (the pool's event) covers every tier
+        return True
 
     def evict(self, block_hashes: list[BlockHash]) -> int:
-        """Forget these cached, unreferenced blocks now (each a BlockRemoved event); how many went."""
-        return sum(self._pool.evict(h) for h in block_hashes)
+        """Forget these blocks now in every tier (unreferenced ones only on the device; each a BlockRemoved
+        event); how many went."""
+        n = 0
+        for h in block_hashes:
+            # The copies below first: the pool's BlockRemoved is then the truth.
+            dropped = self.tiers.drop(h) if self.tiers is not None else False
+            n += self._pool.evict(h) or (dropped and h not in self._pool.cached)
+        return n
 
     def check_integrity(self) -> None:
         self._pool.check_integrity()
+        if self.tiers is not None:
+            self.tiers.check_integrity()

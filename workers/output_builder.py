@@ -57,6 +57,8 @@ def request_output(seq: Sequence, new_ids: list[int], new_text: str) -> RequestO
         cached_tokens=seq.num_cached_tokens or 0,
         error=seq.error,
         error_kind=seq.error_kind if seq.error is not None else None,
+        host_cached_tokens=seq.num_host_hit_tokens,
+        disk_cached_tokens=seq.num_disk_hit_tokens,
     )
 
 
@@ -72,4 +74,5 @@ def accumulate(total: RequestOutput, delta: RequestOutput) -> RequestOutput:
     total.finished, total.finish_reason, total.error = delta.finished, delta.finish_reason, delta.error
     total.error_kind = delta.error_kind
     total.completion_tokens, total.cached_tokens = delta.completion_tokens, delta.cached_tokens
+    total.host_cached_tokens, total.disk_cached_tokens = delta.host_cached_tokens, delta.disk_cached_tokens
     return total

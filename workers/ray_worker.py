@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Sequence
@@ -26,9 +27,10 @@ from typing import Any, AsyncIterator, Sequence
 from cache_service.block_hash import BlockHash
 from cache_service.engine_port import EnginePort
 from cache_service.records import (
-    BlockEvent, Delta, EngineFailure, FailureKind, GenerateCall, InvalidRequestError, WorkerCounters, WorkerInfo,
-    WorkerPoll,
+    BlockEvent, Delta, EngineFailure, FailureKind, GenerateCall, HeldBlock, InvalidRequestError, WorkerCounters,
+    WorkerInfo, WorkerPoll,
 )
+from common.cluster_auth import ClusterCredential
 from common.logs import get_logger, request_context
 from workers import ray_env
 from workers.engine_loop import EngineLoop
@@ -54,10 +56,18 @@ class WorkerConfig:
     enable_transfer_server: bool = True  # serve BlockTransfer even without a cache service
     always_transfer: bool = False  # pull from a peer whenever one holds more (skip the cost test)
     raw_transfer_stream: bool = True  # serve and use the raw block stream beside gRPC
+    # The cluster credential (a shared secret, or TLS files read on the worker's machine, "{id}" = worker_id):
+    # the worker acts as the member `worker_id` towards the cache service and its peers. None: open (tests).
+    cluster_credential: ClusterCredential | None = None
     heartbeat_interval_s: float = 1.0
     heartbeat_ttl_s: int = 10
     feed_capacity: int = 65536  # block events kept for the router between polls
     torch_threads: int | None = None
+    # Tiers under the device pool: host memory (GiB, 0: none) and a disk folder; each worker keeps its blocks
+    # in <disk_cache>/<worker_id>, so a worker restarted under its name finds its own.
+    host_cache_gb: float = 0.0
+    disk_cache: str | None = None
+    disk_cache_gb: float = 16.0
 
 
 class WorkerActor:
@@ -76,6 +86,9 @@ class WorkerActor:
             model=config.model, dtype=config.dtype, device=self.device, block_size=config.block_size,
             num_blocks=config.num_blocks, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, kv_cache_dtype=config.kv_cache_dtype,
+            host_cache_gb=config.host_cache_gb,
+            disk_cache_dir=None if config.disk_cache is None else os.path.join(config.disk_cache, config.worker_id),
+            disk_cache_gb=config.disk_cache_gb,
         ))
         self.feed = EventFeed(config.feed_capacity)
         self.counters = WorkerCounters()
@@ -112,15 +125,18 @@ class WorkerActor:
         from cache_service.cache_node import CacheNode, CacheNodeConfig
         from cache_service.client import CacheClientConfig
         from cache_service.prefix_fetcher import FetcherConfig
+        from common.cluster_auth import Member
 
         cfg = self.config
         host = ray_env.bind_host(cfg.transfer_host)  # the stack's --host, made valid on this machine
+        member = Member(cfg.worker_id, cfg.cluster_credential) if cfg.cluster_credential is not None else None
         node = CacheNode.for_engine(
             self.engine, cfg.worker_id, engine_call=self.loop.call, cache_address=cfg.cache_service_address,
             config=CacheNodeConfig(
                 client=CacheClientConfig(ttl_s=cfg.heartbeat_ttl_s, heartbeat_interval_s=cfg.heartbeat_interval_s),
                 fetcher=FetcherConfig(always_transfer=cfg.always_transfer),
                 transfer_host=host, advertise_host=ray_env.advertise_host(host), raw_stream=cfg.raw_transfer_stream,
+                member=member,
             ),
             ray_node_id=self.node_id,
         )
@@ -229,12 +245,12 @@ class WorkerActor:
             engine_stalled_s=time.monotonic() - self.loop.last_beat, transfer_address=self._transfer_address(),
         )
 
-    def _snapshot(self, engine: EnginePort) -> tuple[int, list[BlockHash]]:
+    def _snapshot(self, engine: EnginePort) -> tuple[int, list[HeldBlock]]:
         # In the loop thread: flush pending events first so that the snapshot and the seq agree.
         events = engine.drain_events()
         if events:
             self._on_events(events)
-        return self.feed.seq, engine.cached_hashes()
+        return self.feed.seq, engine.cached_blocks()  # (hash, fastest tier) per block held
 
     # ---- pins ---------------------------------------------------------------------------------------------
     # The engine holds the one pin table. The cache service assigns pins and delivers them with heartbeat
@@ -274,6 +290,9 @@ class WorkerActor:
 
     async def cached_hashes(self) -> list[BlockHash]:
         return await self.loop.call(lambda engine: engine.cached_hashes())
+
+    async def cached_blocks(self) -> list[HeldBlock]:
+        return await self.loop.call(lambda engine: engine.cached_blocks())
 
     async def shutdown(self) -> None:
         node, self.cache_node = self.cache_node, None

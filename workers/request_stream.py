@@ -42,7 +42,9 @@ class RequestStream:
             if out.finished:
                 delta.finish_reason = out.finish_reason or "stop"
                 delta.usage = Usage(out.prompt_tokens, out.completion_tokens, out.cached_tokens,
-                                    min(self.num_transferred_tokens, out.cached_tokens))
+                                    min(self.num_transferred_tokens, out.cached_tokens),
+                                    host_cached_tokens=out.host_cached_tokens,
+                                    disk_cached_tokens=out.disk_cached_tokens)
                 if out.error:
                     delta.finish_reason = "error"
                     # The kind travels to the router, which retries only ENGINE failures elsewhere.

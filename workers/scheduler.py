@@ -49,7 +49,9 @@ class SchedulerOutput:
 @dataclass(slots=True)
 class AdmissionStats:
     num_query_tokens: int = 0  # tokens of sequences at their first admission
-    num_hit_tokens: int = 0  # of those, served from the prefix cache
+    num_hit_tokens: int = 0  # of those, served from the prefix cache (every tier)
+    num_host_hit_tokens: int = 0  # of the hits, loaded back from host memory
+    num_disk_hit_tokens: int = 0  # of the hits, loaded back from disk
     num_preemptions: int = 0
 
 
@@ -163,6 +165,12 @@ class Scheduler:
                 seq.num_cached_tokens = num_hit_tokens
                 self.stats.num_query_tokens += seq.num_tokens
                 self.stats.num_hit_tokens += num_hit_tokens
+                # Loaded for this sequence by lookup_prefix (capped: blocks loaded while it waited may have
+                # been evicted again before it got in).
+                seq.num_host_hit_tokens = min(seq.num_host_hit_tokens, num_hit_tokens)
+                seq.num_disk_hit_tokens = min(seq.num_disk_hit_tokens, num_hit_tokens - seq.num_host_hit_tokens)
+                self.stats.num_host_hit_tokens += seq.num_host_hit_tokens
+                self.stats.num_disk_hit_tokens += seq.num_disk_hit_tokens
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             entry = ScheduledSequence(seq, num_new)

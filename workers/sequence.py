@@ -45,6 +45,10 @@ class Sequence:
     # Leading blocks of block_table already registered in the pool's hash map (hits, or cached by us).
     num_registered_blocks: int = 0
     num_cached_tokens: int | None = None  # the prefix hit at first admission (reported as cached_tokens)
+    # Of that hit, tokens loaded back from the host / disk tier for this sequence (kv_manager.lookup_prefix;
+    # capped to the hit at first admission by the scheduler).
+    num_host_hit_tokens: int = 0
+    num_disk_hit_tokens: int = 0
     num_preemptions: int = 0
     finish_reason: str | None = None
     error: str | None = None
@@ -95,3 +99,5 @@ class RequestOutput:
     cached_tokens: int
     error: str | None = None
     error_kind: FailureKind | None = None  # set with ``error``: whether another worker could serve it
+    host_cached_tokens: int = 0  # of cached_tokens, loaded back from the host tier
+    disk_cached_tokens: int = 0  # of cached_tokens, loaded back from the disk tier
