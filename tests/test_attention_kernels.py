@@ -86,7 +86,7 @@ def test_kernel_choice():
     assert ak._gemm_path(q32, 512, 2048, causal=True) and not ak._gemm_path(q32, 512, 2048, causal=False)
     assert not ak._gemm_path(q32, 32, 2048, causal=True)  # few rows: flash
     assert not ak._gemm_path(q32, 512, 99, causal=True)  # few keys: flash
-    assert ak._gemm_path(qbf, 4096, 2048, causal=False) and not ak._gemm_path(qbf, 256, 2048, causal=False)
+    assert ak._gemm_path(qbf, 256, 2048, causal=False) and not ak._gemm_path(qbf, 128, 2048, causal=False)
 
 
 def test_slot_runs_and_read_rows_equal_a_gather():

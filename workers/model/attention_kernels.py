@@ -8,7 +8,7 @@ chunk of new tokens after ``c`` earlier ones); ``None``: every query sees every 
 ``[T, H, D]`` in the queries' dtype and the log-sum-exp ``[T, H]`` in float32, so that attention over a
 concatenation of key ranges is the LSE-weighted merge of attention over each range (``merge``).
 
-On CPU a causal chunk of 64+ query rows over 256+ keys (and a bfloat16 prefix pass of 1024+ rows) is
+On CPU a causal chunk of 64+ query rows over 256+ keys (and a bfloat16 prefix pass of 256+ rows) is
 row-tiled GEMMs through oneDNN with a float32 softmax (``_attend_gemm``: 1.4-1.7x torch's CPU flash kernel
 there); the rest is torch's CPU flash kernel, which returns the LSE itself, on GQA-folded queries when
 unmasked. Other devices use an explicit float32 softmax (device-agnostic; see ``_attend_sdpa``).
@@ -90,15 +90,15 @@ def read_rows(cache: torch.Tensor, scales: torch.Tensor | None, runs: list[tuple
 #                              448     19.5 / 19.8  10.4 / 12.7      20.4 / 16.0  10.5 / 9.6
 #   causal, 2048-token prefill GFLOP/s 72-76 / 106-122 (1 thread), 131-149 / 162-198 (2), both dtypes alike
 #
-# so unmasked passes use flash, except bfloat16 ones of many rows, and causal chunks use the GEMMs from
-# 64 rows and 256 keys. Below that flash was as fast (96-99 keys: 29-44 vs 17-32 GFLOP/s) and, being one
+# so unmasked passes use flash, except bfloat16 ones from 256 rows (in the engine, workload A at 2 threads:
+# 4.79-4.87 s with 256, 4.99-5.05 s with 1024), and causal chunks use the GEMMs from 64 rows and 256 keys. Below that flash was as fast (96-99 keys: 29-44 vs 17-32 GFLOP/s) and, being one
 # kernel, rounds a chunk's attention exactly alike whatever follows it (block_verifier.py's bfloat16
 # recomputation of a short run matches the prefill that made it bit for bit). Flash is also one parallel
 # region where a GEMM tile loop is a dozen, each a wake-up of the other OpenMP threads: steadier on a busy
 # machine. The choice never depends on the thread count, so a run rounds alike with 1 or N threads.
 GEMM_MIN_ROWS = 64  # query rows per KV head (tokens x G), causal chunks
 GEMM_MIN_KEYS = 256
-GEMM_MIN_ROWS_UNMASKED_BF16 = 1024
+GEMM_MIN_ROWS_UNMASKED_BF16 = 256
 
 
 def _gemm_path(q: torch.Tensor, rows: int, keys: int, causal: bool) -> bool:
