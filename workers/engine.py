@@ -40,7 +40,7 @@ from workers.engine_load import StepRates, worker_load
 from workers.kv_manager import KVManager
 from workers.lower_tiers import LowerTiers
 from workers.model import KVCache, LoadedModel, load_model
-from workers.model_runner import build_forward_batch
+from workers.model_runner import build_forward_batch, tune_host_allocator
 from workers.output_builder import OutputBuilder, accumulate, emit, rejected_output, request_output
 from workers.sampling import SampleFailure, make_generator, sample
 from workers.scheduler import Scheduler
@@ -81,6 +81,8 @@ class Engine(EngineCache):
         self.config = config
         self.loaded = loaded if loaded is not None else load_model(config.model, config.dtype, config.device)
         lm = self.loaded
+        if lm.device.type == "cpu":
+            tune_host_allocator()
         self.model_config = lm.config
         self.tokenizer = lm.tokenizer
         num_blocks = config.num_blocks

@@ -1,7 +1,11 @@
 """Paged attention over the KV cache, built on ``torch.nn.functional.scaled_dot_product_attention``.
 
-Works on any device torch supports (no custom kernels). Grouped-query attention without copying K/V:
-  * prefill: SDPA's ``enable_gqa``;
+Works on any device torch supports (no custom kernels; attention_kernels.py picks torch's flash kernel or,
+for bfloat16 on CPU, row-tiled oneDNN GEMMs). Grouped-query attention without copying K/V:
+  * prefill: the chunk's queries against the rest of its context (its own fresh K/V when everything before
+    it is read by a prefix pass, else its cache slots: a view when they are consecutive), bottom-right
+    causal; a cached prefix that chunks share, or one chunk's own consecutive cached blocks, is attended in
+    one unmasked pass for all the queries reading it (``PrefixPass``), merged by log-sum-exp;
   * decode: the ``G`` query heads that share one KV head are folded into SDPA's query-length axis
     (query heads ``h*G .. h*G+G-1`` read KV head ``h``, as in transformers' ``repeat_kv``), which needs no
     causal mask because a decode token sees its whole context;
@@ -19,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from workers.model.attention_kernels import attend, merge, read_rows, sdpa_causal
 from workers.model.cascade import cascade_decode_attention
 from workers.model.forward_batch import AttentionPlan
 from workers.model.kv_cache import LayerKV, gather_slots, quantize_fp8
@@ -50,21 +55,35 @@ def paged_attention(
     if plan.decodes_are_whole_batch:
         return _decode_attention(q, k_cache, v_cache, plan, scale, k_scale, v_scale)
     out = torch.empty_like(q)
+    rest_lse = None
+    if plan.prefix_passes:
+        rest_lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     for p in plan.prefills:
         end = p.token_start + p.num_tokens
-        q_seq = q[p.token_start : end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-        if p.mask is None and k_scale is None:
-            # Nothing cached before this chunk: its own fresh K/V are the whole context.
-            k_seq, v_seq = k[p.token_start : end], v[p.token_start : end]
+        if p.slots is None:  # everything before the chunk is read by its prefix pass: its own K/V are the rest
+            k_seq, v_seq = k[p.token_start : end].to(q.dtype), v[p.token_start : end].to(q.dtype)
         else:
-            k_seq = gather_slots(k_cache, k_scale, p.slots, q.dtype)
-            v_seq = gather_slots(v_cache, v_scale, p.slots, q.dtype)
-        k_seq = k_seq.to(q.dtype).transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
-        v_seq = v_seq.to(q.dtype).transpose(0, 1).unsqueeze(0)
-        o = F.scaled_dot_product_attention(
-            q_seq, k_seq, v_seq, attn_mask=p.mask, is_causal=p.mask is None, scale=scale, enable_gqa=True
-        )
-        out[p.token_start : end] = o[0].transpose(0, 1)
+            k_seq = read_rows(k_cache, k_scale, p.runs, p.slots, q.dtype)
+            v_seq = read_rows(v_cache, v_scale, p.runs, p.slots, q.dtype)
+        if p.mask is not None:  # a sliding window the context exceeds: explicit mask, no prefix pass
+            o = F.scaled_dot_product_attention(
+                q[p.token_start : end].transpose(0, 1).unsqueeze(0), k_seq.transpose(0, 1).unsqueeze(0),
+                v_seq.transpose(0, 1).unsqueeze(0), attn_mask=p.mask, scale=scale, enable_gqa=True)
+            out[p.token_start : end] = o[0].transpose(0, 1)
+            continue
+        if p.prefix or q.device.type == "cpu":
+            o, lse = attend(q[p.token_start : end], k_seq, v_seq, scale, p.causal_offset)
+            if p.prefix:
+                rest_lse[p.token_start : end] = lse
+        else:  # no LSE needed: the device's own SDPA kernels (flash / memory-efficient on CUDA)
+            o = sdpa_causal(q[p.token_start : end], k_seq, v_seq, scale, p.causal_offset)
+        out[p.token_start : end] = o
+    for pp in plan.prefix_passes:
+        k_pre = read_rows(k_cache, k_scale, pp.runs, pp.slots, q.dtype)
+        v_pre = read_rows(v_cache, v_scale, pp.runs, pp.slots, q.dtype)
+        o, lse = attend(q.index_select(0, pp.token_idx), k_pre, v_pre, scale)
+        rest = out.index_select(0, pp.token_idx)
+        out.index_copy_(0, pp.token_idx, merge(rest, rest_lse.index_select(0, pp.token_idx), o, lse))
     if plan.decode_token_idx is not None:
         q_dec = q.index_select(0, plan.decode_token_idx)
         dec = _decode_attention(q_dec, k_cache, v_cache, plan, scale, k_scale, v_scale)

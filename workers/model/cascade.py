@@ -12,18 +12,31 @@ once per sequence and layer (the dominant cost of a shared-prefix decode step). 
 and the two partial softmaxes are merged with their log-sum-exps: exactly attention over the concatenation.
 The groups are found once per forward on the CPU block tables and shared by all layers. An fp8 cache is
 dequantized where it is read: the prefix once per group (from its view), the suffixes in their gather.
+
+A decode that shares nothing gets the same split with a group of one (``CascadePlan.own``) when its full
+blocks lie in a few runs of consecutive blocks (its prompt, allocated a chunk at a time): they are read as
+views and only its last, partial block is gathered, instead of copying its whole context out of the cache
+every step. A prefix in a few runs (a prompt prefilled in two chunks while others allocated between them)
+is read as those runs joined by one copy (attention_kernels.read_rows), not a row gather. Suffixes of very
+different lengths go in separate padded batches (``SuffixBucket``): one long ungrouped context in a step
+padded every row's suffix to its length (measured: 32 rows x 2115 slots gathered per layer where ~100 each
+were needed, 29% of a shared-prefix workload's time).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from workers.model.kv_cache import dequantize, gather_slots
+from workers.model.kv_cache import gather_slots
 
 # Below this many shared blocks a separate prefix pass costs more than the copy it saves.
 MIN_SHARED_BLOCKS = 4
+# A sequence's own consecutive leading blocks get a prefix pass of their own (a view instead of a gather)
+# from this many tokens: below it the gather is cheap, and one pass over the whole context rounds exactly as
+# the prefill that computed it (block_verifier.py's bfloat16 recomputation relies on that for short runs).
+MIN_OWN_PREFIX_TOKENS = 256
 
 
 @dataclass(slots=True)
@@ -31,14 +44,37 @@ class PrefixGroup:
     rows: torch.Tensor  # [n] rows of the decode batch sharing the prefix (n >= 2)
     num_tokens: int  # shared prefix length (whole blocks)
     slot_range: tuple[int, int] | None  # [start, end) cache slots when the prefix blocks are consecutive
-    slots: torch.Tensor | None  # [num_tokens] cache slots otherwise
+    slots: torch.Tensor | None  # [num_tokens] cache slots when they are in more than MAX_RUNS runs
+    runs: list[tuple[int, int]] | None = None  # the slot ranges otherwise (one: slot_range)
+
+
+@dataclass(slots=True)
+class SuffixBucket:
+    rows: torch.Tensor | None  # [n] rows of the decode batch in this bucket; None: all rows, in order
+    slots: torch.Tensor  # [n, width] each row's context after its prefix (padding -> slot 0)
+    mask: torch.Tensor | None  # [n, 1, 1, width] additive key-padding mask; None if no padding
 
 
 @dataclass(slots=True)
 class CascadePlan:
-    groups: list[PrefixGroup]
-    suffix_slots: torch.Tensor  # [B, max_suffix] each decode's context after its group's prefix (padding -> 0)
-    suffix_mask: torch.Tensor | None  # [B, 1, 1, max_suffix] additive key-padding mask; None if no padding
+    groups: list[PrefixGroup]  # prefixes shared by >= 2 rows
+    buckets: list[SuffixBucket]
+    own: list[PrefixGroup] = field(default_factory=list)  # a row's own consecutive leading blocks (n == 1)
+
+
+def _buckets(widths: list[int]) -> list[list[int]]:
+    """Rows grouped so that padding each group to its longest suffix wastes little: sorted longest first, a
+    row joins the current group while the group's width is within 2x (or 64 slots) of its own."""
+    order = sorted(range(len(widths)), key=lambda r: -widths[r])
+    groups: list[list[int]] = []
+    width = -1
+    for r in order:
+        if groups and (width <= 2 * widths[r] or width - widths[r] <= 64):
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+            width = widths[r]
+    return groups
 
 
 def find_prefix_groups(
@@ -74,40 +110,70 @@ def build_cascade_plan(
     block_size: int,
     device: torch.device,
     dtype: torch.dtype,
+    own_prefixes: bool = False,
 ) -> CascadePlan | None:
     """The cascade plan for a decode batch (row i: block table ``tables[i]``, ``context_lens[i]`` tokens), or
-    None when no group shares enough blocks to be worth it."""
+    None when no prefix is worth a separate pass. ``own_prefixes``: rows outside every group whose first
+    ``MIN_SHARED_BLOCKS`` or more blocks are consecutive read them as a view too (a group of one)."""
+    from workers.model.attention_kernels import MAX_RUNS, slot_runs
+
     found = find_prefix_groups(tables, context_lens, block_size)
-    if not found:
-        return None
     start = [0] * len(context_lens)
-    groups = []
-    for rows, num_blocks in found:
+    own: list[tuple[list[int], int]] = []
+    if own_prefixes:
+        grouped = {r for rows, _ in found for r in rows}
+        for r, (t, c) in enumerate(zip(tables, context_lens)):
+            usable = (c - 1) // block_size
+            if r not in grouped and usable * block_size >= MIN_OWN_PREFIX_TOKENS:
+                if len(slot_runs(t[:usable], block_size)) <= MAX_RUNS:
+                    own.append(([r], usable))
+    if not found and not own:
+        return None
+
+    def prefix_group(rows: list[int], num_blocks: int) -> PrefixGroup:
         blocks = tables[rows[0]][:num_blocks]
         num_tokens = num_blocks * block_size
         for r in rows:
             start[r] = num_tokens
-        consecutive = all(b == blocks[0] + i for i, b in enumerate(blocks))
-        slot_range, slots = None, None
-        if consecutive:
-            slot_range = (blocks[0] * block_size, blocks[0] * block_size + num_tokens)
-        else:
+        slot_range, slots, runs = None, None, slot_runs(blocks, block_size)
+        if len(runs) == 1:
+            slot_range = runs[0]
+        elif len(runs) > MAX_RUNS:
+            runs = None
             ids = torch.tensor(blocks, dtype=torch.long)
             slots = (ids[:, None] * block_size + torch.arange(block_size)).reshape(-1).to(device)
-        groups.append(PrefixGroup(torch.tensor(rows, dtype=torch.long, device=device), num_tokens, slot_range, slots))
-    suffix_lens = [c - s for c, s in zip(context_lens, start)]
-    width = max(suffix_lens)
-    num_cols = max(len(t) for t in tables)
-    padded = torch.tensor([t + [0] * (num_cols - len(t)) for t in tables], dtype=torch.long)
-    pos = torch.tensor(start)[:, None] + torch.arange(width)[None, :]  # [B, width] absolute positions
-    valid = pos < torch.tensor(context_lens)[:, None]
-    pos = torch.where(valid, pos, torch.zeros_like(pos))
-    slots = padded.gather(1, pos // block_size) * block_size + pos % block_size
-    suffix_slots = torch.where(valid, slots, torch.zeros_like(slots)).to(device)
-    mask = None
-    if min(suffix_lens) != width:
-        mask = torch.zeros(valid.shape, dtype=dtype).masked_fill_(~valid, float("-inf"))[:, None, None, :].to(device)
-    return CascadePlan(groups, suffix_slots, mask)
+        return PrefixGroup(torch.tensor(rows, dtype=torch.long, device=device), num_tokens, slot_range, slots, runs)
+
+    groups = [prefix_group(rows, n) for rows, n in found]
+    own_groups = [prefix_group(rows, n) for rows, n in own]
+    widths = [c - s for c, s in zip(context_lens, start)]
+    buckets = []
+    split = _buckets(widths)
+    for rows in split:
+        rows = sorted(rows)
+        width = max(widths[r] for r in rows)
+        slot_rows = []
+        for r in rows:
+            t, a, c = tables[r], start[r], context_lens[r]
+            row = []
+            p = a
+            while p < c:  # block by block: a suffix spans few blocks
+                off = p % block_size
+                take = min(block_size - off, c - p)
+                base = t[p // block_size] * block_size + off
+                row.extend(range(base, base + take))
+                p += take
+            slot_rows.append(row + [0] * (width - len(row)))
+        mask = None
+        if any(widths[r] != width for r in rows):
+            valid = torch.tensor([[j < widths[r] for j in range(width)] for r in rows])
+            mask = torch.zeros(valid.shape, dtype=dtype).masked_fill_(~valid, float("-inf"))[:, None, None, :]
+            mask = mask.to(device)
+        in_order = len(split) == 1
+        buckets.append(SuffixBucket(
+            None if in_order else torch.tensor(rows, dtype=torch.long, device=device),
+            torch.tensor(slot_rows, dtype=torch.long, device=device), mask))
+    return CascadePlan(groups, buckets, own_groups)
 
 
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -144,36 +210,40 @@ def cascade_decode_attention(
     k_scale: torch.Tensor | None = None,  # [num_slots, KVH] for an fp8 cache (values dequantized on read)
     v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    from workers.model.attention_kernels import attend, read_rows
+
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
-    # Suffix: every row against its own context after its group's prefix (the whole context if ungrouped).
-    width = plan.suffix_slots.shape[1]
-    flat = plan.suffix_slots.reshape(-1)
-    shape = (num_seqs, width, num_kv_heads, head_dim)
-    k_suf = gather_slots(k_cache, k_scale, flat, q.dtype).view(shape).transpose(1, 2)
-    v_suf = gather_slots(v_cache, v_scale, flat, q.dtype).view(shape).transpose(1, 2)
     q_fold = q.view(num_seqs, num_kv_heads, group, head_dim)  # query heads h*G..h*G+G-1 read KV head h
-    out, lse = attend_with_lse(q_fold, k_suf.to(q.dtype), v_suf.to(q.dtype), scale, plan.suffix_mask)
+    # Suffix: every row against its own context after its prefix (the whole context if it has none).
+    out = lse = None
+    for b in plan.buckets:
+        n, width = b.slots.shape
+        flat = b.slots.reshape(-1)
+        shape = (n, width, num_kv_heads, head_dim)
+        k_suf = gather_slots(k_cache, k_scale, flat, q.dtype).view(shape).transpose(1, 2)
+        v_suf = gather_slots(v_cache, v_scale, flat, q.dtype).view(shape).transpose(1, 2)
+        q_b = q_fold if b.rows is None else q_fold.index_select(0, b.rows)
+        o, l = attend_with_lse(q_b, k_suf.to(q.dtype), v_suf.to(q.dtype), scale, b.mask)
+        if b.rows is None:
+            out, lse = o, l
+            break
+        if out is None:
+            out = torch.empty((num_seqs, num_kv_heads, group, head_dim), dtype=o.dtype, device=q.device)
+            lse = torch.empty((num_seqs, num_kv_heads, group), dtype=torch.float32, device=q.device)
+        out.index_copy_(0, b.rows, o)
+        lse.index_copy_(0, b.rows, l)
     pre_out = torch.zeros_like(out)
-    pre_lse = torch.full_like(lse, float("-inf"))  # ungrouped rows: weight 0 in the merge
-    for g in plan.groups:
-        if g.slot_range is not None:
-            a, b = g.slot_range
-            k_pre, v_pre = k_cache[a:b], v_cache[a:b]
-            if k_scale is not None:  # fp8: the group's one read of its prefix is where it is dequantized
-                k_pre, v_pre = dequantize(k_pre, k_scale[a:b], q.dtype), dequantize(v_pre, v_scale[a:b], q.dtype)
-        else:
-            k_pre = gather_slots(k_cache, k_scale, g.slots, q.dtype)
-            v_pre = gather_slots(v_cache, v_scale, g.slots, q.dtype)
-        n = g.rows.shape[0]
-        # [n, KVH, G, D] -> [1, KVH, n*G, D]: all the group's queries against one copy of the prefix.
-        qg = q_fold.index_select(0, g.rows).transpose(0, 1).reshape(1, num_kv_heads, n * group, head_dim)
-        o, l = attend_with_lse(
-            qg, k_pre.transpose(0, 1).unsqueeze(0).to(q.dtype), v_pre.transpose(0, 1).unsqueeze(0).to(q.dtype), scale
-        )
-        pre_out.index_copy_(0, g.rows, o.view(num_kv_heads, n, group, head_dim).transpose(0, 1))
-        pre_lse.index_copy_(0, g.rows, l.view(num_kv_heads, n, group).transpose(0, 1))
+    pre_lse = torch.full_like(lse, float("-inf"))  # rows without a prefix: weight 0 in the merge
+    for g in plan.groups + plan.own:
+        # fp8: the group's one read of its prefix (views or a gather) is where it is dequantized.
+        k_pre = read_rows(k_cache, k_scale, g.runs, g.slots, q.dtype)
+        v_pre = read_rows(v_cache, v_scale, g.runs, g.slots, q.dtype)
+        # All the group's queries against one copy of the prefix: [n, H, D] x [P, KVH, D].
+        o, l = attend(q.index_select(0, g.rows), k_pre.to(q.dtype), v_pre.to(q.dtype), scale)
+        pre_out.index_copy_(0, g.rows, o.view(-1, num_kv_heads, group, head_dim))
+        pre_lse.index_copy_(0, g.rows, l.view(-1, num_kv_heads, group))
     m = torch.maximum(lse, pre_lse)
     w_suf = torch.exp(lse - m).unsqueeze(-1)
     w_pre = torch.exp(pre_lse - m).unsqueeze(-1)

@@ -15,7 +15,7 @@ from torch import nn
 from workers.model.config import ModelConfig
 from workers.model.forward_batch import ForwardBatch, build_attention_plan
 from workers.model.kv_cache import KVCache
-from workers.model.layers import DecoderLayer, Embedding, RMSNorm
+from workers.model.layers import DecoderLayer, Embedding, Linear, RMSNorm
 from workers.model.rope import rope_cos_sin, rope_inv_freq
 
 
@@ -31,7 +31,7 @@ class CausalLM(nn.Module):
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self._inv_freq: torch.Tensor | None = None  # fp32 rope frequencies, made on first forward on our device
@@ -77,7 +77,8 @@ class CausalLM(nn.Module):
         input_ids = batch.input_ids.to(device=device, dtype=torch.long, non_blocking=True)
         positions = batch.positions.to(device=device, dtype=torch.long, non_blocking=True)
         slot_mapping = batch.slot_mapping.to(device=device, dtype=torch.long, non_blocking=True)
-        plan = build_attention_plan(batch, kv_cache.block_size, device, self.config.sliding_window, self.dtype)
+        plan = build_attention_plan(batch, kv_cache.block_size, device, self.config.sliding_window, self.dtype,
+                                    quantized=kv_cache.quantized)
         cos, sin = rope_cos_sin(self._inv_freq, positions, self.dtype)
 
         x = self.embed_tokens(input_ids)

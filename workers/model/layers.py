@@ -2,7 +2,8 @@
 
 Numerics follow transformers: RMSNorm computes in fp32 and casts back before the weight multiply; SiLU-gated
 MLP; RoPE applied in the activation dtype. For speed q/k/v are one fused projection and gate/up another (the
-loader concatenates the checkpoint's separate weights).
+loader concatenates the checkpoint's separate weights), and on CPU every projection runs through oneDNN on a
+prepacked copy of its weight (``Linear``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,79 @@ from workers.model.config import ModelConfig
 from workers.model.forward_batch import AttentionPlan
 from workers.model.kv_cache import LayerKV
 from workers.model.rope import apply_rope
+
+
+def _can_pack(weight: torch.Tensor) -> bool:
+    if weight.device.type != "cpu" or weight.dim() != 2 or not torch.backends.mkldnn.is_available():
+        return False
+    if weight.dtype == torch.float32:
+        return True
+    return weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same checkpoint layout) whose CPU forward is oneDNN on a prepacked weight.
+
+    Why: torch's CPU ``F.linear`` is MKL sgemm for float32, which on this project's AMD EPYC runs 2-6x below
+    oneDNN's AVX-512 kernels (measured 31-98 vs 111-240 GFLOP/s, one thread, the model's shapes), and for
+    bfloat16 it reorders the weight into oneDNN's blocked layout on every call: packing once is 1.05x (2048
+    rows) to 1.5x (16 rows, a decode step) faster. The packed copy is made on first use and again whenever the
+    weight changes (its version counter), so loading and in-place edits need no extra step; it costs one more
+    copy of the weights in memory. Other devices and dtypes (CUDA, float16 without AVX512-FP16) use F.linear.
+
+    ``forward(x, residual)`` adds ``residual`` in the GEMM's epilogue (oneDNN's binary post-op) and
+    ``silu_mul(x)`` computes ``silu(x Wg) * (x Wu)`` of a fused gate/up weight as two GEMMs with fused
+    epilogues: each saves whole passes over the activations (measured below in layers' users).
+    """
+
+    def _packs(self, x: torch.Tensor) -> dict | None:
+        """The packed weights for ``x`` (None: use F.linear), repacked when the weight changed."""
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.dtype)
+        if getattr(self, "_packed_key", None) != key:
+            self._packed_key = key
+            self._packed = {} if _can_pack(w) else None
+        if self._packed is None or x.device.type != "cpu" or x.dtype != w.dtype:
+            return None
+        return self._packed
+
+    @staticmethod
+    def _pack(w: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(False), torch.no_grad():  # an ordinary tensor, usable in any mode
+            return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), 16)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        packs = self._packs(x)
+        if packs is None:
+            y = F.linear(x, self.weight, self.bias)
+            return y if residual is None else residual + y
+        w = packs.get("full")
+        if w is None:
+            w = packs["full"] = self._pack(self.weight)
+        if residual is None:
+            return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, self.bias, "add")
+
+    def silu_mul(self, x: torch.Tensor, split: int) -> torch.Tensor:
+        """``silu(gate) * up`` where this layer's output is ``[gate | up]`` (``split`` columns each)."""
+        packs = self._packs(x)
+        if packs is None or x.dtype not in FUSED_EPILOGUES:
+            gate, up = self.forward(x).split(split, dim=-1)
+            return F.silu(gate) * up
+        halves = packs.get("halves")
+        if halves is None:
+            halves = packs["halves"] = (self._pack(self.weight[:split]), self._pack(self.weight[split:]))
+        b = self.bias
+        b_gate, b_up = (None, None) if b is None else (b[:split].contiguous(), b[split:].contiguous())
+        gate = torch.ops.mkldnn._linear_pointwise(x, halves[0], b_gate, "swish", [], "")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, gate, halves[1], b_up, "mul")
+
+
+# Dtypes whose MLP and residual adds use the fused epilogues. float32: the whole shared-prefix workload
+# (bench_vs_vllm A, one thread) ran 5% faster (12.1-12.2 -> 11.3-11.6 s CPU). bfloat16: no measurable
+# difference (7.6-7.7 s either way), so it keeps the unfused ops, which round like transformers and vLLM
+# (each GEMM's output rounded to bfloat16 before the activation and the add).
+FUSED_EPILOGUES = (torch.float32,)
 
 
 class Embedding(nn.Module):
@@ -52,8 +126,8 @@ class Attention(nn.Module):
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
         self.scale = config.head_dim**-0.5
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
 
     def forward(
         self,
@@ -63,7 +137,9 @@ class Attention(nn.Module):
         slot_mapping: torch.Tensor,
         kv: LayerKV,  # views of this layer's K/V slots (and their fp8 scales)
         plan: AttentionPlan,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The attention block's output (plus ``residual``, added in o_proj's epilogue when given)."""
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = apply_rope(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
@@ -71,19 +147,18 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         write_kv(kv, slot_mapping, k, v)
         out = paged_attention(q, k, v, kv, plan, self.scale)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        return self.o_proj(out.reshape(num_tokens, self.q_size), residual)
 
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return self.down_proj(self.gate_up_proj.silu_mul(x, self.intermediate_size), residual)
 
 
 class DecoderLayer(nn.Module):
@@ -95,5 +170,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, slot_mapping, kv, plan) -> torch.Tensor:
+        if x.dtype in FUSED_EPILOGUES and x.device.type == "cpu":  # the adds ride in the GEMMs' epilogues
+            x = self.self_attn(self.input_layernorm(x), cos, sin, slot_mapping, kv, plan, residual=x)
+            return self.mlp(self.post_attention_layernorm(x), residual=x)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, slot_mapping, kv, plan)
         return x + self.mlp(self.post_attention_layernorm(x))
