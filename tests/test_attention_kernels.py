@@ -83,10 +83,11 @@ def test_merge_of_two_key_ranges_is_attention_over_both():
 
 def test_kernel_choice():
     q32, qbf = torch.zeros(1, 1, 1), torch.zeros(1, 1, 1, dtype=torch.bfloat16)
-    assert ak._gemm_path(q32, 512, 2048, causal=True) and not ak._gemm_path(q32, 512, 2048, causal=False)
+    assert ak._gemm_path(q32, 512, 2048, causal=True) and ak._gemm_path(q32, 512, 2048, causal=False)
     assert not ak._gemm_path(q32, 32, 2048, causal=True)  # few rows: flash
     assert not ak._gemm_path(q32, 512, 99, causal=True)  # few keys: flash
-    assert ak._gemm_path(qbf, 256, 2048, causal=False) and not ak._gemm_path(qbf, 128, 2048, causal=False)
+    for q in (q32, qbf):  # unmasked passes: the GEMMs from 256 rows, flash below
+        assert ak._gemm_path(q, 256, 2048, causal=False) and not ak._gemm_path(q, 128, 2048, causal=False)
 
 
 def test_slot_runs_and_read_rows_equal_a_gather():

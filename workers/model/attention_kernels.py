@@ -8,7 +8,7 @@ chunk of new tokens after ``c`` earlier ones); ``None``: every query sees every 
 ``[T, H, D]`` in the queries' dtype and the log-sum-exp ``[T, H]`` in float32, so that attention over a
 concatenation of key ranges is the LSE-weighted merge of attention over each range (``merge``).
 
-On CPU a causal chunk of 64+ query rows over 256+ keys (and a bfloat16 prefix pass of 256+ rows) is
+On CPU a causal chunk of 64+ query rows over 256+ keys (and an unmasked prefix pass of 256+ rows) is
 row-tiled GEMMs through oneDNN with a float32 softmax (``_attend_gemm``: 1.4-1.7x torch's CPU flash kernel
 there); the rest is torch's CPU flash kernel, which returns the LSE itself, on GQA-folded queries when
 unmasked. Other devices use an explicit float32 softmax (device-agnostic; see ``_attend_sdpa``).
@@ -24,10 +24,13 @@ from workers.model.kv_cache import dequantize, gather_slots
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 
-# Scores of one row tile are [tile_rows, S] float32, ~2 MiB. Measured (median of 5 interleaved runs, GFLOP/s,
+# Scores of one row tile are [tile_rows, S] float32, ~4 MiB. Measured (median of 5 interleaved runs, GFLOP/s,
 # 1 / 2 threads, bfloat16; the 2048-token causal prefill, a 448-token group pass over 2048 keys): 1 MiB tiles
-# 116-151 / 127-201, 2 MiB 129-165 / 168-241, 4 MiB 100-103 / 134-271 (out of L2 with one thread).
-TILE_SCORES = 1 << 19
+# 116-151 / 127-201, 2 MiB 129-165 / 168-241, 4 MiB 100-103 / 134-271 (out of L2 with one thread). With the
+# engine's heap setting (model_runner.tune_host_allocator: a freed tile's pages stay mapped), 2 threads, ms:
+# causal 2048 float32 20.8 / 18.9 / 19.2 (2 / 4 / 8 MiB), bfloat16 19.9 / 17.9 / 18.3; the 448-token pass
+# 7.2 / 6.9 / 7.3 and 6.6 / 6.4 / 6.7: 4 MiB.
+TILE_SCORES = 1 << 20
 # Scores are computed and exponentiated in float32 for bfloat16 models too, as torch's flash kernel does:
 # the bfloat16 x bfloat16 -> float32 products cost a conversion of the tile's queries and the keys, and a
 # softmax on bfloat16 scores was the slow path (3.6 ms vs 0.41 ms for 512 x 2048, one thread).
@@ -90,15 +93,18 @@ def read_rows(cache: torch.Tensor, scales: torch.Tensor | None, runs: list[tuple
 #                              448     19.5 / 19.8  10.4 / 12.7      20.4 / 16.0  10.5 / 9.6
 #   causal, 2048-token prefill GFLOP/s 72-76 / 106-122 (1 thread), 131-149 / 162-198 (2), both dtypes alike
 #
-# so unmasked passes use flash, except bfloat16 ones from 256 rows (in the engine, workload A at 2 threads:
-# 4.79-4.87 s with 256, 4.99-5.05 s with 1024), and causal chunks use the GEMMs from 64 rows and 256 keys. Below that flash was as fast (96-99 keys: 29-44 vs 17-32 GFLOP/s) and, being one
+# so unmasked passes used flash, except bfloat16 ones from 256 rows (in the engine, workload A at 2 threads:
+# 4.79-4.87 s with 256, 4.99-5.05 s with 1024), and causal chunks use the GEMMs from 64 rows and 256 keys.
+# Those float32 figures were taken without the engine's heap setting, which made each fresh score tile
+# page-fault; with it (2 threads, ms, flash / GEMM): 64 tokens 1.55 / 1.14, 448 tokens 10.1 / 6.9, so float32
+# unmasked passes take the GEMMs from 256 rows too (workload A's prefix passes 1.16 -> 0.95 s). Below that flash was as fast (96-99 keys: 29-44 vs 17-32 GFLOP/s) and, being one
 # kernel, rounds a chunk's attention exactly alike whatever follows it (block_verifier.py's bfloat16
 # recomputation of a short run matches the prefill that made it bit for bit). Flash is also one parallel
 # region where a GEMM tile loop is a dozen, each a wake-up of the other OpenMP threads: steadier on a busy
 # machine. The choice never depends on the thread count, so a run rounds alike with 1 or N threads.
 GEMM_MIN_ROWS = 64  # query rows per KV head (tokens x G), causal chunks
 GEMM_MIN_KEYS = 256
-GEMM_MIN_ROWS_UNMASKED_BF16 = 256
+GEMM_MIN_ROWS_UNMASKED = 256
 
 
 def _gemm_path(q: torch.Tensor, rows: int, keys: int, causal: bool) -> bool:
@@ -106,11 +112,11 @@ def _gemm_path(q: torch.Tensor, rows: int, keys: int, causal: bool) -> bool:
         return False
     if keys < GEMM_MIN_KEYS or rows < GEMM_MIN_ROWS:
         return False
+    if not causal and rows < GEMM_MIN_ROWS_UNMASKED:
+        return False
     if q.dtype == torch.bfloat16:
-        if not causal and rows < GEMM_MIN_ROWS_UNMASKED_BF16:
-            return False
         return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return q.dtype == torch.float32 and causal
+    return q.dtype == torch.float32
 
 
 def attend(
