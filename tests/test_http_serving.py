@@ -38,13 +38,9 @@ TOKENIZER = load_tokenizer("demo")
 
 @pytest.fixture(scope="module")
 def stack():
-    s = Stack(StackConfig(num_workers=2, port=0, metrics_port=0, http_port=0, cache_service_port=0, num_blocks=256,
-                          block_size=BS, max_num_seqs=16))
-    s.start()
-    try:
+    with Stack(StackConfig(num_workers=2, port=0, metrics_port=0, http_port=0, cache_service_port=0, num_blocks=256,
+                           block_size=BS, max_num_seqs=16)) as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")

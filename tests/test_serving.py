@@ -38,15 +38,11 @@ NUM_BLOCKS = 160
 
 @pytest.fixture(scope="module")
 def stack(two_node_cluster):  # noqa: F811
-    s = Stack(StackConfig(
+    with Stack(StackConfig(
         num_workers=2, node_ids=two_node_cluster.node_ids, port=0, metrics_port=0, cache_service_port=0,
         num_blocks=NUM_BLOCKS, block_size=BS, max_num_seqs=16, always_transfer=True,
-    ))
-    s.start()
-    try:
+    )) as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")

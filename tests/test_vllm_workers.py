@@ -49,14 +49,10 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stack(checkpoint):
-    s = Stack(StackConfig(model=str(checkpoint), engine="vllm", dtype="float32", num_workers=2, block_size=None,
-                          num_blocks=NUM_BLOCKS, max_num_seqs=8, port=0, metrics_port=0, cache_service_port=0,
-                          http_port=0, worker_start_timeout_s=600))
-    s.start()
-    try:
+    with Stack(StackConfig(model=str(checkpoint), engine="vllm", dtype="float32", num_workers=2, block_size=None,
+                           num_blocks=NUM_BLOCKS, max_num_seqs=8, port=0, metrics_port=0, cache_service_port=0,
+                           http_port=0, worker_start_timeout_s=600)) as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")
