@@ -95,13 +95,15 @@ def read_rows(cache: torch.Tensor, scales: torch.Tensor | None, runs: list[tuple
 #
 # so unmasked passes used flash, except bfloat16 ones from 256 rows (in the engine, workload A at 2 threads:
 # 4.79-4.87 s with 256, 4.99-5.05 s with 1024), and causal chunks use the GEMMs from 64 rows and 256 keys.
-# Those float32 figures were taken without the engine's heap setting, which made each fresh score tile
-# page-fault; with it (2 threads, ms, flash / GEMM): 64 tokens 1.55 / 1.14, 448 tokens 10.1 / 6.9, so float32
-# unmasked passes take the GEMMs from 256 rows too (workload A's prefix passes 1.16 -> 0.95 s). Below that flash was as fast (96-99 keys: 29-44 vs 17-32 GFLOP/s) and, being one
-# kernel, rounds a chunk's attention exactly alike whatever follows it (block_verifier.py's bfloat16
-# recomputation of a short run matches the prefill that made it bit for bit). Flash is also one parallel
-# region where a GEMM tile loop is a dozen, each a wake-up of the other OpenMP threads: steadier on a busy
-# machine. The choice never depends on the thread count, so a run rounds alike with 1 or N threads.
+# Below that flash was as fast (96-99 keys: 29-44 vs 17-32 GFLOP/s) and, being one kernel, rounds a chunk's
+# attention exactly alike whatever follows it (block_verifier.py's bfloat16 recomputation of a short run
+# matches the prefill that made it bit for bit). Flash is also one parallel region where a GEMM tile loop is a
+# dozen, each a wake-up of the other OpenMP threads: steadier on a busy machine. The choice never depends on
+# the thread count, so a run rounds alike with 1 or N threads.
+#
+# The float32 figures above were taken without the engine's heap setting, which made each fresh score tile
+# page-fault. With it (2 threads, ms, flash / GEMM): 64 tokens 1.55 / 1.14, 448 tokens 10.1 / 6.9, so float32
+# unmasked passes take the GEMMs from 256 rows too (workload A's prefix passes 1.16 -> 0.95 s).
 GEMM_MIN_ROWS = 64  # query rows per KV head (tokens x G), causal chunks
 GEMM_MIN_KEYS = 256
 GEMM_MIN_ROWS_UNMASKED = 256
