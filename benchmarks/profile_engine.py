@@ -8,7 +8,9 @@ work done; ``--wall`` times wall clock instead, for more threads). Wrapped calls
 the layer); each is reported without its children:
 
     linear      every projection and the LM head (oneDNN / F.linear), fused epilogues included
-    attention   paged / cascade attention, the K/V gathers and dequantization included
+    attention   paged attention for prefills, the K/V gathers and dequantization included
+    decode cascade  cascade attention of decode steps (the same, for decodes)
+    fused kernel    the fused C attention kernel (workers/model/fused_attention.py) inside either
     kv write    storing the step's new K/V into the cache
     model other embeddings, norms, rope, activations, residuals, the attention plan, logits copy
     batch       ForwardBatch construction (model_runner.py)
@@ -78,9 +80,12 @@ def install(split: Split) -> None:
         if hasattr(layers.Linear, "silu_mul"):  # the MLP's gate/up GEMMs with their fused epilogues
             split.wrap(layers.Linear, "silu_mul", "linear")
     split.wrap(layers, "paged_attention", "attention")
+    split.wrap(attention, "cascade_decode_attention", "decode cascade")
+    from workers.model import fused_attention
+
+    split.wrap(fused_attention, "attend_fused", "fused kernel")
     if hasattr(layers, "write_kv"):
         split.wrap(layers, "write_kv", "kv write")
-    del attention
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from workers.model.attention_kernels import attend, merge, read_rows, sdpa_causal
+from workers.model import fused_attention
+from workers.model.attention_kernels import attend, attend_cached, merge, read_rows, sdpa_causal
 from workers.model.cascade import cascade_decode_attention
 from workers.model.forward_batch import AttentionPlan
 from workers.model.kv_cache import LayerKV, gather_slots, quantize_fp8
@@ -62,6 +63,13 @@ def paged_attention(
         end = p.token_start + p.num_tokens
         if p.slots is None:  # everything before the chunk is read by its prefix pass: its own K/V are the rest
             k_seq, v_seq = k[p.token_start : end].to(q.dtype), v[p.token_start : end].to(q.dtype)
+        elif p.mask is None and q.device.type == "cpu":
+            o, lse = attend_cached(q[p.token_start : end], k_cache, v_cache, k_scale, v_scale, p.runs, p.slots,
+                                   scale, p.causal_offset)
+            if p.prefix:
+                rest_lse[p.token_start : end] = lse
+            out[p.token_start : end] = o
+            continue
         else:
             k_seq = read_rows(k_cache, k_scale, p.runs, p.slots, q.dtype)
             v_seq = read_rows(v_cache, v_scale, p.runs, p.slots, q.dtype)
@@ -79,9 +87,8 @@ def paged_attention(
             o = sdpa_causal(q[p.token_start : end], k_seq, v_seq, scale, p.causal_offset)
         out[p.token_start : end] = o
     for pp in plan.prefix_passes:
-        k_pre = read_rows(k_cache, k_scale, pp.runs, pp.slots, q.dtype)
-        v_pre = read_rows(v_cache, v_scale, pp.runs, pp.slots, q.dtype)
-        o, lse = attend(q.index_select(0, pp.token_idx), k_pre, v_pre, scale)
+        o, lse = attend_cached(q.index_select(0, pp.token_idx), k_cache, v_cache, k_scale, v_scale, pp.runs,
+                               pp.slots, scale)
         rest = out.index_select(0, pp.token_idx)
         out.index_copy_(0, pp.token_idx, merge(rest, rest_lse.index_select(0, pp.token_idx), o, lse))
     if plan.decode_token_idx is not None:
@@ -99,6 +106,8 @@ def _decode_attention(
     if plan.decode_cascade is not None:
         return cascade_decode_attention(q, k_cache, v_cache, plan.decode_cascade, scale, k_scale, v_scale)
     assert plan.decode_slots is not None
+    if plan.decode_lens is not None and fused_attention.supports_cache(q, k_cache, k_scale):
+        return fused_attention.attend_fused_batch(q, k_cache, v_cache, plan.decode_slots, plan.decode_lens, scale)[0]
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     max_ctx = plan.decode_slots.shape[1]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from workers.model import fused_attention
 from workers.model.kv_cache import dequantize, gather_slots
 
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -125,9 +126,27 @@ def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal_offset: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention with GQA: ``q [T, H, D]`` x ``k, v [S, KVH, D]`` -> (out ``[T, H, D]``, lse ``[T, H]``)."""
+    if fused_attention.supports(q):
+        return fused_attention.attend_fused(q, k, v, scale, causal_offset)
     if _gemm_path(q, q.shape[0] * (q.shape[1] // k.shape[1]), k.shape[0], causal_offset is not None):
         return _attend_gemm(q, k, v, scale, causal_offset)
     return _attend_sdpa(q, k, v, scale, causal_offset)
+
+
+def attend_cached(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None, runs: list[tuple[int, int]] | None, slots: torch.Tensor | None, scale: float,
+    causal_offset: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attend`` over cache rows: the slot ranges ``runs`` in order, else the slots ``slots``. The fused kernel
+    reads them in place (no gather, no concatenation of runs); otherwise they are read (``read_rows``:
+    dequantized for an fp8 cache) and attended."""
+    if fused_attention.supports_cache(q, k_cache, k_scale):
+        return fused_attention.attend_fused(q, k_cache, v_cache, scale, causal_offset, runs=runs,
+                                            slots=None if runs is not None else slots)
+    k = read_rows(k_cache, k_scale, runs, slots, q.dtype)
+    v = read_rows(v_cache, v_scale, runs, slots, q.dtype)
+    return attend(q, k, v, scale, causal_offset)
 
 
 def _causal_mask(num_tokens: int, num_keys: int, offset: int, dtype, device) -> torch.Tensor:
@@ -271,4 +290,4 @@ def merge(
     return merged.to(out_a.dtype)
 
 
-__all__ = ["MAX_RUNS", "attend", "merge", "read_rows", "slot_runs"]
+__all__ = ["MAX_RUNS", "attend", "attend_cached", "merge", "read_rows", "slot_runs"]

@@ -53,6 +53,7 @@ class SuffixBucket:
     rows: torch.Tensor | None  # [n] rows of the decode batch in this bucket; None: all rows, in order
     slots: torch.Tensor  # [n, width] each row's context after its prefix (padding -> slot 0)
     mask: torch.Tensor | None  # [n, 1, 1, width] additive key-padding mask; None if no padding
+    lens: torch.Tensor | None = None  # [n] each row's suffix length (its valid slots), int64
 
 
 @dataclass(slots=True)
@@ -172,7 +173,8 @@ def build_cascade_plan(
         in_order = len(split) == 1
         buckets.append(SuffixBucket(
             None if in_order else torch.tensor(rows, dtype=torch.long, device=device),
-            torch.tensor(slot_rows, dtype=torch.long, device=device), mask))
+            torch.tensor(slot_rows, dtype=torch.long, device=device), mask,
+            torch.tensor([widths[r] for r in rows], dtype=torch.long, device=device)))
     return CascadePlan(groups, buckets, own_groups)
 
 
@@ -210,7 +212,8 @@ def cascade_decode_attention(
     k_scale: torch.Tensor | None = None,  # [num_slots, KVH] for an fp8 cache (values dequantized on read)
     v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    from workers.model.attention_kernels import attend, read_rows
+    from workers.model import fused_attention
+    from workers.model.attention_kernels import attend_cached
 
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
@@ -218,14 +221,20 @@ def cascade_decode_attention(
     q_fold = q.view(num_seqs, num_kv_heads, group, head_dim)  # query heads h*G..h*G+G-1 read KV head h
     # Suffix: every row against its own context after its prefix (the whole context if it has none).
     out = lse = None
+    fused = fused_attention.supports_cache(q, k_cache, k_scale)
     for b in plan.buckets:
         n, width = b.slots.shape
-        flat = b.slots.reshape(-1)
-        shape = (n, width, num_kv_heads, head_dim)
-        k_suf = gather_slots(k_cache, k_scale, flat, q.dtype).view(shape).transpose(1, 2)
-        v_suf = gather_slots(v_cache, v_scale, flat, q.dtype).view(shape).transpose(1, 2)
-        q_b = q_fold if b.rows is None else q_fold.index_select(0, b.rows)
-        o, l = attend_with_lse(q_b, k_suf.to(q.dtype), v_suf.to(q.dtype), scale, b.mask)
+        if fused and b.lens is not None:  # each row's suffix read in place from its slots, one call for the bucket
+            q_b = q if b.rows is None else q.index_select(0, b.rows)
+            o, l = fused_attention.attend_fused_batch(q_b, k_cache, v_cache, b.slots, b.lens, scale)
+            o, l = o.view(n, num_kv_heads, group, head_dim), l.view(n, num_kv_heads, group)
+        else:
+            flat = b.slots.reshape(-1)
+            shape = (n, width, num_kv_heads, head_dim)
+            k_suf = gather_slots(k_cache, k_scale, flat, q.dtype).view(shape).transpose(1, 2)
+            v_suf = gather_slots(v_cache, v_scale, flat, q.dtype).view(shape).transpose(1, 2)
+            q_b = q_fold if b.rows is None else q_fold.index_select(0, b.rows)
+            o, l = attend_with_lse(q_b, k_suf.to(q.dtype), v_suf.to(q.dtype), scale, b.mask)
         if b.rows is None:
             out, lse = o, l
             break
@@ -237,11 +246,9 @@ def cascade_decode_attention(
     pre_out = torch.zeros_like(out)
     pre_lse = torch.full_like(lse, float("-inf"))  # rows without a prefix: weight 0 in the merge
     for g in plan.groups + plan.own:
-        # fp8: the group's one read of its prefix (views or a gather) is where it is dequantized.
-        k_pre = read_rows(k_cache, k_scale, g.runs, g.slots, q.dtype)
-        v_pre = read_rows(v_cache, v_scale, g.runs, g.slots, q.dtype)
-        # All the group's queries against one copy of the prefix: [n, H, D] x [P, KVH, D].
-        o, l = attend(q.index_select(0, g.rows), k_pre.to(q.dtype), v_pre.to(q.dtype), scale)
+        # All the group's queries against one read of the prefix: [n, H, D] x [P, KVH, D] (fp8: dequantized
+        # there; the fused kernel reads the runs in place).
+        o, l = attend_cached(q.index_select(0, g.rows), k_cache, v_cache, k_scale, v_scale, g.runs, g.slots, scale)
         pre_out.index_copy_(0, g.rows, o.view(-1, num_kv_heads, group, head_dim))
         pre_lse.index_copy_(0, g.rows, l.view(-1, num_kv_heads, group))
     m = torch.maximum(lse, pre_lse)

@@ -109,6 +109,7 @@ class AttentionPlan:
     decode_token_idx: torch.Tensor | None = None  # [B] positions of decode tokens in the flat batch
     decode_slots: torch.Tensor | None = None  # [B, max_ctx] cache slots (padding -> slot 0, masked)
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_ctx] additive; None when nothing is masked
+    decode_lens: torch.Tensor | None = None  # [B] context lengths (int64) when no window applies
     decodes_are_whole_batch: bool = False  # every sequence is a decode: token i is sequence i
     decode_cascade: CascadePlan | None = None  # set instead of decode_slots/decode_mask when prefixes are shared
     prefills: list[PrefillPlan] = field(default_factory=list)
@@ -245,6 +246,8 @@ def build_attention_plan(
             valid = pos[None, :] < ctx[:, None]  # [B, max_ctx]
             slots = tables_t[:, pos // block_size] * block_size + (pos % block_size)[None, :]
             plan.decode_slots = torch.where(valid, slots, torch.zeros_like(slots))
+            if not need_window:
+                plan.decode_lens = ctx
             if need_window:
                 valid &= pos[None, :] > (ctx[:, None] - 1) - sliding_window
             if need_window or min_ctx != max_ctx:

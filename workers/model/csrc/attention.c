@@ -1,0 +1,588 @@
+/* Fused attention with log-sum-exp for x86-64 CPUs with AVX-512 (float32; bfloat16 with AVX512_BF16).
+ *
+ * One call: queries q [T, H, D] against keys/values read from runs of rows of k, v ([rows, KVH, D], row
+ * stride in elements), grouped-query (query head h*G+g reads KV head h), optionally causal with an offset
+ * (query token t sees keys 0 .. offset + t). Writes out [T, H, D] (contiguous, the queries' dtype) and
+ * lse [T, H] (float32). Built and loaded by workers/model/fused_attention.py; attention_kernels.py's torch
+ * kernels are the reference it is tested against and the fallback where it cannot be built.
+ *
+ * Flash-style: per (KV head, tile of RB query rows) a loop over key blocks of BN keys with an online softmax,
+ * so scores never leave the core's caches. Rows are (token, head-in-group) pairs, folded like repeat_kv.
+ * float32: scores by FMAs on keys packed transposed per block ([D][BN]); P @ V by FMAs on V rows.
+ * bfloat16: the same loops on VDPBF16PS, two products per lane (keys packed as [D/2][BN][2], values as
+ * [BN/2][D][2]); scores, softmax and accumulation stay float32, P is rounded to bfloat16 for P @ V as the
+ * GEMM path does. Every row's result depends only on its own query and the keys it sees (never on which other
+ * rows share its tile or on the thread count), so a run rounds alike however the work is split.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BN 64  /* keys per block */
+#define RB 32  /* query rows per work unit, a multiple of 4 */
+#define DMAX 256
+
+typedef uint16_t bf16_t;
+
+static inline __m512 exp512(__m512 x) {
+    /* exp(x) for x <= 0 (Cephes' expf polynomial; -150 and below give 0). */
+    x = _mm512_max_ps(x, _mm512_set1_ps(-150.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+    p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline float bf2f(bf16_t x) {
+    uint32_t u = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline bf16_t f2bf(float f) { /* round to nearest even, as torch's .to(bfloat16) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16_t)(u >> 16);
+}
+
+static inline __mmask16 lanes(int n) { /* the first n (0..16) lanes */
+    return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
+}
+
+typedef struct {
+    int bf16;          /* element type of q, k, v, out */
+    const void *q;     /* [T, H, D], rows of q_stride elements, heads D apart */
+    int64_t q_stride;
+    const void *k, *v; /* rows of kv_stride elements, KV heads D apart */
+    int64_t kv_stride;
+    const int64_t *key_rows; /* [S]: the row of k/v holding key j */
+    void *out;         /* [T, H, D] contiguous */
+    float *lse;        /* [T, H] */
+    int T, H, KVH, S, D, G;
+    float scale;
+    int64_t causal;    /* -1: none */
+    int nblk;
+} Job;
+
+/* Key block `blk` of KV head h, packed: float32 kp [D][BN], vp [BN][D]; bfloat16 kp [D/2][BN][2], vp [BN/2][D][2].
+ * Keys past S are zeros. */
+static void pack_block(const Job *J, int h, int blk, void *kp, void *vp) {
+    const int D = J->D, j0 = blk * BN;
+    const int n = (J->S - j0) < BN ? (J->S - j0) : BN;
+    if (!J->bf16) {
+        float *K = (float *)kp, *V = (float *)vp;
+        const float *ks = (const float *)J->k, *vs = (const float *)J->v;
+        if (n < BN) {
+            memset(K, 0, sizeof(float) * D * BN);
+            memset(V, 0, sizeof(float) * D * BN);
+        }
+        for (int j = 0; j < n; j++) {
+            const int64_t row = J->key_rows[j0 + j] * J->kv_stride + (int64_t)h * D;
+            const float *kr = ks + row;
+            for (int d = 0; d < D; d++) K[d * BN + j] = kr[d];
+            memcpy(V + j * D, vs + row, sizeof(float) * D);
+        }
+    } else {
+        bf16_t *K = (bf16_t *)kp, *V = (bf16_t *)vp;
+        const bf16_t *ks = (const bf16_t *)J->k, *vs = (const bf16_t *)J->v;
+        if (n < BN) {
+            memset(K, 0, sizeof(bf16_t) * D * BN);
+            memset(V, 0, sizeof(bf16_t) * D * BN);
+        }
+        for (int j = 0; j < n; j++) {
+            const int64_t row = J->key_rows[j0 + j] * J->kv_stride + (int64_t)h * D;
+            const bf16_t *kr = ks + row, *vr = vs + row;
+            for (int d = 0; d < D; d += 2) {
+                K[(d / 2) * BN * 2 + j * 2] = kr[d];
+                K[(d / 2) * BN * 2 + j * 2 + 1] = kr[d + 1];
+            }
+            bf16_t *vd = V + (j / 2) * D * 2 + (j & 1);
+            for (int d = 0; d < D; d++) vd[d * 2] = vr[d];
+        }
+    }
+}
+
+/* scores s[r][0..BN) = q[r] . k[j] for rows r0..r0+3 (float32) */
+static inline void scores4_f32(const float *q, int D, const float *K, float *s) {
+    __m512 a[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int c = 0; c < 4; c++) a[i][c] = _mm512_setzero_ps();
+    for (int d = 0; d < D; d++) {
+        __m512 k0 = _mm512_load_ps(K + d * BN), k1 = _mm512_load_ps(K + d * BN + 16);
+        __m512 k2 = _mm512_load_ps(K + d * BN + 32), k3 = _mm512_load_ps(K + d * BN + 48);
+        for (int i = 0; i < 4; i++) {
+            __m512 x = _mm512_set1_ps(q[i * D + d]);
+            a[i][0] = _mm512_fmadd_ps(x, k0, a[i][0]);
+            a[i][1] = _mm512_fmadd_ps(x, k1, a[i][1]);
+            a[i][2] = _mm512_fmadd_ps(x, k2, a[i][2]);
+            a[i][3] = _mm512_fmadd_ps(x, k3, a[i][3]);
+        }
+    }
+    for (int i = 0; i < 4; i++)
+        for (int c = 0; c < 4; c++) _mm512_store_ps(s + i * BN + c * 16, a[i][c]);
+}
+
+static inline void scores4_bf16(const bf16_t *q, int D, const bf16_t *K, float *s) {
+    __m512 a[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int c = 0; c < 4; c++) a[i][c] = _mm512_setzero_ps();
+    for (int d = 0; d < D; d += 2) {
+        const bf16_t *kd = K + (d / 2) * BN * 2;
+        __m512bh k0 = (__m512bh)_mm512_load_si512(kd), k1 = (__m512bh)_mm512_load_si512(kd + 32);
+        __m512bh k2 = (__m512bh)_mm512_load_si512(kd + 64), k3 = (__m512bh)_mm512_load_si512(kd + 96);
+        for (int i = 0; i < 4; i++) {
+            int32_t pair;
+            memcpy(&pair, q + i * D + d, 4);
+            __m512bh x = (__m512bh)_mm512_set1_epi32(pair);
+            a[i][0] = _mm512_dpbf16_ps(a[i][0], x, k0);
+            a[i][1] = _mm512_dpbf16_ps(a[i][1], x, k1);
+            a[i][2] = _mm512_dpbf16_ps(a[i][2], x, k2);
+            a[i][3] = _mm512_dpbf16_ps(a[i][3], x, k3);
+        }
+    }
+    for (int i = 0; i < 4; i++)
+        for (int c = 0; c < 4; c++) _mm512_store_ps(s + i * BN + c * 16, a[i][c]);
+}
+
+/* o[r][c0..c0+64) += p[r] @ V for rows r0..r0+3; `nk` keys of the block are used (a multiple of 2) */
+static inline void pv4_f32(const float *p, const float *V, int D, int c0, int nk, float *o) {
+    __m512 a[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int c = 0; c < 4; c++) a[i][c] = _mm512_load_ps(o + i * D + c0 + c * 16);
+    for (int j = 0; j < nk; j++) {
+        const float *vr = V + j * D + c0;
+        __m512 v0 = _mm512_load_ps(vr), v1 = _mm512_load_ps(vr + 16);
+        __m512 v2 = _mm512_load_ps(vr + 32), v3 = _mm512_load_ps(vr + 48);
+        for (int i = 0; i < 4; i++) {
+            __m512 x = _mm512_set1_ps(p[i * BN + j]);
+            a[i][0] = _mm512_fmadd_ps(x, v0, a[i][0]);
+            a[i][1] = _mm512_fmadd_ps(x, v1, a[i][1]);
+            a[i][2] = _mm512_fmadd_ps(x, v2, a[i][2]);
+            a[i][3] = _mm512_fmadd_ps(x, v3, a[i][3]);
+        }
+    }
+    for (int i = 0; i < 4; i++)
+        for (int c = 0; c < 4; c++) _mm512_store_ps(o + i * D + c0 + c * 16, a[i][c]);
+}
+
+static inline void pv4_bf16(const bf16_t *p, const bf16_t *V, int D, int c0, int nk, float *o) {
+    __m512 a[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int c = 0; c < 4; c++) a[i][c] = _mm512_load_ps(o + i * D + c0 + c * 16);
+    for (int j = 0; j < nk; j += 2) {
+        const bf16_t *vr = V + (j / 2) * D * 2 + c0 * 2;
+        __m512bh v0 = (__m512bh)_mm512_load_si512(vr), v1 = (__m512bh)_mm512_load_si512(vr + 32);
+        __m512bh v2 = (__m512bh)_mm512_load_si512(vr + 64), v3 = (__m512bh)_mm512_load_si512(vr + 96);
+        for (int i = 0; i < 4; i++) {
+            int32_t pair;
+            memcpy(&pair, p + i * BN + j, 4);
+            __m512bh x = (__m512bh)_mm512_set1_epi32(pair);
+            a[i][0] = _mm512_dpbf16_ps(a[i][0], x, v0);
+            a[i][1] = _mm512_dpbf16_ps(a[i][1], x, v1);
+            a[i][2] = _mm512_dpbf16_ps(a[i][2], x, v2);
+            a[i][3] = _mm512_dpbf16_ps(a[i][3], x, v3);
+        }
+    }
+    for (int i = 0; i < 4; i++)
+        for (int c = 0; c < 4; c++) _mm512_store_ps(o + i * D + c0 + c * 16, a[i][c]);
+}
+
+static inline int group_limit(const int *limit) {
+    int a = limit[0] > limit[1] ? limit[0] : limit[1], b = limit[2] > limit[3] ? limit[2] : limit[3];
+    return a > b ? a : b;
+}
+
+/* One work unit: KV head h, query rows r0 .. r0+nr-1 (row r = token r / G, head h*G + r % G). `kp`/`vp`:
+ * the head's packed blocks (shared), or NULL to pack each block into this thread's own buffers. */
+static void unit(const Job *J, int h, int r0, int nr, const char *kp_all, const char *vp_all, char *own_k,
+                 char *own_v) {
+    const int D = J->D, G = J->G, esz = J->bf16 ? 2 : 4;
+    const size_t blk_bytes = (size_t)D * BN * esz;
+    float qf[RB * DMAX] __attribute__((aligned(64)));
+    bf16_t qb[RB * DMAX] __attribute__((aligned(64)));
+    float o[RB * DMAX] __attribute__((aligned(64)));
+    float s[RB * BN] __attribute__((aligned(64)));
+    bf16_t pb[RB * BN] __attribute__((aligned(64)));
+    float m[RB], l[RB];
+    int limit[RB];
+    const int nr4 = (nr + 3) & ~3;
+    int max_limit = 0;
+    for (int i = 0; i < nr4; i++) {
+        if (i < nr) {
+            const int r = r0 + i, t = r / G, head = h * G + r % G;
+            const int64_t off = (int64_t)t * J->q_stride + (int64_t)head * D;
+            if (!J->bf16) {
+                const float *src = (const float *)J->q + off;
+                for (int d = 0; d < D; d++) qf[i * D + d] = src[d] * J->scale;
+            } else {
+                const bf16_t *src = (const bf16_t *)J->q + off;
+                for (int d = 0; d < D; d++) qb[i * D + d] = f2bf(bf2f(src[d]) * J->scale);
+            }
+            int64_t lim = J->causal < 0 ? J->S : J->causal + t + 1;
+            limit[i] = lim < J->S ? (int)lim : J->S;
+        } else {
+            if (!J->bf16) memset(qf + i * D, 0, sizeof(float) * D);
+            else memset(qb + i * D, 0, sizeof(bf16_t) * D);
+            limit[i] = 0;
+        }
+        if (limit[i] > max_limit) max_limit = limit[i];
+        m[i] = -INFINITY;
+        l[i] = 0.0f;
+        memset(o + i * D, 0, sizeof(float) * D);
+    }
+    const int nblk = (max_limit + BN - 1) / BN;
+    for (int blk = 0; blk < nblk; blk++) {
+        const int j0 = blk * BN;
+        const char *K, *V;
+        if (kp_all) {
+            K = kp_all + ((size_t)h * J->nblk + blk) * blk_bytes;
+            V = vp_all + ((size_t)h * J->nblk + blk) * blk_bytes;
+        } else {
+            pack_block(J, h, blk, own_k, own_v);
+            K = own_k;
+            V = own_v;
+        }
+        for (int i = 0; i < nr4; i += 4) {
+            if (group_limit(limit + i) <= j0) continue; /* no row of the four sees this block */
+            if (!J->bf16) scores4_f32(qf + i * D, D, (const float *)K, s + i * BN);
+            else scores4_bf16(qb + i * D, D, (const bf16_t *)K, s + i * BN);
+        }
+        int nk_max = 0;
+        for (int i = 0; i < nr4; i++) {
+            const int nv = limit[i] - j0 < BN ? limit[i] - j0 : BN;
+            float *srow = s + i * BN;
+            if (nv <= 0) { /* no key of this block for this row */
+                if (!J->bf16) memset(srow, 0, sizeof(float) * BN);
+                else memset(pb + i * BN, 0, sizeof(bf16_t) * BN);
+                continue;
+            }
+            if (nv > nk_max) nk_max = nv;
+            __m512 sv[4];
+            __m512 mx = _mm512_set1_ps(-INFINITY);
+            for (int c = 0; c < 4; c++) {
+                sv[c] = _mm512_mask_blend_ps(lanes(nv - c * 16), _mm512_set1_ps(-INFINITY),
+                                             _mm512_load_ps(srow + c * 16));
+                mx = _mm512_max_ps(mx, sv[c]);
+            }
+            const float bmax = _mm512_reduce_max_ps(mx);
+            const float m_new = bmax > m[i] ? bmax : m[i];
+            const float alpha = m[i] == -INFINITY ? 0.0f : expf(m[i] - m_new);
+            const __m512 mv = _mm512_set1_ps(m_new);
+            __m512 sum = _mm512_setzero_ps();
+            for (int c = 0; c < 4; c++) {
+                __m512 p = _mm512_maskz_mov_ps(lanes(nv - c * 16), exp512(_mm512_sub_ps(sv[c], mv)));
+                if (!J->bf16) {
+                    sum = _mm512_add_ps(sum, p);
+                    _mm512_store_ps(srow + c * 16, p);
+                } else {
+                    /* the sum is over the rounded probabilities P @ V uses, so the output is normalized */
+                    __m256bh pr = _mm512_cvtneps_pbh(p);
+                    _mm256_store_si256((__m256i *)(pb + i * BN + c * 16), (__m256i)pr);
+                    sum = _mm512_add_ps(sum, _mm512_cvtpbh_ps(pr));
+                }
+            }
+            l[i] = l[i] * alpha + _mm512_reduce_add_ps(sum);
+            if (alpha != 1.0f) {
+                const __m512 av = _mm512_set1_ps(alpha);
+                for (int d = 0; d < D; d += 16)
+                    _mm512_store_ps(o + i * D + d, _mm512_mul_ps(av, _mm512_load_ps(o + i * D + d)));
+            }
+            m[i] = m_new;
+        }
+        const int nk = (nk_max + 1) & ~1;
+        for (int i = 0; i < nr4; i += 4) {
+            if (group_limit(limit + i) <= j0) continue;
+            for (int c0 = 0; c0 < D; c0 += 64) {
+                if (!J->bf16) pv4_f32(s + i * BN, (const float *)V, D, c0, nk, o + i * D);
+                else pv4_bf16(pb + i * BN, (const bf16_t *)V, D, c0, nk, o + i * D);
+            }
+        }
+    }
+    for (int i = 0; i < nr; i++) {
+        const int r = r0 + i, t = r / G, head = h * G + r % G;
+        const float inv = 1.0f / l[i];
+        J->lse[(int64_t)t * J->H + head] = m[i] + logf(l[i]);
+        const int64_t off = ((int64_t)t * J->H + head) * D;
+        if (!J->bf16) {
+            float *dst = (float *)J->out + off;
+            for (int d = 0; d < D; d++) dst[d] = o[i * D + d] * inv;
+        } else {
+            bf16_t *dst = (bf16_t *)J->out + off;
+            for (int d = 0; d < D; d++) dst[d] = f2bf(o[i * D + d] * inv);
+        }
+    }
+}
+
+/* A unit of at most 32 query rows (decode steps, short chunks): rows are the lanes, keys the loop, so that
+ * K and V are read in place, row by row, with no packing (each key block is read by this unit alone). Scores
+ * are s[j][rows] = sum_d k[j][d] * qt[d][rows]; the softmax runs down the key axis, lane-wise per row;
+ * ot[d][rows] += v[j][d] * p[j][rows]. NV: 16-row vectors (1 or 2). */
+static inline __attribute__((always_inline)) void unit_lanes(const Job *J, int h, int nr, const int NV) {
+    const int D = J->D, G = J->G;
+    float qt[DMAX * 32] __attribute__((aligned(64)));   /* float32: [D][32] */
+    bf16_t qp[DMAX * 32] __attribute__((aligned(64)));  /* bfloat16: [D/2][32][2] */
+    float st[BN * 32] __attribute__((aligned(64)));     /* [BN][32] scores, then probabilities */
+    float vf[BN * DMAX] __attribute__((aligned(64)));   /* bfloat16: the block's V rows in float32 */
+    float ot[DMAX * 32] __attribute__((aligned(64)));   /* [D][32] */
+    int lim[32] __attribute__((aligned(64)));
+    int max_limit = 0;
+    for (int r = 0; r < NV * 16; r++) {
+        if (r < nr) {
+            const int t = r / G, head = h * G + r % G;
+            const int64_t off = (int64_t)t * J->q_stride + (int64_t)head * D;
+            for (int d = 0; d < D; d++) {
+                if (!J->bf16) qt[d * 32 + r] = ((const float *)J->q)[off + d] * J->scale;
+                else qp[(d / 2) * 64 + r * 2 + (d & 1)] = f2bf(bf2f(((const bf16_t *)J->q)[off + d]) * J->scale);
+            }
+            int64_t l = J->causal < 0 ? J->S : J->causal + t + 1;
+            lim[r] = l < J->S ? (int)l : J->S;
+        } else { /* padding lanes: zero queries, every key visible, never written out */
+            for (int d = 0; d < D; d++) {
+                if (!J->bf16) qt[d * 32 + r] = 0.0f;
+                else qp[(d / 2) * 64 + r * 2 + (d & 1)] = 0;
+            }
+            lim[r] = J->S;
+        }
+        if (lim[r] > max_limit) max_limit = lim[r];
+    }
+    __m512 m[2], l[2];
+    __m512i limv[2];
+    for (int c = 0; c < NV; c++) {
+        m[c] = _mm512_set1_ps(-INFINITY);
+        l[c] = _mm512_setzero_ps();
+        limv[c] = _mm512_load_si512(lim + c * 16);
+    }
+    for (int d = 0; d < D; d++)
+        for (int c = 0; c < NV; c++) _mm512_store_ps(ot + d * 32 + c * 16, _mm512_setzero_ps());
+    const int64_t hoff = (int64_t)h * D;
+    for (int j0 = 0; j0 < max_limit; j0 += BN) {
+        const int nk = max_limit - j0 < BN ? max_limit - j0 : BN;
+        /* scores, four keys at a time */
+        for (int j = 0; j < nk; j += 4) {
+            __m512 a[4][2];
+            const int n4 = nk - j < 4 ? nk - j : 4;
+            for (int i = 0; i < 4; i++)
+                for (int c = 0; c < NV; c++) a[i][c] = _mm512_setzero_ps();
+            if (!J->bf16) {
+                const float *kr[4];
+                for (int i = 0; i < 4; i++)
+                    kr[i] = (const float *)J->k + J->key_rows[j0 + j + (i < n4 ? i : 0)] * J->kv_stride + hoff;
+                for (int d = 0; d < D; d++) {
+                    __m512 q0 = _mm512_load_ps(qt + d * 32), q1 = NV > 1 ? _mm512_load_ps(qt + d * 32 + 16) : q0;
+                    for (int i = 0; i < 4; i++) {
+                        __m512 x = _mm512_set1_ps(kr[i][d]);
+                        a[i][0] = _mm512_fmadd_ps(x, q0, a[i][0]);
+                        if (NV > 1) a[i][1] = _mm512_fmadd_ps(x, q1, a[i][1]);
+                    }
+                }
+            } else {
+                const bf16_t *kr[4];
+                for (int i = 0; i < 4; i++)
+                    kr[i] = (const bf16_t *)J->k + J->key_rows[j0 + j + (i < n4 ? i : 0)] * J->kv_stride + hoff;
+                for (int d = 0; d < D; d += 2) {
+                    __m512bh q0 = (__m512bh)_mm512_load_si512(qp + (d / 2) * 64);
+                    __m512bh q1 = NV > 1 ? (__m512bh)_mm512_load_si512(qp + (d / 2) * 64 + 32) : q0;
+                    for (int i = 0; i < 4; i++) {
+                        int32_t pair;
+                        memcpy(&pair, kr[i] + d, 4);
+                        __m512bh x = (__m512bh)_mm512_set1_epi32(pair);
+                        a[i][0] = _mm512_dpbf16_ps(a[i][0], x, q0);
+                        if (NV > 1) a[i][1] = _mm512_dpbf16_ps(a[i][1], x, q1);
+                    }
+                }
+            }
+            for (int i = 0; i < n4; i++)
+                for (int c = 0; c < NV; c++) _mm512_store_ps(st + (j + i) * 32 + c * 16, a[i][c]);
+        }
+        /* online softmax down the key axis, one lane per row */
+        __m512 mn[2], alpha[2], sum[2];
+        for (int c = 0; c < NV; c++) {
+            __m512 mx = _mm512_set1_ps(-INFINITY);
+            for (int j = 0; j < nk; j++) {
+                __mmask16 ok = _mm512_cmpgt_epi32_mask(limv[c], _mm512_set1_epi32(j0 + j));
+                mx = _mm512_mask_max_ps(mx, ok, mx, _mm512_load_ps(st + j * 32 + c * 16));
+            }
+            mn[c] = _mm512_max_ps(m[c], mx);
+            alpha[c] = exp512(_mm512_sub_ps(m[c], mn[c]));
+            sum[c] = _mm512_setzero_ps();
+            for (int j = 0; j < nk; j++) {
+                __mmask16 ok = _mm512_cmpgt_epi32_mask(limv[c], _mm512_set1_epi32(j0 + j));
+                __m512 p = _mm512_maskz_mov_ps(ok, exp512(_mm512_sub_ps(_mm512_load_ps(st + j * 32 + c * 16), mn[c])));
+                if (J->bf16) p = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(p)); /* P @ V reads P rounded to bfloat16 */
+                sum[c] = _mm512_add_ps(sum[c], p);
+                _mm512_store_ps(st + j * 32 + c * 16, p);
+            }
+            l[c] = _mm512_fmadd_ps(l[c], alpha[c], sum[c]);
+            m[c] = mn[c];
+        }
+        /* ot = ot * alpha + V^T p, eight dimensions at a time */
+        const float *vrow[BN];
+        if (!J->bf16) {
+            for (int j = 0; j < nk; j++) vrow[j] = (const float *)J->v + J->key_rows[j0 + j] * J->kv_stride + hoff;
+        } else {
+            for (int j = 0; j < nk; j++) {
+                const bf16_t *src = (const bf16_t *)J->v + J->key_rows[j0 + j] * J->kv_stride + hoff;
+                for (int d = 0; d < D; d += 16)
+                    _mm512_store_ps(vf + j * D + d,
+                                    _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(src + d))));
+                vrow[j] = vf + j * D;
+            }
+        }
+        for (int d0 = 0; d0 < D; d0 += 8) {
+            __m512 a[8][2];
+            for (int e = 0; e < 8; e++)
+                for (int c = 0; c < NV; c++) a[e][c] = _mm512_mul_ps(alpha[c], _mm512_load_ps(ot + (d0 + e) * 32 + c * 16));
+            for (int j = 0; j < nk; j++) {
+                __m512 p0 = _mm512_load_ps(st + j * 32), p1 = NV > 1 ? _mm512_load_ps(st + j * 32 + 16) : p0;
+                const float *vr = vrow[j] + d0;
+                for (int e = 0; e < 8; e++) {
+                    __m512 x = _mm512_set1_ps(vr[e]);
+                    a[e][0] = _mm512_fmadd_ps(x, p0, a[e][0]);
+                    if (NV > 1) a[e][1] = _mm512_fmadd_ps(x, p1, a[e][1]);
+                }
+            }
+            for (int e = 0; e < 8; e++)
+                for (int c = 0; c < NV; c++) _mm512_store_ps(ot + (d0 + e) * 32 + c * 16, a[e][c]);
+        }
+    }
+    float lf[32] __attribute__((aligned(64))), mf[32] __attribute__((aligned(64)));
+    for (int c = 0; c < NV; c++) {
+        _mm512_store_ps(lf + c * 16, l[c]);
+        _mm512_store_ps(mf + c * 16, m[c]);
+    }
+    for (int r = 0; r < nr; r++) {
+        const int t = r / G, head = h * G + r % G;
+        const float inv = 1.0f / lf[r];
+        J->lse[(int64_t)t * J->H + head] = mf[r] + logf(lf[r]);
+        const int64_t off = ((int64_t)t * J->H + head) * D;
+        if (!J->bf16) {
+            float *dst = (float *)J->out + off;
+            for (int d = 0; d < D; d++) dst[d] = ot[d * 32 + r] * inv;
+        } else {
+            bf16_t *dst = (bf16_t *)J->out + off;
+            for (int d = 0; d < D; d++) dst[d] = f2bf(ot[d * 32 + r] * inv);
+        }
+    }
+}
+
+static void unit_lanes16(const Job *J, int h, int nr) { unit_lanes(J, h, nr, 1); }
+static void unit_lanes32(const Job *J, int h, int nr) { unit_lanes(J, h, nr, 2); }
+
+/* Keys j = 0 .. S-1 are rows key_rows[j] of k and v. Returns 0, or a positive code for an unsupported shape
+ * (the caller falls back to torch). */
+int pc_attend_rows(int bf16, const void *q, int64_t q_stride, const void *k, const void *v, int64_t kv_stride,
+                   const int64_t *key_rows, int64_t S, void *out, float *lse, int T, int H, int KVH, int D,
+                   float scale, int64_t causal, int num_threads) {
+    if (D % 64 != 0 || D > DMAX || KVH <= 0 || H % KVH != 0 || T <= 0) return 1;
+    if (S <= 0 || S > (1 << 30)) return 2;
+    Job J = {bf16, q, q_stride, k, v, kv_stride, key_rows, out, lse, T, H, KVH, (int)S, D, H / KVH, scale, causal,
+             (int)((S + BN - 1) / BN)};
+    const int rows = T * J.G;
+    if (rows <= 32) { /* one unit per KV head, K/V read in place */
+        if (num_threads > KVH) num_threads = KVH;
+        if (num_threads < 1) num_threads = 1;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+        for (int h = 0; h < KVH; h++) {
+            if (rows <= 16) unit_lanes16(&J, h, rows);
+            else unit_lanes32(&J, h, rows);
+        }
+        return 0;
+    }
+    const int tiles = (rows + RB - 1) / RB;
+    const int units = KVH * tiles;
+    const size_t blk_bytes = (size_t)D * BN * (bf16 ? 2 : 4);
+    /* Blocks read by several tiles are packed once for all; a head with one tile packs as it goes. */
+    const int shared = tiles > 1;
+    char *kp = NULL, *vp = NULL;
+    if (shared) {
+        kp = (char *)aligned_alloc(64, blk_bytes * KVH * J.nblk);
+        vp = (char *)aligned_alloc(64, blk_bytes * KVH * J.nblk);
+        if (!kp || !vp) {
+            free(kp);
+            free(vp);
+            return 3;
+        }
+    }
+    if (num_threads < 1) num_threads = 1;
+    if (num_threads > units && !shared) num_threads = units;
+#pragma omp parallel num_threads(num_threads)
+    {
+        char own_k[DMAX * BN * 4] __attribute__((aligned(64)));
+        char own_v[DMAX * BN * 4] __attribute__((aligned(64)));
+        if (shared) {
+#pragma omp for schedule(static)
+            for (int x = 0; x < KVH * J.nblk; x++)
+                pack_block(&J, x / J.nblk, x % J.nblk, kp + (size_t)x * blk_bytes, vp + (size_t)x * blk_bytes);
+        }
+        /* Causal tiles further down see more keys: hand out the largest first. */
+#pragma omp for schedule(dynamic, 1)
+        for (int u = units - 1; u >= 0; u--) {
+            const int h = u % KVH, tile = u / KVH;
+            const int r0 = tile * RB;
+            const int nr = rows - r0 < RB ? rows - r0 : RB;
+            unit(&J, h, r0, nr, kp, vp, own_k, own_v);
+        }
+    }
+    free(kp);
+    free(vp);
+    return 0;
+}
+
+/* Keys are the rows of runs [run_start[i], run_start[i] + run_len[i]) of k and v, in order. */
+int pc_attend(int bf16, const void *q, int64_t q_stride, const void *k, const void *v, int64_t kv_stride,
+              const int64_t *run_start, const int64_t *run_len, int num_runs, void *out, float *lse, int T, int H,
+              int KVH, int D, float scale, int64_t causal, int num_threads) {
+    int64_t S = 0;
+    for (int i = 0; i < num_runs; i++) {
+        if (run_len[i] < 0) return 2;
+        S += run_len[i];
+    }
+    if (S <= 0 || S > (1 << 30)) return 2;
+    int64_t *key_rows = (int64_t *)malloc(sizeof(int64_t) * S);
+    if (!key_rows) return 3;
+    for (int i = 0, j = 0; i < num_runs; i++)
+        for (int64_t x = 0; x < run_len[i]; x++) key_rows[j++] = run_start[i] + x;
+    int rc = pc_attend_rows(bf16, q, q_stride, k, v, kv_stride, key_rows, S, out, lse, T, H, KVH, D, scale, causal,
+                            num_threads);
+    free(key_rows);
+    return rc;
+}
+
+/* A batch of sequences, one query token each (decode steps): sequence b's token q[b] ([H, D], rows of
+ * q_stride elements) attends to its own keys, slots[b * slot_stride + 0 .. lens[b]-1] of k and v, all
+ * visible. One unit per (sequence, KV head), K/V read in place. out [B, H, D] contiguous, lse [B, H]. */
+int pc_attend_batch(int bf16, const void *q, int64_t q_stride, const void *k, const void *v, int64_t kv_stride,
+                    const int64_t *slots, int64_t slot_stride, const int64_t *lens, void *out, float *lse, int B,
+                    int H, int KVH, int D, float scale, int num_threads) {
+    if (D % 64 != 0 || D > DMAX || KVH <= 0 || H % KVH != 0 || B <= 0 || H / KVH > 32) return 1;
+    for (int b = 0; b < B; b++)
+        if (lens[b] <= 0 || lens[b] > slot_stride) return 2;
+    const int G = H / KVH, esz = bf16 ? 2 : 4;
+    if (num_threads < 1) num_threads = 1;
+    if (num_threads > B * KVH) num_threads = B * KVH;
+#pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
+    for (int u = 0; u < B * KVH; u++) {
+        const int b = u / KVH, h = u % KVH;
+        Job J = {bf16, (const char *)q + (size_t)b * q_stride * esz, q_stride, k, v, kv_stride,
+                 slots + (size_t)b * slot_stride, (char *)out + (size_t)b * H * D * esz, lse + (size_t)b * H,
+                 1, H, KVH, (int)lens[b], D, G, scale, -1, (int)((lens[b] + BN - 1) / BN)};
+        if (G <= 16) unit_lanes16(&J, h, G);
+        else unit_lanes32(&J, h, G);
+    }
+    return 0;
+}
