@@ -372,6 +372,17 @@ static inline __attribute__((always_inline)) void unit_lanes(const Job *J, int h
     const int64_t hoff = (int64_t)h * D;
     for (int j0 = 0; j0 < max_limit; j0 += BN) {
         const int nk = max_limit - j0 < BN ? max_limit - j0 : BN;
+        /* the next block's K and V rows are fetched while this one is computed (a decode pass streams them
+         * from memory once: measured 1.7x slower cold than cached without this) */
+        const int nn = max_limit - j0 - BN < BN ? max_limit - j0 - BN : BN;
+        const int row_bytes = D * (J->bf16 ? 2 : 4);
+        for (int j = 0; j < nn; j++) {
+            const int64_t at = (J->key_rows[j0 + BN + j] * J->kv_stride + hoff) * (J->bf16 ? 2 : 4);
+            for (int b = 0; b < row_bytes; b += 64) {
+                _mm_prefetch((const char *)J->k + at + b, _MM_HINT_T0);
+                _mm_prefetch((const char *)J->v + at + b, _MM_HINT_T0);
+            }
+        }
         /* scores, four keys at a time */
         for (int j = 0; j < nk; j += 4) {
             __m512 a[4][2];
