@@ -11,8 +11,9 @@
  * float32: scores by FMAs on keys packed transposed per block ([D][BN]); P @ V by FMAs on V rows.
  * bfloat16: the same loops on VDPBF16PS, two products per lane (keys packed as [D/2][BN][2], values as
  * [BN/2][D][2]); scores, softmax and accumulation stay float32, P is rounded to bfloat16 for P @ V as the
- * GEMM path does. Every row's result depends only on its own query and the keys it sees (never on which other
- * rows share its tile or on the thread count), so a run rounds alike however the work is split.
+ * GEMM path does. Within one work split (row tiles, or rows as lanes for at most 32 rows per KV head: decode
+ * passes and short chunks) a row's result depends only on its own query and the keys it sees, never on which
+ * other rows share its tile or on the thread count; the two splits sum in different orders (rounding only).
  */
 #include <immintrin.h>
 #include <math.h>

@@ -1,0 +1,186 @@
+"""The fused CPU attention kernel (workers/model/csrc/attention.c via fused_attention.py) against float64
+attention, and the engine that uses it against transformers.
+
+What it must guarantee: the same output and log-sum-exp as plain attention, bottom-right causal, for every
+work split it picks (at most 16 or 32 query rows per KV head: rows as lanes; more: row tiles over packed key
+blocks), for keys read in place from slot ranges, from a slot list, or per sequence (the decode batch);
+within a work split, a row's result does not depend on which other rows are in the call; bad slot ranges are refused before the
+C code runs; with the kernel off, attention falls back to torch's kernels; and the engine's greedy output on
+a checkpoint with 64-wide heads (the kernel's case) is token-identical to transformers at float32, cold,
+through a prefix hit and through shared-prefix (cascade) decode.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+import workers.model.attention_kernels as ak
+from workers.model import fused_attention as fa
+from tests.test_attention_kernels import reference
+
+AVX512 = "avx512f" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else False
+HAVE_CC = shutil.which(os.environ.get("CC", "cc")) is not None
+needs_kernel = pytest.mark.skipif(fa.kernel() is None, reason=f"fused kernel unavailable: {fa.why_not()}")
+
+TOL = {torch.float32: (2e-6, 2e-6), torch.bfloat16: (2e-2, 1e-2)}  # (output, lse), relative to their scale
+
+
+def test_kernel_is_built_where_it_can_be():
+    """On an x86-64 machine with AVX-512 and a C compiler (this project's machines and CI) the kernel must
+    build and load: otherwise every test below would skip and the engine would silently run the slow path."""
+    if os.environ.get("PREFIXCACHE_FUSED_ATTENTION") == "0" or not (AVX512 and HAVE_CC):
+        pytest.skip("no AVX-512 or no C compiler here")
+    assert fa.kernel() is not None, fa.why_not()
+
+
+def close(out, lse, ref_out, ref_lse, dtype):
+    out_tol, lse_tol = TOL[dtype]
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert (out.double() - ref_out).abs().max() <= out_tol * max(1.0, float(ref_out.abs().max()))
+    assert (lse.double() - ref_lse).abs().max() <= lse_tol * max(1.0, float(ref_lse.abs().max()))
+
+
+# (tokens, keys, causal offset): 1-4 tokens x G=4 -> 16 lanes; 5-8 -> 32 lanes; more -> row tiles; keys that
+# are not a multiple of the 64-key block; a chunk after a cached prefix.
+CASES = [(1, 1, 0), (1, 70, None), (3, 70, 67), (8, 130, None), (7, 7, 0), (9, 200, None), (40, 100, 60),
+         (300, 300, 0), (64, 2112, 2048), (33, 257, None)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("head_dim", (64, 128))
+def test_fused_equals_float64_attention(case, dtype, head_dim):
+    if dtype == torch.bfloat16 and not fa.kernel().bf16:
+        pytest.skip("no AVX512_BF16")
+    num_tokens, num_keys, offset = case
+    gen = torch.Generator().manual_seed(num_tokens * 1000 + num_keys + head_dim)
+    q = torch.randn(num_tokens, 8, head_dim, generator=gen).to(dtype)
+    k, v = (torch.randn(num_keys, 2, head_dim, generator=gen).to(dtype) for _ in range(2))
+    scale = head_dim ** -0.5
+    out, lse = fa.attend_fused(q, k, v, scale, offset)
+    close(out, lse, *reference(q, k, v, scale, offset), dtype)
+    # attend() takes this kernel for such queries
+    assert torch.equal(ak.attend(q, k, v, scale, offset)[0], out)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_keys_read_in_place_from_runs_slots_and_per_sequence(dtype):
+    if dtype == torch.bfloat16 and not fa.kernel().bf16:
+        pytest.skip("no AVX512_BF16")
+    gen = torch.Generator().manual_seed(7)
+    cache_k, cache_v = (torch.randn(600, 2, 64, generator=gen).to(dtype) for _ in range(2))
+    runs = [(100, 228), (500, 532), (8, 9)]
+    slots = torch.cat([torch.arange(a, b) for a, b in runs])
+    k, v = cache_k.index_select(0, slots), cache_v.index_select(0, slots)
+    for num_tokens in (2, 8, 20):  # lanes (16, 32) and row tiles
+        q = torch.randn(num_tokens, 8, 64, generator=gen).to(dtype)
+        want = fa.attend_fused(q, k, v, 0.125)
+        for got in (fa.attend_fused(q, cache_k, cache_v, 0.125, runs=runs),
+                    fa.attend_fused(q, cache_k, cache_v, 0.125, slots=slots),
+                    ak.attend_cached(q, cache_k, cache_v, None, None, runs, None, 0.125)):
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        close(*want, *reference(q, k, v, 0.125, None), dtype)
+    # the decode batch: each sequence's own slots, padded past its length
+    lens = torch.tensor([5, 161, 1, 64])
+    table = torch.zeros(4, 161, dtype=torch.long)
+    for b, n in enumerate(lens.tolist()):
+        table[b, :n] = torch.randperm(600, generator=gen)[:n]
+    q = torch.randn(4, 8, 64, generator=gen).to(dtype)
+    out, lse = fa.attend_fused_batch(q, cache_k, cache_v, table, lens, 0.125)
+    for b, n in enumerate(lens.tolist()):
+        rows = table[b, :n]
+        close(out[b : b + 1], lse[b : b + 1], *reference(q[b : b + 1], cache_k[rows], cache_v[rows], 0.125, None), dtype)
+
+
+@needs_kernel
+def test_a_rows_result_does_not_depend_on_the_other_rows():
+    """Bit for bit within a work split: a token alone or among others (lanes: up to 32 rows per KV head; row
+    tiles: more) rounds alike; across the two splits, alike up to rounding."""
+    gen = torch.Generator().manual_seed(8)
+    for dtype in (torch.float32,) + ((torch.bfloat16,) if fa.kernel().bf16 else ()):
+        q = torch.randn(48, 8, 64, generator=gen).to(dtype)
+        k, v = (torch.randn(500, 2, 64, generator=gen).to(dtype) for _ in range(2))
+        for whole_range, parts in (((0, 8), ((0, 1), (3, 7))), ((0, 48), ((10, 48), (1, 40)))):
+            a0, b0 = whole_range
+            whole, whole_lse = fa.attend_fused(q[a0:b0], k, v, 0.125)
+            for a, b in parts:
+                part, part_lse = fa.attend_fused(q[a:b], k, v, 0.125)
+                assert torch.equal(part, whole[a - a0 : b - a0]) and torch.equal(part_lse, whole_lse[a - a0 : b - a0])
+        lanes, lanes_lse = fa.attend_fused(q[:8], k, v, 0.125)
+        tiles, tiles_lse = fa.attend_fused(q, k, v, 0.125)
+        torch.testing.assert_close(lanes, tiles[:8], **({"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {}))
+        torch.testing.assert_close(lanes_lse, tiles_lse[:8])
+
+
+@needs_kernel
+def test_bad_slots_are_refused_before_the_kernel_reads():
+    cache = torch.zeros(64, 2, 64)
+    q = torch.zeros(2, 8, 64)
+    with pytest.raises(IndexError):
+        fa.attend_fused(q, cache, cache, 0.1, runs=[(60, 70)])
+    with pytest.raises(IndexError):
+        fa.attend_fused(q, cache, cache, 0.1, slots=torch.tensor([1, 64]))
+    with pytest.raises(IndexError):
+        fa.attend_fused_batch(q, cache, cache, torch.tensor([[0, -1], [1, 2]]), torch.tensor([2, 2]), 0.1)
+    with pytest.raises(ValueError):  # a length past the slot table's width
+        fa.attend_fused_batch(q, cache, cache, torch.tensor([[0, 1], [1, 2]]), torch.tensor([3, 2]), 0.1)
+    assert not fa.supports(torch.zeros(2, 8, 48))  # head size not a multiple of 64: torch's kernels
+
+
+def test_without_the_kernel_attention_falls_back_to_torch(monkeypatch):
+    monkeypatch.setitem(fa._state, "kernel", None)
+    monkeypatch.setitem(fa._state, "why", "off for this test")
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = torch.randn(40, 8, 64, generator=gen), torch.randn(300, 2, 64, generator=gen), torch.randn(300, 2, 64, generator=gen)
+    assert not fa.supports(q)
+    out, lse = ak.attend(q, k, v, 0.125, 260)
+    close(out, lse, *reference(q, k, v, 0.125, 260), torch.float32)
+    cache = torch.randn(400, 2, 64, generator=gen)
+    runs = [(0, 100), (200, 300)]
+    got = ak.attend_cached(q, cache, cache, None, None, runs, None, 0.125)
+    want = ak.attend(q, ak.read_rows(cache, None, runs, None, torch.float32),
+                     ak.read_rows(cache, None, runs, None, torch.float32), 0.125)
+    assert torch.equal(got[0], want[0])
+
+
+@pytest.fixture(scope="module")
+def wide_heads(tmp_path_factory):
+    from tests.model_fixtures import build_tiny_checkpoint
+    from workers.model import load_model
+
+    path = build_tiny_checkpoint(tmp_path_factory.mktemp("wide"), "llama", seed=5, hidden=128, heads=4, kv_heads=2,
+                                 head_dim=64, intermediate=256, vocab=320)
+    return path, load_model(path)
+
+
+@pytest.mark.parametrize("fused", (True, False), ids=("fused", "torch"))
+def test_engine_with_64_wide_heads_matches_transformers(wide_heads, fused, monkeypatch):
+    """Cold prefill in chunks, prefix hits, and decode of sequences sharing a 12-block prefix (cascade: a
+    prefix pass read in place plus each row's own suffix) or none: token-identical to transformers."""
+    from cache_service.records import SamplingParams
+    from tests.model_fixtures import hf_greedy
+    from workers.engine import Engine, EngineConfig
+
+    if fused and fa.kernel() is None:
+        pytest.skip(f"fused kernel unavailable: {fa.why_not()}")
+    if not fused:
+        monkeypatch.setitem(fa._state, "kernel", None)
+        monkeypatch.setitem(fa._state, "why", "off for this test")
+    path, lm = wide_heads
+    system = [(11 * i + 5) % 300 + 3 for i in range(48)]
+    prompts = [system + [200 + i, 17, 40 + i] for i in range(4)] + [[9, 8, 7, 6, 5] * 7]
+    engine = Engine(EngineConfig(block_size=4, num_blocks=128, max_num_batched_tokens=32, max_num_seqs=8), loaded=lm)
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    want = [hf_greedy(path, p, 12) for p in prompts]
+    first = engine.generate(prompts, params)
+    assert [o.new_token_ids for o in first] == want
+    again = engine.generate(prompts, params)  # every prompt's full blocks are cached now
+    assert [o.new_token_ids for o in again] == want
+    assert all(o.cached_tokens >= 32 for o in again)
+    engine.check_integrity()
