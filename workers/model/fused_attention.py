@@ -7,9 +7,9 @@ are ``[S, KVH, D]`` tensors, or a layer's whole cache with ``runs`` naming the s
 order: a prefix made of several runs of blocks is read in place, with no gather or concatenation.
 
 The library is compiled once per source version, compiler flags and machine into
-``$PREFIXCACHE_KERNEL_DIR`` (default ``~/.cache/prefixcache/kernels``) with the system C compiler (``$CC``,
-else ``cc``), written to a temporary name and renamed, so that workers starting together never load a
-half-written file. It links the same ``libgomp.so.1`` torch has already loaded, so its threads are torch's
+``$PREFIXCACHE_KERNEL_DIR`` (default ``~/.cache/prefixcache/kernels``; a private temporary folder where
+that is not writable) with the system C compiler (``$CC``, else ``cc``; about a second), written to a
+temporary name and renamed, so that workers starting together never load a half-written file. It links the same ``libgomp.so.1`` torch has already loaded, so its threads are torch's
 OpenMP pool, not a second one competing for the cores. Where it cannot be used (another architecture, no
 AVX-512, no compiler, a head size that is not a multiple of 64, or ``PREFIXCACHE_FUSED_ATTENTION=0``),
 ``kernel()`` is None and attention_kernels.py runs its torch kernels, as it did before this file.
@@ -42,6 +42,7 @@ class Kernel(NamedTuple):
     runs: object  # pc_attend: keys from slot ranges
     rows: object  # pc_attend_rows: keys from a row-index array
     batch: object  # pc_attend_batch: one query token per sequence, each against its own slots
+    rope: object  # pc_rope: rotary embedding of q and k heads in one pass
     bf16: bool  # the CPU has AVX512_BF16
 
 
@@ -87,19 +88,24 @@ def _load():
     path = root / f"attention-{key}.so"
     try:
         if not path.exists():
-            _build(path)
+            try:
+                _build(path)
+            except OSError:  # no writable cache folder (a read-only home): a private folder of this process
+                path = Path(tempfile.mkdtemp(prefix="prefixcache-kernels-")) / path.name
+                _build(path)
         lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         return None, f"could not build or load {path}: {exc}"
     i64, vp, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     tail = [vp, vp, c_int, c_int, c_int, c_int, ctypes.c_float, i64, c_int]
-    runs_fn, rows_fn, batch_fn = lib.pc_attend, lib.pc_attend_rows, lib.pc_attend_batch
-    runs_fn.argtypes = [c_int, vp, i64, vp, vp, i64, vp, vp, c_int, *tail]
-    rows_fn.argtypes = [c_int, vp, i64, vp, vp, i64, vp, i64, *tail]
-    batch_fn.argtypes = [c_int, vp, i64, vp, vp, i64, vp, i64, vp, vp, vp, c_int, c_int, c_int, c_int,
+    runs_fn, rows_fn, batch_fn, rope_fn = lib.pc_attend, lib.pc_attend_rows, lib.pc_attend_batch, lib.pc_rope
+    rope_fn.argtypes = [c_int, vp, i64, vp, vp, vp, c_int, c_int, c_int, c_int]
+    runs_fn.argtypes = [c_int, vp, i64, vp, vp, i64, i64, vp, vp, c_int, *tail]
+    rows_fn.argtypes = [c_int, vp, i64, vp, vp, i64, i64, vp, i64, *tail]
+    batch_fn.argtypes = [c_int, vp, i64, vp, vp, i64, i64, vp, i64, vp, vp, vp, c_int, c_int, c_int, c_int,
                          ctypes.c_float, c_int]
-    runs_fn.restype = rows_fn.restype = batch_fn.restype = c_int
-    return Kernel(runs_fn, rows_fn, batch_fn, "avx512_bf16" in flags), str(path)
+    runs_fn.restype = rows_fn.restype = batch_fn.restype = rope_fn.restype = c_int
+    return Kernel(runs_fn, rows_fn, batch_fn, rope_fn, "avx512_bf16" in flags), str(path)
 
 
 def kernel() -> Kernel | None:
@@ -127,6 +133,13 @@ def supports(q: torch.Tensor) -> bool:
         return False
     k = kernel()
     return k is not None and (q.dtype == torch.float32 or k.bf16)
+
+
+def _check(rc: int, what: str) -> None:
+    if rc == 4:
+        raise IndexError(f"fused attention: a key slot is outside the cache ({what})")
+    if rc != 0:
+        raise ValueError(f"fused attention rejected the shapes (code {rc}): {what}")
 
 
 def _rows_view(x: torch.Tensor) -> torch.Tensor:
@@ -159,22 +172,19 @@ def attend_fused(
     lse = torch.empty((num_tokens, num_heads), dtype=torch.float32)
     tail = (out.data_ptr(), lse.data_ptr(), num_tokens, num_heads, num_kv_heads, head_dim, float(scale),
             -1 if causal_offset is None else int(causal_offset), torch.get_num_threads())
-    head = (int(q.dtype == torch.bfloat16), q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), k.stride(0))
+    # Every key row is checked against the cache's length in C before anything is read (code 4).
+    head = (int(q.dtype == torch.bfloat16), q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), k.stride(0),
+            min(k.shape[0], v.shape[0]))
     if slots is not None:
         slots = slots.to(torch.int64).contiguous()
-        if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= k.shape[0]):
-            raise IndexError("fused attention: a slot is outside the cache")
         rc = lib.rows(*head, slots.data_ptr(), slots.numel(), *tail)
     else:
         if runs is None:
             runs = [(0, k.shape[0])]
-        if any(a < 0 or b > k.shape[0] or b < a for a, b in runs):
-            raise IndexError("fused attention: a slot range is outside the cache")
         starts = (ctypes.c_int64 * len(runs))(*(a for a, _ in runs))
         lens = (ctypes.c_int64 * len(runs))(*(b - a for a, b in runs))
         rc = lib.runs(*head, starts, lens, len(runs), *tail)
-    if rc != 0:
-        raise ValueError(f"fused attention rejected the shapes (code {rc}): q {tuple(q.shape)}, k {tuple(k.shape)}")
+    _check(rc, f"q {tuple(q.shape)}, k {tuple(k.shape)}")
     return out, lse
 
 
@@ -189,18 +199,37 @@ def attend_fused_batch(
     q = _rows_view(q)
     slots = slots.to(torch.int64).contiguous()
     lens = lens.to(torch.int64).contiguous()
-    if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= k_cache.shape[0]):
-        raise IndexError("fused attention: a slot is outside the cache")
+    if lens.numel() != num_seqs or slots.dim() != 2 or slots.shape[0] != num_seqs:
+        raise ValueError(f"fused attention: {num_seqs} queries, slots {tuple(slots.shape)}, lens {tuple(lens.shape)}")
     out = torch.empty((num_seqs, num_heads, head_dim), dtype=q.dtype)
     lse = torch.empty((num_seqs, num_heads), dtype=torch.float32)
     rc = lib.batch(int(q.dtype == torch.bfloat16), q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-                   k_cache.stride(0), slots.data_ptr(), slots.shape[1], lens.data_ptr(), out.data_ptr(),
+                   k_cache.stride(0), min(k_cache.shape[0], v_cache.shape[0]), slots.data_ptr(), slots.shape[1], lens.data_ptr(), out.data_ptr(),
                    lse.data_ptr(), num_seqs, num_heads, k_cache.shape[1], head_dim, float(scale),
                    torch.get_num_threads())
-    if rc != 0:
-        raise ValueError(f"fused attention rejected the batch (code {rc}): q {tuple(q.shape)}, slots "
-                         f"{tuple(slots.shape)}")
+    _check(rc, f"q {tuple(q.shape)}, slots {tuple(slots.shape)}")
     return out, lse
+
+
+def supports_rope(x: torch.Tensor) -> bool:
+    """Whether ``rope_fused`` takes ``x [T, heads, D]`` (CPU, float32 / bfloat16, heads D apart)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or x.shape[-1] % 2:
+        return False
+    k = kernel()
+    return k is not None and (x.dtype == torch.float32 or k.bf16) and x.stride(2) == 1 and x.stride(1) == x.shape[2]
+
+
+def rope_fused(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``rope.apply_rope(x, cos, sin)`` bit for bit in one pass: ``x [T, heads, D]`` (rows may be strided, as
+    the q and k heads of a fused QKV output are), ``cos, sin [T, 1, D]`` -> a contiguous ``[T, heads, D]``."""
+    num_tokens, heads, head_dim = x.shape
+    cos = cos.reshape(num_tokens, head_dim).to(x.dtype).contiguous()
+    sin = sin.reshape(num_tokens, head_dim).to(x.dtype).contiguous()
+    out = torch.empty((num_tokens, heads, head_dim), dtype=x.dtype)
+    rc = kernel().rope(int(x.dtype == torch.bfloat16), x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(),
+                       out.data_ptr(), num_tokens, heads, head_dim, torch.get_num_threads())
+    _check(rc, f"rope of {tuple(x.shape)}")
+    return out
 
 
 def supports_cache(q: torch.Tensor, k_cache: torch.Tensor, k_scale: torch.Tensor | None) -> bool:
@@ -208,4 +237,5 @@ def supports_cache(q: torch.Tensor, k_cache: torch.Tensor, k_scale: torch.Tensor
     return k_scale is None and k_cache.dtype == q.dtype and k_cache.is_contiguous() and supports(q)
 
 
-__all__ = ["attend_fused", "attend_fused_batch", "kernel", "supports", "supports_cache", "why_not"]
+__all__ = ["attend_fused", "attend_fused_batch", "kernel", "rope_fused", "supports", "supports_cache", "supports_rope",
+           "why_not"]

@@ -498,10 +498,12 @@ static void unit_lanes32(const Job *J, int h, int nr) { unit_lanes(J, h, nr, 2);
 /* Keys j = 0 .. S-1 are rows key_rows[j] of k and v. Returns 0, or a positive code for an unsupported shape
  * (the caller falls back to torch). */
 int pc_attend_rows(int bf16, const void *q, int64_t q_stride, const void *k, const void *v, int64_t kv_stride,
-                   const int64_t *key_rows, int64_t S, void *out, float *lse, int T, int H, int KVH, int D,
+                   int64_t num_slots, const int64_t *key_rows, int64_t S, void *out, float *lse, int T, int H, int KVH, int D,
                    float scale, int64_t causal, int num_threads) {
     if (D % 64 != 0 || D > DMAX || KVH <= 0 || H % KVH != 0 || T <= 0) return 1;
     if (S <= 0 || S > (1 << 30)) return 2;
+    for (int64_t j = 0; j < S; j++)
+        if (key_rows[j] < 0 || key_rows[j] >= num_slots) return 4;
     Job J = {bf16, q, q_stride, k, v, kv_stride, key_rows, out, lse, T, H, KVH, (int)S, D, H / KVH, scale, causal,
              (int)((S + BN - 1) / BN)};
     const int rows = T * J.G;
@@ -557,11 +559,12 @@ int pc_attend_rows(int bf16, const void *q, int64_t q_stride, const void *k, con
 
 /* Keys are the rows of runs [run_start[i], run_start[i] + run_len[i]) of k and v, in order. */
 int pc_attend(int bf16, const void *q, int64_t q_stride, const void *k, const void *v, int64_t kv_stride,
-              const int64_t *run_start, const int64_t *run_len, int num_runs, void *out, float *lse, int T, int H,
+              int64_t num_slots, const int64_t *run_start, const int64_t *run_len, int num_runs, void *out, float *lse, int T, int H,
               int KVH, int D, float scale, int64_t causal, int num_threads) {
     int64_t S = 0;
     for (int i = 0; i < num_runs; i++) {
         if (run_len[i] < 0) return 2;
+        if (run_start[i] < 0 || run_start[i] + run_len[i] > num_slots) return 4;
         S += run_len[i];
     }
     if (S <= 0 || S > (1 << 30)) return 2;
@@ -569,7 +572,7 @@ int pc_attend(int bf16, const void *q, int64_t q_stride, const void *k, const vo
     if (!key_rows) return 3;
     for (int i = 0, j = 0; i < num_runs; i++)
         for (int64_t x = 0; x < run_len[i]; x++) key_rows[j++] = run_start[i] + x;
-    int rc = pc_attend_rows(bf16, q, q_stride, k, v, kv_stride, key_rows, S, out, lse, T, H, KVH, D, scale, causal,
+    int rc = pc_attend_rows(bf16, q, q_stride, k, v, kv_stride, num_slots, key_rows, S, out, lse, T, H, KVH, D, scale, causal,
                             num_threads);
     free(key_rows);
     return rc;
@@ -579,11 +582,15 @@ int pc_attend(int bf16, const void *q, int64_t q_stride, const void *k, const vo
  * q_stride elements) attends to its own keys, slots[b * slot_stride + 0 .. lens[b]-1] of k and v, all
  * visible. One unit per (sequence, KV head), K/V read in place. out [B, H, D] contiguous, lse [B, H]. */
 int pc_attend_batch(int bf16, const void *q, int64_t q_stride, const void *k, const void *v, int64_t kv_stride,
-                    const int64_t *slots, int64_t slot_stride, const int64_t *lens, void *out, float *lse, int B,
+                    int64_t num_slots, const int64_t *slots, int64_t slot_stride, const int64_t *lens, void *out, float *lse, int B,
                     int H, int KVH, int D, float scale, int num_threads) {
     if (D % 64 != 0 || D > DMAX || KVH <= 0 || H % KVH != 0 || B <= 0 || H / KVH > 32) return 1;
     for (int b = 0; b < B; b++)
+    {
         if (lens[b] <= 0 || lens[b] > slot_stride) return 2;
+        for (int64_t j = 0; j < lens[b]; j++)
+            if (slots[b * slot_stride + j] < 0 || slots[b * slot_stride + j] >= num_slots) return 4;
+    }
     const int G = H / KVH, esz = bf16 ? 2 : 4;
     if (num_threads < 1) num_threads = 1;
     if (num_threads > B * KVH) num_threads = B * KVH;
@@ -595,6 +602,45 @@ int pc_attend_batch(int bf16, const void *q, int64_t q_stride, const void *k, co
                  1, H, KVH, (int)lens[b], D, G, scale, -1, (int)((lens[b] + BN - 1) / BN)};
         if (G <= 16) unit_lanes16(&J, h, G);
         else unit_lanes32(&J, h, G);
+    }
+    return 0;
+}
+
+/* Rotary embedding, the Hugging Face convention (rotate_half): out[t][h] = x[t][h] * cos[t] + rotate_half(x[t][h])
+ * * sin[t], with each product and the sum rounded to the element type as torch's three ops round them (no
+ * fused multiply-add: bit-identical to `x * cos + rotate_half(x) * sin`). x: [T, heads, D], rows of x_stride
+ * elements, heads D apart; cos, sin: [T, D] contiguous; out [T, heads, D] contiguous. */
+__attribute__((optimize("fp-contract=off"))) int pc_rope(int bf16, const void *x, int64_t x_stride, const void *cos_t,
+                                                         const void *sin_t, void *out, int T, int heads, int D,
+                                                         int num_threads) {
+    if (D % 2 != 0 || T <= 0 || heads <= 0) return 1;
+    const int half = D / 2;
+    if (num_threads < 1) num_threads = 1;
+    if (T < 64) num_threads = 1;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int t = 0; t < T; t++) {
+        for (int h = 0; h < heads; h++) {
+            const int64_t src = (int64_t)t * x_stride + (int64_t)h * D, dst = ((int64_t)t * heads + h) * D;
+            if (!bf16) {
+                const float *xr = (const float *)x + src, *c = (const float *)cos_t + (int64_t)t * D,
+                            *s = (const float *)sin_t + (int64_t)t * D;
+                float *o = (float *)out + dst;
+                for (int d = 0; d < D; d++) {
+                    const float rot = d < half ? -xr[d + half] : xr[d - half];
+                    const float a = xr[d] * c[d], b = rot * s[d];
+                    o[d] = a + b;
+                }
+            } else {
+                const bf16_t *xr = (const bf16_t *)x + src, *c = (const bf16_t *)cos_t + (int64_t)t * D,
+                             *s = (const bf16_t *)sin_t + (int64_t)t * D;
+                bf16_t *o = (bf16_t *)out + dst;
+                for (int d = 0; d < D; d++) {
+                    const float rot = d < half ? -bf2f(xr[d + half]) : bf2f(xr[d - half]);
+                    const float a = bf2f(f2bf(bf2f(xr[d]) * bf2f(c[d]))), b = bf2f(f2bf(rot * bf2f(s[d])));
+                    o[d] = f2bf(a + b);
+                }
+            }
+        }
     }
     return 0;
 }
