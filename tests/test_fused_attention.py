@@ -44,9 +44,9 @@ def close(out, lse, ref_out, ref_lse, dtype):
     assert (lse.double() - ref_lse).abs().max() <= lse_tol * max(1.0, float(ref_lse.abs().max()))
 
 
-# (tokens, keys, causal offset): 1-4 tokens x G=4 -> 16 lanes; 5-8 -> 32 lanes; more -> row tiles; keys that
-# are not a multiple of the 64-key block; a chunk after a cached prefix.
-CASES = [(1, 1, 0), (1, 70, None), (3, 70, 67), (8, 130, None), (7, 7, 0), (9, 200, None), (40, 100, 60),
+# (tokens, keys, causal offset), G=4: 1-2 tokens -> dot products; 3-4 -> 16 lanes; 5-8 -> 32 lanes; more ->
+# row tiles; keys that are not a multiple of the 64-key block; a chunk after a cached prefix.
+CASES = [(1, 1, 0), (1, 70, None), (2, 300, 298), (2, 17, None), (4, 90, 86), (3, 70, 67), (8, 130, None), (7, 7, 0), (9, 200, None), (40, 100, 60),
          (300, 300, 0), (64, 2112, 2048), (33, 257, None)]
 
 
@@ -78,7 +78,7 @@ def test_keys_read_in_place_from_runs_slots_and_per_sequence(dtype):
     runs = [(100, 228), (500, 532), (8, 9)]
     slots = torch.cat([torch.arange(a, b) for a, b in runs])
     k, v = cache_k.index_select(0, slots), cache_v.index_select(0, slots)
-    for num_tokens in (2, 8, 20):  # lanes (16, 32) and row tiles
+    for num_tokens in (1, 3, 8, 20):  # dot products, lanes (16, 32), row tiles
         q = torch.randn(num_tokens, 8, 64, generator=gen).to(dtype)
         want = fa.attend_fused(q, k, v, 0.125)
         for got in (fa.attend_fused(q, cache_k, cache_v, 0.125, runs=runs),
@@ -100,22 +100,24 @@ def test_keys_read_in_place_from_runs_slots_and_per_sequence(dtype):
 
 @needs_kernel
 def test_a_rows_result_does_not_depend_on_the_other_rows():
-    """Bit for bit within a work split: a token alone or among others (lanes: up to 32 rows per KV head; row
-    tiles: more) rounds alike; across the two splits, alike up to rounding."""
+    """Bit for bit within a work split: a token alone or among others (up to 8 rows per KV head: dot products;
+    up to 32: rows as lanes; more: row tiles) rounds alike; across the splits, alike up to rounding."""
     gen = torch.Generator().manual_seed(8)
     for dtype in (torch.float32,) + ((torch.bfloat16,) if fa.kernel().bf16 else ()):
         q = torch.randn(48, 8, 64, generator=gen).to(dtype)
         k, v = (torch.randn(500, 2, 64, generator=gen).to(dtype) for _ in range(2))
-        for whole_range, parts in (((0, 8), ((0, 1), (3, 7))), ((0, 48), ((10, 48), (1, 40)))):
+        for whole_range, parts in (((0, 2), ((0, 1), (1, 2))), ((0, 8), ((4, 7), (3, 7))),
+                                   ((0, 48), ((10, 48), (1, 40)))):
             a0, b0 = whole_range
             whole, whole_lse = fa.attend_fused(q[a0:b0], k, v, 0.125)
             for a, b in parts:
                 part, part_lse = fa.attend_fused(q[a:b], k, v, 0.125)
                 assert torch.equal(part, whole[a - a0 : b - a0]) and torch.equal(part_lse, whole_lse[a - a0 : b - a0])
-        lanes, lanes_lse = fa.attend_fused(q[:8], k, v, 0.125)
         tiles, tiles_lse = fa.attend_fused(q, k, v, 0.125)
-        torch.testing.assert_close(lanes, tiles[:8], **({"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {}))
-        torch.testing.assert_close(lanes_lse, tiles_lse[:8])
+        for n in (2, 8):
+            part, part_lse = fa.attend_fused(q[:n], k, v, 0.125)
+            torch.testing.assert_close(part, tiles[:n], **({"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {}))
+            torch.testing.assert_close(part_lse, tiles_lse[:n])
 
 
 @needs_kernel

@@ -492,6 +492,146 @@ static inline __attribute__((always_inline)) void unit_lanes(const Job *J, int h
     }
 }
 
+/* Sums of 16 vectors: lane i of the result is the sum of v[i]'s 16 lanes (a transposing add tree). */
+static inline __m512 hsum16(const __m512 *v) {
+    __m512 t[8], w[4];
+    for (int i = 0; i < 8; i++)
+        t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++)
+        w[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44), _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
+    __m512 p = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x44), _mm512_shuffle_f32x4(w[0], w[1], 0xEE));
+    __m512 q = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], 0x44), _mm512_shuffle_f32x4(w[2], w[3], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(p, q, 0x88), _mm512_shuffle_f32x4(p, q, 0xDD));
+}
+
+/* A unit of at most 8 query rows (a decode token's G heads): keys and values read in place in their natural
+ * layout. Scores are dot products over D (16 keys at a time, reduced by hsum16), the softmax runs along each
+ * row as in the row tiles, and o[r] += p[r][j] * v[j] row by row: no lane is wasted on absent rows. */
+#define FEW 8
+static void unit_few(const Job *J, int h, int nr) {
+    const int D = J->D, G = J->G, DV = D / 16;
+    float qf[FEW * DMAX] __attribute__((aligned(64)));
+    bf16_t qb[FEW * DMAX] __attribute__((aligned(64)));
+    float o[FEW * DMAX] __attribute__((aligned(64)));
+    float s[FEW * BN] __attribute__((aligned(64)));
+    float m[FEW], l[FEW];
+    int limit[FEW];
+    int max_limit = 0;
+    for (int i = 0; i < nr; i++) {
+        const int t = i / G, head = h * G + i % G;
+        const int64_t off = (int64_t)t * J->q_stride + (int64_t)head * D;
+        for (int d = 0; d < D; d++) {
+            if (!J->bf16) qf[i * D + d] = ((const float *)J->q)[off + d] * J->scale;
+            else qb[i * D + d] = f2bf(bf2f(((const bf16_t *)J->q)[off + d]) * J->scale);
+        }
+        int64_t lim = J->causal < 0 ? J->S : J->causal + t + 1;
+        limit[i] = lim < J->S ? (int)lim : J->S;
+        if (limit[i] > max_limit) max_limit = limit[i];
+        m[i] = -INFINITY;
+        l[i] = 0.0f;
+        memset(o + i * D, 0, sizeof(float) * D);
+    }
+    const int64_t hoff = (int64_t)h * D;
+    for (int j0 = 0; j0 < max_limit; j0 += BN) {
+        const int nk = max_limit - j0 < BN ? max_limit - j0 : BN;
+        for (int jj = 0; jj < nk; jj += 16) {
+            const int n16 = nk - jj < 16 ? nk - jj : 16;
+            for (int i = 0; i < nr; i++) {
+                __m512 part[16];
+                for (int x = 0; x < 16; x++) {
+                    if (x >= n16) {
+                        part[x] = _mm512_setzero_ps();
+                        continue;
+                    }
+                    const int64_t row = J->key_rows[j0 + jj + x] * J->kv_stride + hoff;
+                    __m512 acc = _mm512_setzero_ps();
+                    if (!J->bf16) {
+                        const float *kr = (const float *)J->k + row;
+                        for (int c = 0; c < DV; c++)
+                            acc = _mm512_fmadd_ps(_mm512_load_ps(qf + i * D + c * 16), _mm512_loadu_ps(kr + c * 16), acc);
+                    } else {
+                        const bf16_t *kr = (const bf16_t *)J->k + row;
+                        for (int c = 0; c < D; c += 32)
+                            acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_load_si512(qb + i * D + c),
+                                                   (__m512bh)_mm512_loadu_si512(kr + c));
+                    }
+                    part[x] = acc;
+                }
+                _mm512_store_ps(s + i * BN + jj, hsum16(part));
+            }
+        }
+        for (int i = 0; i < nr; i++) {
+            const int nv = limit[i] - j0 < nk ? limit[i] - j0 : nk;
+            float *srow = s + i * BN;
+            if (nv <= 0) {
+                memset(srow, 0, sizeof(float) * BN);
+                continue;
+            }
+            __m512 mx = _mm512_set1_ps(-INFINITY);
+            for (int c = 0; c * 16 < nv; c++)
+                mx = _mm512_mask_max_ps(mx, lanes(nv - c * 16), mx, _mm512_load_ps(srow + c * 16));
+            const float bmax = _mm512_reduce_max_ps(mx);
+            const float m_new = bmax > m[i] ? bmax : m[i];
+            const float alpha = m[i] == -INFINITY ? 0.0f : expf(m[i] - m_new);
+            const __m512 mv = _mm512_set1_ps(m_new);
+            __m512 sum = _mm512_setzero_ps();
+            for (int c = 0; c < BN / 16; c++) {
+                __m512 p = _mm512_maskz_mov_ps(lanes(nv - c * 16), exp512(_mm512_sub_ps(_mm512_load_ps(srow + c * 16), mv)));
+                if (J->bf16) p = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(p)); /* P @ V reads P rounded to bfloat16 */
+                sum = _mm512_add_ps(sum, p);
+                _mm512_store_ps(srow + c * 16, p);
+            }
+            l[i] = l[i] * alpha + _mm512_reduce_add_ps(sum);
+            if (alpha != 1.0f) {
+                const __m512 av = _mm512_set1_ps(alpha);
+                for (int d = 0; d < D; d += 16)
+                    _mm512_store_ps(o + i * D + d, _mm512_mul_ps(av, _mm512_load_ps(o + i * D + d)));
+            }
+            m[i] = m_new;
+        }
+        /* o[r] += p[r][j] * v[j], four rows x 64 dimensions at a time */
+        for (int i0 = 0; i0 < nr; i0 += 4) {
+            const int rn = nr - i0 < 4 ? nr - i0 : 4;
+            for (int c0 = 0; c0 < D; c0 += 64) {
+                __m512 a[4][4];
+                for (int i = 0; i < rn; i++)
+                    for (int c = 0; c < 4; c++) a[i][c] = _mm512_load_ps(o + (i0 + i) * D + c0 + c * 16);
+                for (int j = 0; j < nk; j++) {
+                    const int64_t row = J->key_rows[j0 + j] * J->kv_stride + hoff + c0;
+                    __m512 vv[4];
+                    if (!J->bf16) {
+                        const float *vr = (const float *)J->v + row;
+                        for (int c = 0; c < 4; c++) vv[c] = _mm512_loadu_ps(vr + c * 16);
+                    } else {
+                        const bf16_t *vr = (const bf16_t *)J->v + row;
+                        for (int c = 0; c < 4; c++)
+                            vv[c] = _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)(vr + c * 16)));
+                    }
+                    for (int i = 0; i < rn; i++) {
+                        const __m512 x = _mm512_set1_ps(s[(i0 + i) * BN + j]);
+                        for (int c = 0; c < 4; c++) a[i][c] = _mm512_fmadd_ps(x, vv[c], a[i][c]);
+                    }
+                }
+                for (int i = 0; i < rn; i++)
+                    for (int c = 0; c < 4; c++) _mm512_store_ps(o + (i0 + i) * D + c0 + c * 16, a[i][c]);
+            }
+        }
+    }
+    for (int i = 0; i < nr; i++) {
+        const int t = i / G, head = h * G + i % G;
+        const float inv = 1.0f / l[i];
+        J->lse[(int64_t)t * J->H + head] = m[i] + logf(l[i]);
+        const int64_t off = ((int64_t)t * J->H + head) * D;
+        if (!J->bf16) {
+            float *dst = (float *)J->out + off;
+            for (int d = 0; d < D; d++) dst[d] = o[i * D + d] * inv;
+        } else {
+            bf16_t *dst = (bf16_t *)J->out + off;
+            for (int d = 0; d < D; d++) dst[d] = f2bf(o[i * D + d] * inv);
+        }
+    }
+}
+
 static void unit_lanes16(const Job *J, int h, int nr) { unit_lanes(J, h, nr, 1); }
 static void unit_lanes32(const Job *J, int h, int nr) { unit_lanes(J, h, nr, 2); }
 
@@ -512,7 +652,8 @@ int pc_attend_rows(int bf16, const void *q, int64_t q_stride, const void *k, con
         if (num_threads < 1) num_threads = 1;
 #pragma omp parallel for num_threads(num_threads) schedule(static)
         for (int h = 0; h < KVH; h++) {
-            if (rows <= 16) unit_lanes16(&J, h, rows);
+            if (rows <= FEW) unit_few(&J, h, rows);
+            else if (rows <= 16) unit_lanes16(&J, h, rows);
             else unit_lanes32(&J, h, rows);
         }
         return 0;
@@ -600,7 +741,8 @@ int pc_attend_batch(int bf16, const void *q, int64_t q_stride, const void *k, co
         Job J = {bf16, (const char *)q + (size_t)b * q_stride * esz, q_stride, k, v, kv_stride,
                  slots + (size_t)b * slot_stride, (char *)out + (size_t)b * H * D * esz, lse + (size_t)b * H,
                  1, H, KVH, (int)lens[b], D, G, scale, -1, (int)((lens[b] + BN - 1) / BN)};
-        if (G <= 16) unit_lanes16(&J, h, G);
+        if (G <= FEW) unit_few(&J, h, G);
+        else if (G <= 16) unit_lanes16(&J, h, G);
         else unit_lanes32(&J, h, G);
     }
     return 0;
