@@ -1,7 +1,9 @@
-"""Paged attention over the KV cache, built on ``torch.nn.functional.scaled_dot_product_attention``.
+"""Paged attention over the KV cache.
 
-Works on any device torch supports (no custom kernels; attention_kernels.py picks torch's flash kernel or,
-for bfloat16 on CPU, row-tiled oneDNN GEMMs). Grouped-query attention without copying K/V:
+On x86-64 CPUs with AVX-512 the fused C kernel (fused_attention.py, csrc/attention.c) computes every pass,
+reading cache slots in place; elsewhere (other CPUs, CUDA, the kernel switched off) attention_kernels.py's
+torch kernels do (torch's flash kernel, row-tiled oneDNN GEMMs, or ``scaled_dot_product_attention``), on any
+device torch supports. Grouped-query attention without copying K/V:
   * prefill: the chunk's queries against the rest of its context (its own fresh K/V when everything before
     it is read by a prefix pass, else its cache slots: a view when they are consecutive), bottom-right
     causal; a cached prefix that chunks share, or one chunk's own consecutive cached blocks, is attended in

@@ -8,9 +8,12 @@ chunk of new tokens after ``c`` earlier ones); ``None``: every query sees every 
 ``[T, H, D]`` in the queries' dtype and the log-sum-exp ``[T, H]`` in float32, so that attention over a
 concatenation of key ranges is the LSE-weighted merge of attention over each range (``merge``).
 
-On CPU a causal chunk of 64+ query rows over 256+ keys (and an unmasked prefix pass of 256+ rows) is
-row-tiled GEMMs through oneDNN with a float32 softmax (``_attend_gemm``: 1.4-1.7x torch's CPU flash kernel
-there); the rest is torch's CPU flash kernel, which returns the LSE itself, on GQA-folded queries when
+On x86-64 CPUs with AVX-512, ``attend`` and ``attend_cached`` run the fused C kernel (fused_attention.py:
+one pass per KV head and query tile with an online softmax, reading cache runs or slots in place; 1.5-2.8x
+the kernels below on this project's machine). Without it (another CPU, no compiler,
+``PREFIXCACHE_FUSED_ATTENTION=0``), on CPU a causal chunk of 64+ query rows over 256+ keys (and an
+unmasked prefix pass of 256+ rows) is row-tiled GEMMs through oneDNN with a float32 softmax
+(``_attend_gemm``: 1.4-1.7x torch's CPU flash kernel there); the rest is torch's CPU flash kernel, which returns the LSE itself, on GQA-folded queries when
 unmasked. Other devices use an explicit float32 softmax (device-agnostic; see ``_attend_sdpa``).
 """
 
