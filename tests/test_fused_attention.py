@@ -37,6 +37,11 @@ def test_kernel_is_built_where_it_can_be():
     assert fa.kernel() is not None, fa.why_not()
 
 
+def skip_without_bf16(dtype) -> None:
+    if dtype == torch.bfloat16 and not fa.kernel().bf16:
+        pytest.skip("no AVX512_BF16")
+
+
 def close(out, lse, ref_out, ref_lse, dtype):
     out_tol, lse_tol = TOL[dtype]
     assert out.dtype == dtype and lse.dtype == torch.float32
@@ -55,8 +60,7 @@ CASES = [(1, 1, 0), (1, 70, None), (2, 300, 298), (2, 17, None), (4, 90, 86), (3
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 @pytest.mark.parametrize("head_dim", (64, 128))
 def test_fused_equals_float64_attention(case, dtype, head_dim):
-    if dtype == torch.bfloat16 and not fa.kernel().bf16:
-        pytest.skip("no AVX512_BF16")
+    skip_without_bf16(dtype)
     num_tokens, num_keys, offset = case
     gen = torch.Generator().manual_seed(num_tokens * 1000 + num_keys + head_dim)
     q = torch.randn(num_tokens, 8, head_dim, generator=gen).to(dtype)
@@ -71,8 +75,7 @@ def test_fused_equals_float64_attention(case, dtype, head_dim):
 @needs_kernel
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 def test_keys_read_in_place_from_runs_slots_and_per_sequence(dtype):
-    if dtype == torch.bfloat16 and not fa.kernel().bf16:
-        pytest.skip("no AVX512_BF16")
+    skip_without_bf16(dtype)
     gen = torch.Generator().manual_seed(7)
     cache_k, cache_v = (torch.randn(600, 2, 64, generator=gen).to(dtype) for _ in range(2))
     runs = [(100, 228), (500, 532), (8, 9)]
@@ -193,8 +196,7 @@ def test_engine_with_64_wide_heads_matches_transformers(wide_heads, fused, monke
 def test_fused_rope_is_apply_rope_bit_for_bit(dtype):
     from workers.model.rope import apply_rope, rope_cos_sin
 
-    if dtype == torch.bfloat16 and not fa.kernel().bf16:
-        pytest.skip("no AVX512_BF16")
+    skip_without_bf16(dtype)
     gen = torch.Generator().manual_seed(10)
     for num_tokens in (1, 16, 130):
         qkv = torch.randn(num_tokens, 12 * 64, generator=gen).to(dtype)

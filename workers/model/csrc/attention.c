@@ -118,89 +118,96 @@ static void pack_block(const Job *J, int h, int blk, void *kp, void *vp) {
     }
 }
 
-/* scores s[r][0..BN) = q[r] . k[j] for rows r0..r0+3 (float32) */
-static inline void scores4_f32(const float *q, int D, const float *K, float *s) {
-    __m512 a[4][4];
-    for (int i = 0; i < 4; i++)
-        for (int c = 0; c < 4; c++) a[i][c] = _mm512_setzero_ps();
-    for (int d = 0; d < D; d++) {
-        __m512 k0 = _mm512_load_ps(K + d * BN), k1 = _mm512_load_ps(K + d * BN + 16);
-        __m512 k2 = _mm512_load_ps(K + d * BN + 32), k3 = _mm512_load_ps(K + d * BN + 48);
+/* The micro-kernels: a[i][c] += sum_p x[i][p] * B[p][16c .. 16c+15] for 4 rows i and 64 columns, p < n.
+ * float32: x rows xs apart, B rows bs apart. bfloat16: p runs over pairs (x[i][2p], x[i][2p+1]), each B row
+ * holds 64 columns x 2 interleaved (VDPBF16PS). Scores: x = queries, B = packed keys; P @ V: x = probabilities,
+ * B = values. */
+static inline void mk4_f32(const float *x, int xs, const float *B, int bs, int n, __m512 a[4][4]) {
+    for (int p = 0; p < n; p++) {
+        const float *br = B + (size_t)p * bs;
+        __m512 b0 = _mm512_load_ps(br), b1 = _mm512_load_ps(br + 16), b2 = _mm512_load_ps(br + 32),
+               b3 = _mm512_load_ps(br + 48);
         for (int i = 0; i < 4; i++) {
-            __m512 x = _mm512_set1_ps(q[i * D + d]);
-            a[i][0] = _mm512_fmadd_ps(x, k0, a[i][0]);
-            a[i][1] = _mm512_fmadd_ps(x, k1, a[i][1]);
-            a[i][2] = _mm512_fmadd_ps(x, k2, a[i][2]);
-            a[i][3] = _mm512_fmadd_ps(x, k3, a[i][3]);
+            __m512 v = _mm512_set1_ps(x[i * xs + p]);
+            a[i][0] = _mm512_fmadd_ps(v, b0, a[i][0]);
+            a[i][1] = _mm512_fmadd_ps(v, b1, a[i][1]);
+            a[i][2] = _mm512_fmadd_ps(v, b2, a[i][2]);
+            a[i][3] = _mm512_fmadd_ps(v, b3, a[i][3]);
         }
     }
+}
+
+static inline void mk4_bf16(const bf16_t *x, int xs, const bf16_t *B, int bs, int npairs, __m512 a[4][4]) {
+    for (int p = 0; p < npairs; p++) {
+        const bf16_t *br = B + (size_t)p * bs;
+        __m512bh b0 = (__m512bh)_mm512_load_si512(br), b1 = (__m512bh)_mm512_load_si512(br + 32);
+        __m512bh b2 = (__m512bh)_mm512_load_si512(br + 64), b3 = (__m512bh)_mm512_load_si512(br + 96);
+        for (int i = 0; i < 4; i++) {
+            int32_t pair;
+            memcpy(&pair, x + i * xs + 2 * p, 4);
+            __m512bh v = (__m512bh)_mm512_set1_epi32(pair);
+            a[i][0] = _mm512_dpbf16_ps(a[i][0], v, b0);
+            a[i][1] = _mm512_dpbf16_ps(a[i][1], v, b1);
+            a[i][2] = _mm512_dpbf16_ps(a[i][2], v, b2);
+            a[i][3] = _mm512_dpbf16_ps(a[i][3], v, b3);
+        }
+    }
+}
+
+static inline void load4(__m512 a[4][4], const float *src, int stride) {
     for (int i = 0; i < 4; i++)
-        for (int c = 0; c < 4; c++) _mm512_store_ps(s + i * BN + c * 16, a[i][c]);
+        for (int c = 0; c < 4; c++) a[i][c] = src ? _mm512_load_ps(src + i * stride + c * 16) : _mm512_setzero_ps();
+}
+
+static inline void store4(__m512 a[4][4], float *dst, int stride) {
+    for (int i = 0; i < 4; i++)
+        for (int c = 0; c < 4; c++) _mm512_store_ps(dst + i * stride + c * 16, a[i][c]);
+}
+
+/* scores s[i][0..BN) = q[i] . k[j] for 4 rows */
+static inline void scores4_f32(const float *q, int D, const float *K, float *s) {
+    __m512 a[4][4];
+    load4(a, NULL, 0);
+    mk4_f32(q, D, K, BN, D, a);
+    store4(a, s, BN);
 }
 
 static inline void scores4_bf16(const bf16_t *q, int D, const bf16_t *K, float *s) {
     __m512 a[4][4];
-    for (int i = 0; i < 4; i++)
-        for (int c = 0; c < 4; c++) a[i][c] = _mm512_setzero_ps();
-    for (int d = 0; d < D; d += 2) {
-        const bf16_t *kd = K + (d / 2) * BN * 2;
-        __m512bh k0 = (__m512bh)_mm512_load_si512(kd), k1 = (__m512bh)_mm512_load_si512(kd + 32);
-        __m512bh k2 = (__m512bh)_mm512_load_si512(kd + 64), k3 = (__m512bh)_mm512_load_si512(kd + 96);
-        for (int i = 0; i < 4; i++) {
-            int32_t pair;
-            memcpy(&pair, q + i * D + d, 4);
-            __m512bh x = (__m512bh)_mm512_set1_epi32(pair);
-            a[i][0] = _mm512_dpbf16_ps(a[i][0], x, k0);
-            a[i][1] = _mm512_dpbf16_ps(a[i][1], x, k1);
-            a[i][2] = _mm512_dpbf16_ps(a[i][2], x, k2);
-            a[i][3] = _mm512_dpbf16_ps(a[i][3], x, k3);
-        }
-    }
-    for (int i = 0; i < 4; i++)
-        for (int c = 0; c < 4; c++) _mm512_store_ps(s + i * BN + c * 16, a[i][c]);
+    load4(a, NULL, 0);
+    mk4_bf16(q, D, K, BN * 2, D / 2, a);
+    store4(a, s, BN);
 }
 
-/* o[r][c0..c0+64) += p[r] @ V for rows r0..r0+3; `nk` keys of the block are used (a multiple of 2) */
+/* o[i][c0..c0+64) += p[i] @ V for 4 rows; the block's first `nk` keys (a multiple of 2) */
 static inline void pv4_f32(const float *p, const float *V, int D, int c0, int nk, float *o) {
     __m512 a[4][4];
-    for (int i = 0; i < 4; i++)
-        for (int c = 0; c < 4; c++) a[i][c] = _mm512_load_ps(o + i * D + c0 + c * 16);
-    for (int j = 0; j < nk; j++) {
-        const float *vr = V + j * D + c0;
-        __m512 v0 = _mm512_load_ps(vr), v1 = _mm512_load_ps(vr + 16);
-        __m512 v2 = _mm512_load_ps(vr + 32), v3 = _mm512_load_ps(vr + 48);
-        for (int i = 0; i < 4; i++) {
-            __m512 x = _mm512_set1_ps(p[i * BN + j]);
-            a[i][0] = _mm512_fmadd_ps(x, v0, a[i][0]);
-            a[i][1] = _mm512_fmadd_ps(x, v1, a[i][1]);
-            a[i][2] = _mm512_fmadd_ps(x, v2, a[i][2]);
-            a[i][3] = _mm512_fmadd_ps(x, v3, a[i][3]);
-        }
-    }
-    for (int i = 0; i < 4; i++)
-        for (int c = 0; c < 4; c++) _mm512_store_ps(o + i * D + c0 + c * 16, a[i][c]);
+    load4(a, o + c0, D);
+    mk4_f32(p, BN, V + c0, D, nk, a);
+    store4(a, o + c0, D);
 }
 
 static inline void pv4_bf16(const bf16_t *p, const bf16_t *V, int D, int c0, int nk, float *o) {
     __m512 a[4][4];
-    for (int i = 0; i < 4; i++)
-        for (int c = 0; c < 4; c++) a[i][c] = _mm512_load_ps(o + i * D + c0 + c * 16);
-    for (int j = 0; j < nk; j += 2) {
-        const bf16_t *vr = V + (j / 2) * D * 2 + c0 * 2;
-        __m512bh v0 = (__m512bh)_mm512_load_si512(vr), v1 = (__m512bh)_mm512_load_si512(vr + 32);
-        __m512bh v2 = (__m512bh)_mm512_load_si512(vr + 64), v3 = (__m512bh)_mm512_load_si512(vr + 96);
-        for (int i = 0; i < 4; i++) {
-            int32_t pair;
-            memcpy(&pair, p + i * BN + j, 4);
-            __m512bh x = (__m512bh)_mm512_set1_epi32(pair);
-            a[i][0] = _mm512_dpbf16_ps(a[i][0], x, v0);
-            a[i][1] = _mm512_dpbf16_ps(a[i][1], x, v1);
-            a[i][2] = _mm512_dpbf16_ps(a[i][2], x, v2);
-            a[i][3] = _mm512_dpbf16_ps(a[i][3], x, v3);
-        }
+    load4(a, o + c0, D);
+    mk4_bf16(p, BN, V + c0 * 2, D * 2, nk / 2, a);
+    store4(a, o + c0, D);
+}
+
+/* Query row r of KV head h (token r / G, head h*G + r % G): its accumulated output o[d * o_step] over l, and
+ * its log-sum-exp m + log(l). */
+static void write_row(const Job *J, int h, int r, const float *o, int o_step, float m, float l) {
+    const int D = J->D, t = r / J->G, head = h * J->G + r % J->G;
+    const float inv = 1.0f / l;
+    J->lse[(int64_t)t * J->H + head] = m + logf(l);
+    const int64_t off = ((int64_t)t * J->H + head) * D;
+    if (!J->bf16) {
+        float *dst = (float *)J->out + off;
+        for (int d = 0; d < D; d++) dst[d] = o[d * o_step] * inv;
+    } else {
+        bf16_t *dst = (bf16_t *)J->out + off;
+        for (int d = 0; d < D; d++) dst[d] = f2bf(o[d * o_step] * inv);
     }
-    for (int i = 0; i < 4; i++)
-        for (int c = 0; c < 4; c++) _mm512_store_ps(o + i * D + c0 + c * 16, a[i][c]);
 }
 
 static inline int group_limit(const int *limit) {
@@ -314,19 +321,7 @@ static void unit(const Job *J, int h, int r0, int nr, const char *kp_all, const 
             }
         }
     }
-    for (int i = 0; i < nr; i++) {
-        const int r = r0 + i, t = r / G, head = h * G + r % G;
-        const float inv = 1.0f / l[i];
-        J->lse[(int64_t)t * J->H + head] = m[i] + logf(l[i]);
-        const int64_t off = ((int64_t)t * J->H + head) * D;
-        if (!J->bf16) {
-            float *dst = (float *)J->out + off;
-            for (int d = 0; d < D; d++) dst[d] = o[i * D + d] * inv;
-        } else {
-            bf16_t *dst = (bf16_t *)J->out + off;
-            for (int d = 0; d < D; d++) dst[d] = f2bf(o[i * D + d] * inv);
-        }
-    }
+    for (int i = 0; i < nr; i++) write_row(J, h, r0 + i, o + i * D, 1, m[i], l[i]);
 }
 
 /* A unit of at most 32 query rows (decode steps, short chunks): rows are the lanes, keys the loop, so that
@@ -477,19 +472,7 @@ static inline __attribute__((always_inline)) void unit_lanes(const Job *J, int h
         _mm512_store_ps(lf + c * 16, l[c]);
         _mm512_store_ps(mf + c * 16, m[c]);
     }
-    for (int r = 0; r < nr; r++) {
-        const int t = r / G, head = h * G + r % G;
-        const float inv = 1.0f / lf[r];
-        J->lse[(int64_t)t * J->H + head] = mf[r] + logf(lf[r]);
-        const int64_t off = ((int64_t)t * J->H + head) * D;
-        if (!J->bf16) {
-            float *dst = (float *)J->out + off;
-            for (int d = 0; d < D; d++) dst[d] = ot[d * 32 + r] * inv;
-        } else {
-            bf16_t *dst = (bf16_t *)J->out + off;
-            for (int d = 0; d < D; d++) dst[d] = f2bf(ot[d * 32 + r] * inv);
-        }
-    }
+    for (int r = 0; r < nr; r++) write_row(J, h, r, ot + r, 32, mf[r], lf[r]);
 }
 
 /* Sums of 16 vectors: lane i of the result is the sum of v[i]'s 16 lanes (a transposing add tree). */
@@ -617,19 +600,7 @@ static void unit_few(const Job *J, int h, int nr) {
             }
         }
     }
-    for (int i = 0; i < nr; i++) {
-        const int t = i / G, head = h * G + i % G;
-        const float inv = 1.0f / l[i];
-        J->lse[(int64_t)t * J->H + head] = m[i] + logf(l[i]);
-        const int64_t off = ((int64_t)t * J->H + head) * D;
-        if (!J->bf16) {
-            float *dst = (float *)J->out + off;
-            for (int d = 0; d < D; d++) dst[d] = o[i * D + d] * inv;
-        } else {
-            bf16_t *dst = (bf16_t *)J->out + off;
-            for (int d = 0; d < D; d++) dst[d] = f2bf(o[i * D + d] * inv);
-        }
-    }
+    for (int i = 0; i < nr; i++) write_row(J, h, i, o + i * D, 1, m[i], l[i]);
 }
 
 static void unit_lanes16(const Job *J, int h, int nr) { unit_lanes(J, h, nr, 1); }
