@@ -190,18 +190,3 @@ def test_engine_with_64_wide_heads_matches_transformers(wide_heads, fused, monke
     assert all(o.cached_tokens >= 32 for o in again)
     engine.check_integrity()
 
-
-@needs_kernel
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
-def test_fused_rope_is_apply_rope_bit_for_bit(dtype):
-    from workers.model.rope import apply_rope, rope_cos_sin
-
-    skip_without_bf16(dtype)
-    gen = torch.Generator().manual_seed(10)
-    for num_tokens in (1, 16, 130):
-        qkv = torch.randn(num_tokens, 12 * 64, generator=gen).to(dtype)
-        qk = qkv[:, : 10 * 64].view(num_tokens, 10, 64)  # q and k heads of a fused QKV output: strided rows
-        inv_freq = 1.0 / (10000 ** (torch.arange(0, 64, 2).float() / 64))
-        cos, sin = rope_cos_sin(inv_freq, torch.arange(num_tokens) * 7 + 3, dtype)
-        assert fa.supports_rope(qk)
-        assert torch.equal(fa.rope_fused(qk, cos, sin), apply_rope(qk, cos, sin))

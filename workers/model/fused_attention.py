@@ -42,7 +42,6 @@ class Kernel(NamedTuple):
     runs: object  # pc_attend: keys from slot ranges
     rows: object  # pc_attend_rows: keys from a row-index array
     batch: object  # pc_attend_batch: one query token per sequence, each against its own slots
-    rope: object  # pc_rope: rotary embedding of q and k heads in one pass
     bf16: bool  # the CPU has AVX512_BF16
 
 
@@ -98,14 +97,13 @@ def _load():
         return None, f"could not build or load {path}: {exc}"
     i64, vp, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     tail = [vp, vp, c_int, c_int, c_int, c_int, ctypes.c_float, i64, c_int]
-    runs_fn, rows_fn, batch_fn, rope_fn = lib.pc_attend, lib.pc_attend_rows, lib.pc_attend_batch, lib.pc_rope
-    rope_fn.argtypes = [c_int, vp, i64, vp, vp, vp, c_int, c_int, c_int, c_int]
+    runs_fn, rows_fn, batch_fn = lib.pc_attend, lib.pc_attend_rows, lib.pc_attend_batch
     runs_fn.argtypes = [c_int, vp, i64, vp, vp, i64, i64, vp, vp, c_int, *tail]
     rows_fn.argtypes = [c_int, vp, i64, vp, vp, i64, i64, vp, i64, *tail]
     batch_fn.argtypes = [c_int, vp, i64, vp, vp, i64, i64, vp, i64, vp, vp, vp, c_int, c_int, c_int, c_int,
                          ctypes.c_float, c_int]
-    runs_fn.restype = rows_fn.restype = batch_fn.restype = rope_fn.restype = c_int
-    return Kernel(runs_fn, rows_fn, batch_fn, rope_fn, "avx512_bf16" in flags), str(path)
+    runs_fn.restype = rows_fn.restype = batch_fn.restype = c_int
+    return Kernel(runs_fn, rows_fn, batch_fn, "avx512_bf16" in flags), str(path)
 
 
 def kernel() -> Kernel | None:
@@ -211,31 +209,9 @@ def attend_fused_batch(
     return out, lse
 
 
-def supports_rope(x: torch.Tensor) -> bool:
-    """Whether ``rope_fused`` takes ``x [T, heads, D]`` (CPU, float32 / bfloat16, heads D apart)."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or x.shape[-1] % 2:
-        return False
-    k = kernel()
-    return k is not None and (x.dtype == torch.float32 or k.bf16) and x.stride(2) == 1 and x.stride(1) == x.shape[2]
-
-
-def rope_fused(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``rope.apply_rope(x, cos, sin)`` bit for bit in one pass: ``x [T, heads, D]`` (rows may be strided, as
-    the q and k heads of a fused QKV output are), ``cos, sin [T, 1, D]`` -> a contiguous ``[T, heads, D]``."""
-    num_tokens, heads, head_dim = x.shape
-    cos = cos.reshape(num_tokens, head_dim).to(x.dtype).contiguous()
-    sin = sin.reshape(num_tokens, head_dim).to(x.dtype).contiguous()
-    out = torch.empty((num_tokens, heads, head_dim), dtype=x.dtype)
-    rc = kernel().rope(int(x.dtype == torch.bfloat16), x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(),
-                       out.data_ptr(), num_tokens, heads, head_dim, torch.get_num_threads())
-    _check(rc, f"rope of {tuple(x.shape)}")
-    return out
-
-
 def supports_cache(q: torch.Tensor, k_cache: torch.Tensor, k_scale: torch.Tensor | None) -> bool:
     """Whether the fused kernel reads this cache in place for these queries (unquantized, same dtype)."""
     return k_scale is None and k_cache.dtype == q.dtype and k_cache.is_contiguous() and supports(q)
 
 
-__all__ = ["attend_fused", "attend_fused_batch", "kernel", "rope_fused", "supports", "supports_cache", "supports_rope",
-           "why_not"]
+__all__ = ["attend_fused", "attend_fused_batch", "kernel", "supports", "supports_cache", "why_not"]

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.model import fused_attention
 from workers.model.attention import paged_attention, write_kv
 from workers.model.config import ModelConfig
 from workers.model.forward_batch import AttentionPlan
@@ -142,15 +141,9 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """The attention block's output (plus ``residual``, added in o_proj's epilogue when given)."""
         num_tokens = x.shape[0]
-        qkv = self.qkv_proj(x)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
-        if fused_attention.supports_rope(qk):  # q and k heads in one pass, bit-identical to apply_rope
-            qk = fused_attention.rope_fused(qk, cos, sin)
-            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
-        else:
-            q = apply_rope(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
-            k = apply_rope(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         write_kv(kv, slot_mapping, k, v)
         out = paged_attention(q, k, v, kv, plan, self.scale)
