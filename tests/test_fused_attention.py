@@ -22,7 +22,7 @@ import workers.model.attention_kernels as ak
 from workers.model import fused_attention as fa
 from tests.test_attention_kernels import reference
 
-AVX512 = "avx512f" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else False
+AVX512 = fa.AVX512 <= fa._cpu_flags()
 HAVE_CC = shutil.which(os.environ.get("CC", "cc")) is not None
 needs_kernel = pytest.mark.skipif(fa.kernel() is None, reason=f"fused kernel unavailable: {fa.why_not()}")
 

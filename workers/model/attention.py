@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from workers.model import fused_attention
+import workers.model.fused_attention as fused_attention
 from workers.model.attention_kernels import attend, attend_cached, merge, read_rows, sdpa_causal
 from workers.model.cascade import cascade_decode_attention
 from workers.model.forward_batch import AttentionPlan

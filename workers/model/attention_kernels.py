@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from workers.model import fused_attention
+import workers.model.fused_attention as fused_attention
 from workers.model.kv_cache import dequantize, gather_slots
 
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)

@@ -212,7 +212,7 @@ def cascade_decode_attention(
     k_scale: torch.Tensor | None = None,  # [num_slots, KVH] for an fp8 cache (values dequantized on read)
     v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    from workers.model import fused_attention
+    import workers.model.fused_attention as fused_attention
     from workers.model.attention_kernels import attend_cached
 
     num_seqs, num_heads, head_dim = q.shape

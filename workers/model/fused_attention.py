@@ -33,6 +33,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "attention.c"
+AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}  # what -march=x86-64-v4 may emit
 FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512bf16", "-fopenmp", "-fPIC", "-shared"]
 _lock = threading.Lock()
 _state: dict = {}
@@ -78,9 +79,8 @@ def _load():
     if platform.machine() not in ("x86_64", "AMD64"):
         return None, f"not x86-64 ({platform.machine()})"
     flags = _cpu_flags()
-    need = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}
-    if not need <= flags:
-        return None, f"no AVX-512 (missing {sorted(need - flags)})"
+    if not AVX512 <= flags:
+        return None, f"no AVX-512 (missing {sorted(AVX512 - flags)})"
     src = SOURCE.read_bytes()
     key = hashlib.sha256(src + " ".join(FLAGS).encode() + torch.__version__.encode()).hexdigest()[:16]
     root = Path(os.environ.get("PREFIXCACHE_KERNEL_DIR") or Path.home() / ".cache" / "prefixcache" / "kernels")
