@@ -190,3 +190,14 @@ def test_engine_with_64_wide_heads_matches_transformers(wide_heads, fused, monke
     assert all(o.cached_tokens >= 32 for o in again)
     engine.check_integrity()
 
+
+
+def test_without_a_compiler_the_kernel_is_off_with_the_reason(tmp_path, monkeypatch):
+    """A machine with no C compiler loads no kernel and says why (the engine then runs torch's kernels)."""
+    if not AVX512:
+        pytest.skip("no AVX-512: the kernel is off before any compiler is looked for")
+    monkeypatch.setenv("PREFIXCACHE_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    loaded, why = fa._load()
+    assert loaded is None and "could not build" in why
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left behind

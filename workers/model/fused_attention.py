@@ -18,6 +18,7 @@ AVX-512, no compiler, a head size that is not a multiple of 64, or ``PREFIXCACHE
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import logging
 import os
@@ -83,18 +84,20 @@ def _load():
         return None, f"no AVX-512 (missing {sorted(AVX512 - flags)})"
     src = SOURCE.read_bytes()
     key = hashlib.sha256(src + " ".join(FLAGS).encode() + torch.__version__.encode()).hexdigest()[:16]
-    root = Path(os.environ.get("PREFIXCACHE_KERNEL_DIR") or Path.home() / ".cache" / "prefixcache" / "kernels")
-    path = root / f"attention-{key}.so"
     try:
+        root = Path(os.environ.get("PREFIXCACHE_KERNEL_DIR") or Path.home() / ".cache" / "prefixcache" / "kernels")
+        path = root / f"attention-{key}.so"
         if not path.exists():
             try:
                 _build(path)
-            except OSError:  # no writable cache folder (a read-only home): a private folder of this process
+            except OSError as exc:  # no writable cache folder (a read-only home): a private folder of this process
+                if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise
                 path = Path(tempfile.mkdtemp(prefix="prefixcache-kernels-")) / path.name
                 _build(path)
         lib = ctypes.CDLL(str(path))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        return None, f"could not build or load {path}: {exc}"
+        return None, f"could not build or load the kernel: {exc}"
     i64, vp, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     tail = [vp, vp, c_int, c_int, c_int, c_int, ctypes.c_float, i64, c_int]
     runs_fn, rows_fn, batch_fn = lib.pc_attend, lib.pc_attend_rows, lib.pc_attend_batch
