@@ -85,13 +85,13 @@ typedef struct {
 static void pack_block(const Job *J, int h, int blk, void *kp, void *vp) {
     const int D = J->D, j0 = blk * BN;
     const int n = (J->S - j0) < BN ? (J->S - j0) : BN;
+    if (n < BN) {
+        memset(kp, 0, (size_t)D * BN * (J->bf16 ? 2 : 4));
+        memset(vp, 0, (size_t)D * BN * (J->bf16 ? 2 : 4));
+    }
     if (!J->bf16) {
         float *K = (float *)kp, *V = (float *)vp;
         const float *ks = (const float *)J->k, *vs = (const float *)J->v;
-        if (n < BN) {
-            memset(K, 0, sizeof(float) * D * BN);
-            memset(V, 0, sizeof(float) * D * BN);
-        }
         for (int j = 0; j < n; j++) {
             const int64_t row = J->key_rows[j0 + j] * J->kv_stride + (int64_t)h * D;
             const float *kr = ks + row;
@@ -101,10 +101,6 @@ static void pack_block(const Job *J, int h, int blk, void *kp, void *vp) {
     } else {
         bf16_t *K = (bf16_t *)kp, *V = (bf16_t *)vp;
         const bf16_t *ks = (const bf16_t *)J->k, *vs = (const bf16_t *)J->v;
-        if (n < BN) {
-            memset(K, 0, sizeof(bf16_t) * D * BN);
-            memset(V, 0, sizeof(bf16_t) * D * BN);
-        }
         for (int j = 0; j < n; j++) {
             const int64_t row = J->key_rows[j0 + j] * J->kv_stride + (int64_t)h * D;
             const bf16_t *kr = ks + row, *vr = vs + row;
@@ -210,6 +206,38 @@ static void write_row(const Job *J, int h, int r, const float *o, int o_step, fl
     }
 }
 
+/* One row's online-softmax step over a block: scores srow[0..nv) (the rest of the BN masked), running max *m
+ * and sum *l, accumulated output orow (rescaled). The probabilities go to pb (bfloat16, for VDPBF16PS P @ V)
+ * or back into srow (float32; rounded to bfloat16 values for a bfloat16 model). The sum is over the
+ * probabilities P @ V will read, so the output is normalized by exactly what it accumulated. */
+static inline void softmax_row(const Job *J, float *srow, int nv, float *m, float *l, float *orow, bf16_t *pb) {
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int c = 0; c * 16 < nv; c++) mx = _mm512_mask_max_ps(mx, lanes(nv - c * 16), mx, _mm512_load_ps(srow + c * 16));
+    const float bmax = _mm512_reduce_max_ps(mx);
+    const float m_new = bmax > *m ? bmax : *m;
+    const float alpha = *m == -INFINITY ? 0.0f : expf(*m - m_new);
+    const __m512 mv = _mm512_set1_ps(m_new);
+    __m512 sum = _mm512_setzero_ps();
+    for (int c = 0; c < BN / 16; c++) {
+        __m512 p = _mm512_maskz_mov_ps(lanes(nv - c * 16), exp512(_mm512_sub_ps(_mm512_load_ps(srow + c * 16), mv)));
+        if (pb) {
+            __m256bh pr = _mm512_cvtneps_pbh(p);
+            _mm256_store_si256((__m256i *)(pb + c * 16), (__m256i)pr);
+            p = _mm512_cvtpbh_ps(pr);
+        } else {
+            if (J->bf16) p = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(p));
+            _mm512_store_ps(srow + c * 16, p);
+        }
+        sum = _mm512_add_ps(sum, p);
+    }
+    *l = *l * alpha + _mm512_reduce_add_ps(sum);
+    if (alpha != 1.0f) {
+        const __m512 av = _mm512_set1_ps(alpha);
+        for (int d = 0; d < J->D; d += 16) _mm512_store_ps(orow + d, _mm512_mul_ps(av, _mm512_load_ps(orow + d)));
+    }
+    *m = m_new;
+}
+
 static inline int group_limit(const int *limit) {
     int a = limit[0] > limit[1] ? limit[0] : limit[1], b = limit[2] > limit[3] ? limit[2] : limit[3];
     return a > b ? a : b;
@@ -280,37 +308,7 @@ static void unit(const Job *J, int h, int r0, int nr, const char *kp_all, const 
                 continue;
             }
             if (nv > nk_max) nk_max = nv;
-            __m512 sv[4];
-            __m512 mx = _mm512_set1_ps(-INFINITY);
-            for (int c = 0; c < 4; c++) {
-                sv[c] = _mm512_mask_blend_ps(lanes(nv - c * 16), _mm512_set1_ps(-INFINITY),
-                                             _mm512_load_ps(srow + c * 16));
-                mx = _mm512_max_ps(mx, sv[c]);
-            }
-            const float bmax = _mm512_reduce_max_ps(mx);
-            const float m_new = bmax > m[i] ? bmax : m[i];
-            const float alpha = m[i] == -INFINITY ? 0.0f : expf(m[i] - m_new);
-            const __m512 mv = _mm512_set1_ps(m_new);
-            __m512 sum = _mm512_setzero_ps();
-            for (int c = 0; c < 4; c++) {
-                __m512 p = _mm512_maskz_mov_ps(lanes(nv - c * 16), exp512(_mm512_sub_ps(sv[c], mv)));
-                if (!J->bf16) {
-                    sum = _mm512_add_ps(sum, p);
-                    _mm512_store_ps(srow + c * 16, p);
-                } else {
-                    /* the sum is over the rounded probabilities P @ V uses, so the output is normalized */
-                    __m256bh pr = _mm512_cvtneps_pbh(p);
-                    _mm256_store_si256((__m256i *)(pb + i * BN + c * 16), (__m256i)pr);
-                    sum = _mm512_add_ps(sum, _mm512_cvtpbh_ps(pr));
-                }
-            }
-            l[i] = l[i] * alpha + _mm512_reduce_add_ps(sum);
-            if (alpha != 1.0f) {
-                const __m512 av = _mm512_set1_ps(alpha);
-                for (int d = 0; d < D; d += 16)
-                    _mm512_store_ps(o + i * D + d, _mm512_mul_ps(av, _mm512_load_ps(o + i * D + d)));
-            }
-            m[i] = m_new;
+            softmax_row(J, srow, nv, m + i, l + i, o + i * D, J->bf16 ? pb + i * BN : NULL);
         }
         const int nk = (nk_max + 1) & ~1;
         for (int i = 0; i < nr4; i += 4) {
@@ -550,27 +548,7 @@ static void unit_few(const Job *J, int h, int nr) {
                 memset(srow, 0, sizeof(float) * BN);
                 continue;
             }
-            __m512 mx = _mm512_set1_ps(-INFINITY);
-            for (int c = 0; c * 16 < nv; c++)
-                mx = _mm512_mask_max_ps(mx, lanes(nv - c * 16), mx, _mm512_load_ps(srow + c * 16));
-            const float bmax = _mm512_reduce_max_ps(mx);
-            const float m_new = bmax > m[i] ? bmax : m[i];
-            const float alpha = m[i] == -INFINITY ? 0.0f : expf(m[i] - m_new);
-            const __m512 mv = _mm512_set1_ps(m_new);
-            __m512 sum = _mm512_setzero_ps();
-            for (int c = 0; c < BN / 16; c++) {
-                __m512 p = _mm512_maskz_mov_ps(lanes(nv - c * 16), exp512(_mm512_sub_ps(_mm512_load_ps(srow + c * 16), mv)));
-                if (J->bf16) p = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(p)); /* P @ V reads P rounded to bfloat16 */
-                sum = _mm512_add_ps(sum, p);
-                _mm512_store_ps(srow + c * 16, p);
-            }
-            l[i] = l[i] * alpha + _mm512_reduce_add_ps(sum);
-            if (alpha != 1.0f) {
-                const __m512 av = _mm512_set1_ps(alpha);
-                for (int d = 0; d < D; d += 16)
-                    _mm512_store_ps(o + i * D + d, _mm512_mul_ps(av, _mm512_load_ps(o + i * D + d)));
-            }
-            m[i] = m_new;
+            softmax_row(J, srow, nv, m + i, l + i, o + i * D, NULL);
         }
         /* o[r] += p[r][j] * v[j], four rows x 64 dimensions at a time */
         for (int i0 = 0; i0 < nr; i0 += 4) {
