@@ -2,12 +2,13 @@
 attention, and the engine that uses it against transformers.
 
 What it must guarantee: the same output and log-sum-exp as plain attention, bottom-right causal, for every
-work split it picks (at most 16 or 32 query rows per KV head: rows as lanes; more: row tiles over packed key
-blocks), for keys read in place from slot ranges, from a slot list, or per sequence (the decode batch);
-within a work split, a row's result does not depend on which other rows are in the call; bad slot ranges are refused before the
-C code runs; with the kernel off, attention falls back to torch's kernels; and the engine's greedy output on
-a checkpoint with 64-wide heads (the kernel's case) is token-identical to transformers at float32, cold,
-through a prefix hit and through shared-prefix (cascade) decode.
+work split it picks (up to 8 query rows per KV head: dot products; up to 32: rows as lanes; more: row tiles
+over packed key blocks), for keys read in place from slot ranges, from a slot list, or per sequence (the
+decode batch); within a work split, a row's result does not depend on which other rows are in the call; bad
+slots are refused before the C code reads them; without a compiler or with the kernel off, attention falls
+back to torch's kernels; and the engine's greedy output on a checkpoint with 64-wide heads (the kernel's
+case) is token-identical to transformers at float32, cold, through a prefix hit and through shared-prefix
+(cascade) decode.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def close(out, lse, ref_out, ref_lse, dtype):
 
 # (tokens, keys, causal offset), G=4: 1-2 tokens -> dot products; 3-4 -> 16 lanes; 5-8 -> 32 lanes; more ->
 # row tiles; keys that are not a multiple of the 64-key block; a chunk after a cached prefix.
-CASES = [(1, 1, 0), (1, 70, None), (2, 300, 298), (2, 17, None), (4, 90, 86), (3, 70, 67), (8, 130, None), (7, 7, 0), (9, 200, None), (40, 100, 60),
+CASES = [(1, 1, 0), (1, 70, None), (2, 300, 298), (2, 17, None), (4, 90, 86), (3, 70, 67), (8, 130, None),
+         (7, 7, 0), (9, 200, None), (40, 100, 60),
          (300, 300, 0), (64, 2112, 2048), (33, 257, None)]
 
 
@@ -98,7 +100,8 @@ def test_keys_read_in_place_from_runs_slots_and_per_sequence(dtype):
     out, lse = fa.attend_fused_batch(q, cache_k, cache_v, table, lens, 0.125)
     for b, n in enumerate(lens.tolist()):
         rows = table[b, :n]
-        close(out[b : b + 1], lse[b : b + 1], *reference(q[b : b + 1], cache_k[rows], cache_v[rows], 0.125, None), dtype)
+        want = reference(q[b : b + 1], cache_k[rows], cache_v[rows], 0.125, None)
+        close(out[b : b + 1], lse[b : b + 1], *want, dtype)
 
 
 @needs_kernel
@@ -119,7 +122,8 @@ def test_a_rows_result_does_not_depend_on_the_other_rows():
         tiles, tiles_lse = fa.attend_fused(q, k, v, 0.125)
         for n in (2, 8):
             part, part_lse = fa.attend_fused(q[:n], k, v, 0.125)
-            torch.testing.assert_close(part, tiles[:n], **({"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {}))
+            tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {}
+            torch.testing.assert_close(part, tiles[:n], **tol)
             torch.testing.assert_close(part_lse, tiles_lse[:n])
 
 
@@ -142,7 +146,8 @@ def test_without_the_kernel_attention_falls_back_to_torch(monkeypatch):
     monkeypatch.setitem(fa._state, "kernel", None)
     monkeypatch.setitem(fa._state, "why", "off for this test")
     gen = torch.Generator().manual_seed(9)
-    q, k, v = torch.randn(40, 8, 64, generator=gen), torch.randn(300, 2, 64, generator=gen), torch.randn(300, 2, 64, generator=gen)
+    q = torch.randn(40, 8, 64, generator=gen)
+    k, v = torch.randn(300, 2, 64, generator=gen), torch.randn(300, 2, 64, generator=gen)
     assert not fa.supports(q)
     out, lse = ak.attend(q, k, v, 0.125, 260)
     close(out, lse, *reference(q, k, v, 0.125, 260), torch.float32)

@@ -108,7 +108,7 @@ def _decode_attention(
     if plan.decode_cascade is not None:
         return cascade_decode_attention(q, k_cache, v_cache, plan.decode_cascade, scale, k_scale, v_scale)
     assert plan.decode_slots is not None
-    if plan.decode_lens is not None and fused_attention.supports_cache(q, k_cache, k_scale):
+    if plan.decode_lens is not None and fused_attention.supports_cache(q, k_cache, k_scale, v_cache):
         return fused_attention.attend_fused_batch(q, k_cache, v_cache, plan.decode_slots, plan.decode_lens, scale)[0]
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]

@@ -13,8 +13,9 @@ one pass per KV head and query tile with an online softmax, reading cache runs o
 the kernels below on this project's machine). Without it (another CPU, no compiler,
 ``PREFIXCACHE_FUSED_ATTENTION=0``), on CPU a causal chunk of 64+ query rows over 256+ keys (and an
 unmasked prefix pass of 256+ rows) is row-tiled GEMMs through oneDNN with a float32 softmax
-(``_attend_gemm``: 1.4-1.7x torch's CPU flash kernel there); the rest is torch's CPU flash kernel, which returns the LSE itself, on GQA-folded queries when
-unmasked. Other devices use an explicit float32 softmax (device-agnostic; see ``_attend_sdpa``).
+(``_attend_gemm``: 1.4-1.7x torch's CPU flash kernel there); the rest is torch's CPU flash kernel, which
+returns the LSE itself, on GQA-folded queries when unmasked. Other devices use an explicit float32 softmax
+(device-agnostic; see ``_attend_sdpa``).
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def attend_cached(
     """``attend`` over cache rows: the slot ranges ``runs`` in order, else the slots ``slots``. The fused kernel
     reads them in place (no gather, no concatenation of runs); otherwise they are read (``read_rows``:
     dequantized for an fp8 cache) and attended."""
-    if fused_attention.supports_cache(q, k_cache, k_scale):
+    if fused_attention.supports_cache(q, k_cache, k_scale, v_cache):
         return fused_attention.attend_fused(q, k_cache, v_cache, scale, causal_offset, runs=runs,
                                             slots=None if runs is not None else slots)
     k = read_rows(k_cache, k_scale, runs, slots, q.dtype)

@@ -221,7 +221,7 @@ def cascade_decode_attention(
     q_fold = q.view(num_seqs, num_kv_heads, group, head_dim)  # query heads h*G..h*G+G-1 read KV head h
     # Suffix: every row against its own context after its prefix (the whole context if it has none).
     out = lse = None
-    fused = fused_attention.supports_cache(q, k_cache, k_scale)
+    fused = fused_attention.supports_cache(q, k_cache, k_scale, v_cache)
     for b in plan.buckets:
         n, width = b.slots.shape
         if fused and b.lens is not None:  # each row's suffix read in place from its slots, one call for the bucket

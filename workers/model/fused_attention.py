@@ -9,8 +9,9 @@ order: a prefix made of several runs of blocks is read in place, with no gather 
 The library is compiled once per source version, compiler flags and machine into
 ``$PREFIXCACHE_KERNEL_DIR`` (default ``~/.cache/prefixcache/kernels``; a private temporary folder where
 that is not writable) with the system C compiler (``$CC``, else ``cc``; about a second), written to a
-temporary name and renamed, so that workers starting together never load a half-written file. It links the same ``libgomp.so.1`` torch has already loaded, so its threads are torch's
-OpenMP pool, not a second one competing for the cores. Where it cannot be used (another architecture, no
+temporary name and renamed, so that workers starting together never load a half-written file. It links the
+same ``libgomp.so.1`` torch has already loaded, so its threads are torch's OpenMP pool, not a second one
+competing for the cores. Where it cannot be used (another architecture, no
 AVX-512, no compiler, a head size that is not a multiple of 64, or ``PREFIXCACHE_FUSED_ATTENTION=0``),
 ``kernel()`` is None and attention_kernels.py runs its torch kernels, as it did before this file.
 """
@@ -204,17 +205,24 @@ def attend_fused_batch(
         raise ValueError(f"fused attention: {num_seqs} queries, slots {tuple(slots.shape)}, lens {tuple(lens.shape)}")
     out = torch.empty((num_seqs, num_heads, head_dim), dtype=q.dtype)
     lse = torch.empty((num_seqs, num_heads), dtype=torch.float32)
-    rc = lib.batch(int(q.dtype == torch.bfloat16), q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-                   k_cache.stride(0), min(k_cache.shape[0], v_cache.shape[0]), slots.data_ptr(), slots.shape[1], lens.data_ptr(), out.data_ptr(),
-                   lse.data_ptr(), num_seqs, num_heads, k_cache.shape[1], head_dim, float(scale),
-                   torch.get_num_threads())
+    rc = lib.batch(int(q.dtype == torch.bfloat16), q.data_ptr(), q.stride(0), k_cache.data_ptr(),
+                   v_cache.data_ptr(), k_cache.stride(0), min(k_cache.shape[0], v_cache.shape[0]), slots.data_ptr(),
+                   slots.shape[1], lens.data_ptr(), out.data_ptr(), lse.data_ptr(), num_seqs, num_heads,
+                   k_cache.shape[1], head_dim, float(scale), torch.get_num_threads())
     _check(rc, f"q {tuple(q.shape)}, slots {tuple(slots.shape)}")
     return out, lse
 
 
-def supports_cache(q: torch.Tensor, k_cache: torch.Tensor, k_scale: torch.Tensor | None) -> bool:
-    """Whether the fused kernel reads this cache in place for these queries (unquantized, same dtype)."""
-    return k_scale is None and k_cache.dtype == q.dtype and k_cache.is_contiguous() and supports(q)
+def supports_cache(q: torch.Tensor, k_cache: torch.Tensor, k_scale: torch.Tensor | None,
+                   v_cache: torch.Tensor | None = None) -> bool:
+    """Whether the fused kernel reads this cache in place for these queries (unquantized, same dtype,
+    contiguous K and V of one layout: the kernel reads both with K's row stride)."""
+    if k_scale is not None or k_cache.dtype != q.dtype or not k_cache.is_contiguous():
+        return False
+    if v_cache is not None and (v_cache.dtype != q.dtype or v_cache.shape != k_cache.shape
+                                or not v_cache.is_contiguous()):
+        return False
+    return supports(q)
 
 
 __all__ = ["attend_fused", "attend_fused_batch", "kernel", "supports", "supports_cache", "why_not"]

@@ -206,13 +206,35 @@ static void write_row(const Job *J, int h, int r, const float *o, int o_step, fl
     }
 }
 
+/* Keys query row r sees: all S, or (causal) keys 0 .. causal + t for its token t = r / G. */
+static inline int row_limit(const Job *J, int r) {
+    const int64_t lim = J->causal < 0 ? J->S : J->causal + r / J->G + 1;
+    return lim < J->S ? (int)lim : J->S;
+}
+
+/* Query row r of KV head h, scaled, into qf[0..D) (float32) or qb[0..D) (bfloat16, rounded as the GEMM path
+ * rounds q * scale); returns row_limit. */
+static inline int load_q_row(const Job *J, int h, int r, float *qf, bf16_t *qb) {
+    const int D = J->D;
+    const int64_t off = (int64_t)(r / J->G) * J->q_stride + (int64_t)(h * J->G + r % J->G) * D;
+    if (!J->bf16) {
+        const float *src = (const float *)J->q + off;
+        for (int d = 0; d < D; d++) qf[d] = src[d] * J->scale;
+    } else {
+        const bf16_t *src = (const bf16_t *)J->q + off;
+        for (int d = 0; d < D; d++) qb[d] = f2bf(bf2f(src[d]) * J->scale);
+    }
+    return row_limit(J, r);
+}
+
 /* One row's online-softmax step over a block: scores srow[0..nv) (the rest of the BN masked), running max *m
  * and sum *l, accumulated output orow (rescaled). The probabilities go to pb (bfloat16, for VDPBF16PS P @ V)
  * or back into srow (float32; rounded to bfloat16 values for a bfloat16 model). The sum is over the
  * probabilities P @ V will read, so the output is normalized by exactly what it accumulated. */
 static inline void softmax_row(const Job *J, float *srow, int nv, float *m, float *l, float *orow, bf16_t *pb) {
     __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (int c = 0; c * 16 < nv; c++) mx = _mm512_mask_max_ps(mx, lanes(nv - c * 16), mx, _mm512_load_ps(srow + c * 16));
+    for (int c = 0; c * 16 < nv; c++)
+        mx = _mm512_mask_max_ps(mx, lanes(nv - c * 16), mx, _mm512_load_ps(srow + c * 16));
     const float bmax = _mm512_reduce_max_ps(mx);
     const float m_new = bmax > *m ? bmax : *m;
     const float alpha = *m == -INFINITY ? 0.0f : expf(*m - m_new);
@@ -247,7 +269,7 @@ static inline int group_limit(const int *limit) {
  * the head's packed blocks (shared), or NULL to pack each block into this thread's own buffers. */
 static void unit(const Job *J, int h, int r0, int nr, const char *kp_all, const char *vp_all, char *own_k,
                  char *own_v) {
-    const int D = J->D, G = J->G, esz = J->bf16 ? 2 : 4;
+    const int D = J->D, esz = J->bf16 ? 2 : 4;
     const size_t blk_bytes = (size_t)D * BN * esz;
     float qf[RB * DMAX] __attribute__((aligned(64)));
     bf16_t qb[RB * DMAX] __attribute__((aligned(64)));
@@ -260,17 +282,7 @@ static void unit(const Job *J, int h, int r0, int nr, const char *kp_all, const 
     int max_limit = 0;
     for (int i = 0; i < nr4; i++) {
         if (i < nr) {
-            const int r = r0 + i, t = r / G, head = h * G + r % G;
-            const int64_t off = (int64_t)t * J->q_stride + (int64_t)head * D;
-            if (!J->bf16) {
-                const float *src = (const float *)J->q + off;
-                for (int d = 0; d < D; d++) qf[i * D + d] = src[d] * J->scale;
-            } else {
-                const bf16_t *src = (const bf16_t *)J->q + off;
-                for (int d = 0; d < D; d++) qb[i * D + d] = f2bf(bf2f(src[d]) * J->scale);
-            }
-            int64_t lim = J->causal < 0 ? J->S : J->causal + t + 1;
-            limit[i] = lim < J->S ? (int)lim : J->S;
+            limit[i] = load_q_row(J, h, r0 + i, qf + i * D, qb + i * D);
         } else {
             if (!J->bf16) memset(qf + i * D, 0, sizeof(float) * D);
             else memset(qb + i * D, 0, sizeof(bf16_t) * D);
@@ -343,8 +355,7 @@ static inline __attribute__((always_inline)) void unit_lanes(const Job *J, int h
                 if (!J->bf16) qt[d * 32 + r] = ((const float *)J->q)[off + d] * J->scale;
                 else qp[(d / 2) * 64 + r * 2 + (d & 1)] = f2bf(bf2f(((const bf16_t *)J->q)[off + d]) * J->scale);
             }
-            int64_t l = J->causal < 0 ? J->S : J->causal + t + 1;
-            lim[r] = l < J->S ? (int)l : J->S;
+            lim[r] = row_limit(J, r);
         } else { /* padding lanes: zero queries, every key visible, never written out */
             for (int d = 0; d < D; d++) {
                 if (!J->bf16) qt[d * 32 + r] = 0.0f;
@@ -451,7 +462,8 @@ static inline __attribute__((always_inline)) void unit_lanes(const Job *J, int h
         for (int d0 = 0; d0 < D; d0 += 8) {
             __m512 a[8][2];
             for (int e = 0; e < 8; e++)
-                for (int c = 0; c < NV; c++) a[e][c] = _mm512_mul_ps(alpha[c], _mm512_load_ps(ot + (d0 + e) * 32 + c * 16));
+                for (int c = 0; c < NV; c++)
+                    a[e][c] = _mm512_mul_ps(alpha[c], _mm512_load_ps(ot + (d0 + e) * 32 + c * 16));
             for (int j = 0; j < nk; j++) {
                 __m512 p0 = _mm512_load_ps(st + j * 32), p1 = NV > 1 ? _mm512_load_ps(st + j * 32 + 16) : p0;
                 const float *vr = vrow[j] + d0;
@@ -479,7 +491,8 @@ static inline __m512 hsum16(const __m512 *v) {
     for (int i = 0; i < 8; i++)
         t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
     for (int i = 0; i < 4; i++)
-        w[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44), _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
+        w[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44),
+                             _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
     __m512 p = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x44), _mm512_shuffle_f32x4(w[0], w[1], 0xEE));
     __m512 q = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], 0x44), _mm512_shuffle_f32x4(w[2], w[3], 0xEE));
     return _mm512_add_ps(_mm512_shuffle_f32x4(p, q, 0x88), _mm512_shuffle_f32x4(p, q, 0xDD));
@@ -490,7 +503,7 @@ static inline __m512 hsum16(const __m512 *v) {
  * row as in the row tiles, and o[r] += p[r][j] * v[j] row by row: no lane is wasted on absent rows. */
 #define FEW 8
 static void unit_few(const Job *J, int h, int nr) {
-    const int D = J->D, G = J->G, DV = D / 16;
+    const int D = J->D, DV = D / 16;
     float qf[FEW * DMAX] __attribute__((aligned(64)));
     bf16_t qb[FEW * DMAX] __attribute__((aligned(64)));
     float o[FEW * DMAX] __attribute__((aligned(64)));
@@ -499,14 +512,7 @@ static void unit_few(const Job *J, int h, int nr) {
     int limit[FEW];
     int max_limit = 0;
     for (int i = 0; i < nr; i++) {
-        const int t = i / G, head = h * G + i % G;
-        const int64_t off = (int64_t)t * J->q_stride + (int64_t)head * D;
-        for (int d = 0; d < D; d++) {
-            if (!J->bf16) qf[i * D + d] = ((const float *)J->q)[off + d] * J->scale;
-            else qb[i * D + d] = f2bf(bf2f(((const bf16_t *)J->q)[off + d]) * J->scale);
-        }
-        int64_t lim = J->causal < 0 ? J->S : J->causal + t + 1;
-        limit[i] = lim < J->S ? (int)lim : J->S;
+        limit[i] = load_q_row(J, h, i, qf + i * D, qb + i * D);
         if (limit[i] > max_limit) max_limit = limit[i];
         m[i] = -INFINITY;
         l[i] = 0.0f;
@@ -529,7 +535,8 @@ static void unit_few(const Job *J, int h, int nr) {
                     if (!J->bf16) {
                         const float *kr = (const float *)J->k + row;
                         for (int c = 0; c < DV; c++)
-                            acc = _mm512_fmadd_ps(_mm512_load_ps(qf + i * D + c * 16), _mm512_loadu_ps(kr + c * 16), acc);
+                            acc = _mm512_fmadd_ps(_mm512_load_ps(qf + i * D + c * 16), _mm512_loadu_ps(kr + c * 16),
+                                                  acc);
                     } else {
                         const bf16_t *kr = (const bf16_t *)J->k + row;
                         for (int c = 0; c < D; c += 32)
@@ -587,8 +594,8 @@ static void unit_lanes32(const Job *J, int h, int nr) { unit_lanes(J, h, nr, 2);
 /* Keys j = 0 .. S-1 are rows key_rows[j] of k and v. Returns 0, or a positive code for an unsupported shape
  * (the caller falls back to torch). */
 int pc_attend_rows(int bf16, const void *q, int64_t q_stride, const void *k, const void *v, int64_t kv_stride,
-                   int64_t num_slots, const int64_t *key_rows, int64_t S, void *out, float *lse, int T, int H, int KVH, int D,
-                   float scale, int64_t causal, int num_threads) {
+                   int64_t num_slots, const int64_t *key_rows, int64_t S, void *out, float *lse, int T, int H,
+                   int KVH, int D, float scale, int64_t causal, int num_threads) {
     if (D % 64 != 0 || D > DMAX || KVH <= 0 || H % KVH != 0 || T <= 0) return 1;
     if (S <= 0 || S > (1 << 30)) return 2;
     for (int64_t j = 0; j < S; j++)
@@ -649,8 +656,8 @@ int pc_attend_rows(int bf16, const void *q, int64_t q_stride, const void *k, con
 
 /* Keys are the rows of runs [run_start[i], run_start[i] + run_len[i]) of k and v, in order. */
 int pc_attend(int bf16, const void *q, int64_t q_stride, const void *k, const void *v, int64_t kv_stride,
-              int64_t num_slots, const int64_t *run_start, const int64_t *run_len, int num_runs, void *out, float *lse, int T, int H,
-              int KVH, int D, float scale, int64_t causal, int num_threads) {
+              int64_t num_slots, const int64_t *run_start, const int64_t *run_len, int num_runs, void *out,
+              float *lse, int T, int H, int KVH, int D, float scale, int64_t causal, int num_threads) {
     int64_t S = 0;
     for (int i = 0; i < num_runs; i++) {
         if (run_len[i] < 0) return 2;
@@ -662,8 +669,8 @@ int pc_attend(int bf16, const void *q, int64_t q_stride, const void *k, const vo
     if (!key_rows) return 3;
     for (int i = 0, j = 0; i < num_runs; i++)
         for (int64_t x = 0; x < run_len[i]; x++) key_rows[j++] = run_start[i] + x;
-    int rc = pc_attend_rows(bf16, q, q_stride, k, v, kv_stride, num_slots, key_rows, S, out, lse, T, H, KVH, D, scale, causal,
-                            num_threads);
+    int rc = pc_attend_rows(bf16, q, q_stride, k, v, kv_stride, num_slots, key_rows, S, out, lse, T, H, KVH, D,
+                            scale, causal, num_threads);
     free(key_rows);
     return rc;
 }
@@ -672,8 +679,8 @@ int pc_attend(int bf16, const void *q, int64_t q_stride, const void *k, const vo
  * q_stride elements) attends to its own keys, slots[b * slot_stride + 0 .. lens[b]-1] of k and v, all
  * visible. One unit per (sequence, KV head), K/V read in place. out [B, H, D] contiguous, lse [B, H]. */
 int pc_attend_batch(int bf16, const void *q, int64_t q_stride, const void *k, const void *v, int64_t kv_stride,
-                    int64_t num_slots, const int64_t *slots, int64_t slot_stride, const int64_t *lens, void *out, float *lse, int B,
-                    int H, int KVH, int D, float scale, int num_threads) {
+                    int64_t num_slots, const int64_t *slots, int64_t slot_stride, const int64_t *lens, void *out,
+                    float *lse, int B, int H, int KVH, int D, float scale, int num_threads) {
     if (D % 64 != 0 || D > DMAX || KVH <= 0 || H % KVH != 0 || B <= 0 || H / KVH > 32) return 1;
     for (int b = 0; b < B; b++)
     {
