@@ -128,6 +128,40 @@ def test_a_rows_result_does_not_depend_on_the_other_rows():
 
 
 @needs_kernel
+def test_amx_row_tiles_agree_with_float64_attention_and_the_avx512_ones():
+    """Where the CPU has AMX (bfloat16 tiles), bfloat16 row tiles run on it; the AVX-512 row tiles are the
+    same unit on VDPBF16PS. Both within bfloat16 rounding of float64 attention, for each head size, causal
+    offsets and a partial last tile; and AMX is on wherever the CPU has it (unless PREFIXCACHE_AMX=0)."""
+    lib = fa.kernel()
+    if not lib.bf16:
+        pytest.skip("no AVX512_BF16")
+    has_amx = fa.AMX <= fa._cpu_flags()
+    wanted = has_amx and os.environ.get("PREFIXCACHE_AMX", "1") != "0"
+    try:
+        on = bool(lib.amx(1))
+        assert on == has_amx, "AMX tiles were not granted (arch_prctl) on a CPU that has them"
+        if not on:
+            pytest.skip("no AMX here")
+        gen = torch.Generator().manual_seed(11)
+        for num_tokens, num_keys, offset in ((9, 200, None), (300, 300, 0), (64, 2112, 2048), (33, 257, None)):
+            for head_dim in (64, 128, 256):
+                q = torch.randn(num_tokens, 8, head_dim, generator=gen).to(torch.bfloat16)
+                k, v = (torch.randn(num_keys, 2, head_dim, generator=gen).to(torch.bfloat16) for _ in range(2))
+                scale = head_dim ** -0.5
+                want = reference(q, k, v, scale, offset)
+                lib.amx(1)
+                tiles = fa.attend_fused(q, k, v, scale, offset)
+                close(*tiles, *want, torch.bfloat16)
+                lib.amx(0)
+                close(*fa.attend_fused(q, k, v, scale, offset), *want, torch.bfloat16)
+                lib.amx(1)  # a row alone in its tile rounds as it does among 31 others
+                alone = fa.attend_fused(q[5:6].expand(9, -1, -1), k, v, scale, None if offset is None else offset + 5)
+                assert torch.equal(alone[0][0], tiles[0][5]) and torch.equal(alone[1][0], tiles[1][5])
+    finally:
+        lib.amx(int(wanted))
+
+
+@needs_kernel
 def test_bad_slots_are_refused_before_the_kernel_reads():
     cache = torch.zeros(64, 2, 64)
     q = torch.zeros(2, 8, 64)
@@ -206,3 +240,18 @@ def test_without_a_compiler_the_kernel_is_off_with_the_reason(tmp_path, monkeypa
     loaded, why = fa._load()
     assert loaded is None and "could not build" in why
     assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
+
+
+def test_a_compiler_without_amx_still_builds_the_kernel(tmp_path, monkeypatch):
+    """A compiler that does not know the AMX flags (older gcc or clang) builds the kernel without AMX."""
+    if not (AVX512 and HAVE_CC):
+        pytest.skip("no AVX-512 or no C compiler here")
+    cc = tmp_path / "cc-without-amx"
+    cc.write_text(f'#!/bin/sh\nfor a in "$@"; do case "$a" in -mamx*) echo "unknown flag $a" >&2; exit 1;; esac; done\n'
+                  f'exec {shutil.which(os.environ.get("CC", "cc"))} "$@"\n')
+    cc.chmod(0o755)
+    monkeypatch.setenv("PREFIXCACHE_KERNEL_DIR", str(tmp_path / "kernels"))
+    monkeypatch.setenv("CC", str(cc))
+    loaded, why = fa._load()
+    assert loaded is not None, why
+    assert loaded.amx(1) == 0  # built without AMX: the AVX-512 row tiles

@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).resolve().parent / "csrc" / "attention.c"
 AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}  # what -march=x86-64-v4 may emit
 FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512bf16", "-fopenmp", "-fPIC", "-shared"]
+# AMX tiles for the bfloat16 row tiles where the CPU has them (Sapphire Rapids and later); the library is
+# built with them wherever the compiler knows them (gcc 11+, clang 12+) and uses them only where the CPU
+# and the kernel (arch_prctl) allow.
+AMX_FLAGS = ["-mamx-tile", "-mamx-bf16", "-DPC_AMX"]
+AMX = {"amx_tile", "amx_bf16"}
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -46,6 +51,7 @@ class Kernel(NamedTuple):
     rows: object  # pc_attend_rows: keys from a row-index array
     batch: object  # pc_attend_batch: one query token per sequence, each against its own slots
     bf16: bool  # the CPU has AVX512_BF16
+    amx: object  # pc_amx_enable(on) -> whether bfloat16 row tiles run on AMX
 
 
 def _cpu_flags() -> set[str]:
@@ -59,13 +65,13 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _build(path: Path) -> None:
+def _build(path: Path, flags: list[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         cc = os.environ.get("CC", "cc")
-        proc = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+        proc = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
                               timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed ({proc.returncode}): {proc.stderr[-2000:]}")
@@ -75,30 +81,40 @@ def _build(path: Path) -> None:
             os.unlink(tmp)
 
 
+def _built(path: Path, flags: list[str]) -> Path:
+    """The library at ``path``, compiled first if it is not there."""
+    if path.exists():
+        return path
+    try:
+        _build(path, flags)
+    except OSError as exc:  # no writable cache folder (a read-only home): a private folder of this process
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        path = Path(tempfile.mkdtemp(prefix="prefixcache-kernels-")) / path.name
+        _build(path, flags)
+    return path
+
+
 def _load():
     if os.environ.get("PREFIXCACHE_FUSED_ATTENTION", "1") == "0":
         return None, "disabled by PREFIXCACHE_FUSED_ATTENTION=0"
     if platform.machine() not in ("x86_64", "AMD64"):
         return None, f"not x86-64 ({platform.machine()})"
-    flags = _cpu_flags()
-    if not AVX512 <= flags:
-        return None, f"no AVX-512 (missing {sorted(AVX512 - flags)})"
+    cpu = _cpu_flags()
+    if not AVX512 <= cpu:
+        return None, f"no AVX-512 (missing {sorted(AVX512 - cpu)})"
     src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join(FLAGS).encode() + torch.__version__.encode()).hexdigest()[:16]
-    try:
-        root = Path(os.environ.get("PREFIXCACHE_KERNEL_DIR") or Path.home() / ".cache" / "prefixcache" / "kernels")
-        path = root / f"attention-{key}.so"
-        if not path.exists():
-            try:
-                _build(path)
-            except OSError as exc:  # no writable cache folder (a read-only home): a private folder of this process
-                if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-                    raise
-                path = Path(tempfile.mkdtemp(prefix="prefixcache-kernels-")) / path.name
-                _build(path)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        return None, f"could not build or load the kernel: {exc}"
+    root = Path(os.environ.get("PREFIXCACHE_KERNEL_DIR") or Path.home() / ".cache" / "prefixcache" / "kernels")
+    errors = []
+    for flags in (FLAGS + AMX_FLAGS, FLAGS):  # a compiler that does not know AMX builds the rest
+        key = hashlib.sha256(src + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()[:16]
+        try:
+            lib = ctypes.CDLL(str(_built(root / f"attention-{key}.so", flags)))
+            break
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            errors.append(str(exc))
+    else:
+        return None, f"could not build or load the kernel: {errors[-1]}"
     i64, vp, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     tail = [vp, vp, c_int, c_int, c_int, c_int, ctypes.c_float, i64, c_int]
     runs_fn, rows_fn, batch_fn = lib.pc_attend, lib.pc_attend_rows, lib.pc_attend_batch
@@ -107,7 +123,10 @@ def _load():
     batch_fn.argtypes = [c_int, vp, i64, vp, vp, i64, i64, vp, i64, vp, vp, vp, c_int, c_int, c_int, c_int,
                          ctypes.c_float, c_int]
     runs_fn.restype = rows_fn.restype = batch_fn.restype = c_int
-    return Kernel(runs_fn, rows_fn, batch_fn, "avx512_bf16" in flags), str(path)
+    amx_fn = lib.pc_amx_enable
+    amx_fn.argtypes, amx_fn.restype = [c_int], c_int
+    amx_fn(int(AMX <= cpu and os.environ.get("PREFIXCACHE_AMX", "1") != "0"))
+    return Kernel(runs_fn, rows_fn, batch_fn, "avx512_bf16" in cpu, amx_fn), lib._name
 
 
 def kernel() -> Kernel | None:

@@ -334,6 +334,142 @@ static void unit(const Job *J, int h, int r0, int nr, const char *kp_all, const 
     for (int i = 0; i < nr; i++) write_row(J, h, r0 + i, o + i * D, 1, m[i], l[i]);
 }
 
+#ifdef PC_AMX
+/* bfloat16 row tiles on AMX (Intel's tile units, Sapphire Rapids and later): the same unit as above, with
+ * both matrix products on TDPBF16PS. The packed layouts are already AMX's: keys [D/2][BN][2] are the B tile
+ * of Q K^T (16 dimension pairs x 16 keys), values [BN/2][D][2] the B tile of P V (16 key pairs x 16 dims).
+ * Four 16x16 float32 accumulators (tmm0-3) hold a 32 x 32 block: rows {0-15, 16-31} x columns {c, c+16};
+ * tmm4-5 are the two row halves of A (queries or probabilities), tmm6-7 the two column groups of B. The
+ * softmax between them is the row tiles' (softmax_row). Rows beyond nr are zero queries with no keys (zero
+ * probabilities), so full 32-row tiles are computed and only nr rows written. */
+#include <sys/syscall.h>
+#include <unistd.h>
+
+typedef struct {
+    uint8_t palette;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+static int g_amx = 0; /* AMX tiles granted to this process and not switched off */
+
+/* Ask Linux for the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA); returns whether AMX is on. */
+int pc_amx_enable(int on) {
+    if (!on) {
+        g_amx = 0;
+        return 0;
+    }
+    g_amx = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    return g_amx;
+}
+
+static void unit_amx(const Job *J, int h, int r0, int nr, const char *kp_all, const char *vp_all, char *own_k,
+                     char *own_v) {
+    const int D = J->D;
+    const size_t blk_bytes = (size_t)D * BN * 2;
+    bf16_t qb[RB * DMAX] __attribute__((aligned(64)));
+    float o[RB * DMAX] __attribute__((aligned(64)));
+    float s[RB * BN] __attribute__((aligned(64)));
+    bf16_t pb[RB * BN] __attribute__((aligned(64)));
+    float m[RB], l[RB];
+    int limit[RB];
+    int max_limit = 0;
+    for (int i = 0; i < RB; i++) {
+        if (i < nr) {
+            limit[i] = load_q_row(J, h, r0 + i, NULL, qb + i * D);
+        } else {
+            memset(qb + i * D, 0, sizeof(bf16_t) * D);
+            limit[i] = 0;
+        }
+        if (limit[i] > max_limit) max_limit = limit[i];
+        m[i] = -INFINITY;
+        l[i] = 0.0f;
+        memset(o + i * D, 0, sizeof(float) * D);
+    }
+    TileConfig cfg __attribute__((aligned(64)));
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+    const int nblk = (max_limit + BN - 1) / BN;
+    for (int blk = 0; blk < nblk; blk++) {
+        const int j0 = blk * BN;
+        const bf16_t *K, *V;
+        if (kp_all) {
+            K = (const bf16_t *)(kp_all + ((size_t)h * J->nblk + blk) * blk_bytes);
+            V = (const bf16_t *)(vp_all + ((size_t)h * J->nblk + blk) * blk_bytes);
+        } else {
+            pack_block(J, h, blk, own_k, own_v);
+            K = (const bf16_t *)own_k;
+            V = (const bf16_t *)own_v;
+        }
+        for (int kg = 0; kg < BN; kg += 32) { /* s[32][kg .. kg+32) = Q K^T */
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int d = 0; d < D; d += 32) {
+                _tile_loadd(4, qb + d, D * 2);
+                _tile_loadd(5, qb + 16 * D + d, D * 2);
+                _tile_loadd(6, K + (d / 2) * BN * 2 + kg * 2, BN * 4);
+                _tile_loadd(7, K + (d / 2) * BN * 2 + (kg + 16) * 2, BN * 4);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+            }
+            _tile_stored(0, s + kg, BN * 4);
+            _tile_stored(1, s + kg + 16, BN * 4);
+            _tile_stored(2, s + 16 * BN + kg, BN * 4);
+            _tile_stored(3, s + 16 * BN + kg + 16, BN * 4);
+        }
+        int nk_max = 0;
+        for (int i = 0; i < RB; i++) {
+            const int nv = limit[i] - j0 < BN ? limit[i] - j0 : BN;
+            if (nv <= 0) {
+                memset(pb + i * BN, 0, sizeof(bf16_t) * BN);
+                continue;
+            }
+            if (nv > nk_max) nk_max = nv;
+            softmax_row(J, s + i * BN, nv, m + i, l + i, o + i * D, pb + i * BN);
+        }
+        const int nk = nk_max > 32 ? BN : 32; /* keys past a row's limit have probability zero */
+        for (int c = 0; c < D; c += 32) { /* o[32][c .. c+32) += P V */
+            _tile_loadd(0, o + c, D * 4);
+            _tile_loadd(1, o + c + 16, D * 4);
+            _tile_loadd(2, o + 16 * D + c, D * 4);
+            _tile_loadd(3, o + 16 * D + c + 16, D * 4);
+            for (int kk = 0; kk < nk; kk += 32) {
+                _tile_loadd(4, pb + kk, BN * 2);
+                _tile_loadd(5, pb + 16 * BN + kk, BN * 2);
+                _tile_loadd(6, V + (kk / 2) * D * 2 + c * 2, D * 4);
+                _tile_loadd(7, V + (kk / 2) * D * 2 + (c + 16) * 2, D * 4);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+            }
+            _tile_stored(0, o + c, D * 4);
+            _tile_stored(1, o + c + 16, D * 4);
+            _tile_stored(2, o + 16 * D + c, D * 4);
+            _tile_stored(3, o + 16 * D + c + 16, D * 4);
+        }
+    }
+    _tile_release();
+    for (int i = 0; i < nr; i++) write_row(J, h, r0 + i, o + i * D, 1, m[i], l[i]);
+}
+#else
+int pc_amx_enable(int on) {
+    (void)on;
+    return 0;
+}
+#endif
+
 /* A unit of at most 32 query rows (decode steps, short chunks): rows are the lanes, keys the loop, so that
  * K and V are read in place, row by row, with no packing (each key block is read by this unit alone). Scores
  * are s[j][rows] = sum_d k[j][d] * qt[d][rows]; the softmax runs down the key axis, lane-wise per row;
@@ -646,7 +782,11 @@ int pc_attend_rows(int bf16, const void *q, int64_t q_stride, const void *k, con
             const int h = u % KVH, tile = u / KVH;
             const int r0 = tile * RB;
             const int nr = rows - r0 < RB ? rows - r0 : RB;
-            unit(&J, h, r0, nr, kp, vp, own_k, own_v);
+#ifdef PC_AMX
+            if (bf16 && g_amx) unit_amx(&J, h, r0, nr, kp, vp, own_k, own_v);
+            else
+#endif
+                unit(&J, h, r0, nr, kp, vp, own_k, own_v);
         }
     }
     free(kp);
