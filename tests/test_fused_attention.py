@@ -129,9 +129,11 @@ def test_a_rows_result_does_not_depend_on_the_other_rows():
 
 @needs_kernel
 def test_amx_row_tiles_agree_with_float64_attention_and_the_avx512_ones():
-    """Where the CPU has AMX (bfloat16 tiles), bfloat16 row tiles run on it; the AVX-512 row tiles are the
-    same unit on VDPBF16PS. Both within bfloat16 rounding of float64 attention, for each head size, causal
-    offsets and a partial last tile; and AMX is on wherever the CPU has it (unless PREFIXCACHE_AMX=0)."""
+    """Where the CPU has AMX (bfloat16 tiles), bfloat16 row tiles run on it, and so do calls of up to 32 rows
+    per KV head over at least 256 keys (decode prefix passes); the AVX-512 row tiles are the same unit on
+    VDPBF16PS. Both within bfloat16 rounding of float64 attention, for each head size, causal offsets, one
+    16-row half of a tile and a partial last tile; and AMX is on wherever the CPU has it (unless
+    PREFIXCACHE_AMX=0)."""
     lib = fa.kernel()
     if not lib.bf16:
         pytest.skip("no AVX512_BF16")
@@ -143,7 +145,8 @@ def test_amx_row_tiles_agree_with_float64_attention_and_the_avx512_ones():
         if not on:
             pytest.skip("no AMX here")
         gen = torch.Generator().manual_seed(11)
-        for num_tokens, num_keys, offset in ((9, 200, None), (300, 300, 0), (64, 2112, 2048), (33, 257, None)):
+        for num_tokens, num_keys, offset in ((9, 200, None), (300, 300, 0), (64, 2112, 2048), (33, 257, None),
+                                             (1, 2048, None), (3, 300, 297), (8, 1000, None)):
             for head_dim in (64, 128, 256):
                 q = torch.randn(num_tokens, 8, head_dim, generator=gen).to(torch.bfloat16)
                 k, v = (torch.randn(num_keys, 2, head_dim, generator=gen).to(torch.bfloat16) for _ in range(2))

@@ -80,36 +80,70 @@ typedef struct {
     int nblk;
 } Job;
 
-/* Key block `blk` of KV head h, packed: float32 kp [D][BN], vp [BN][D]; bfloat16 kp [D/2][BN][2], vp [BN/2][D][2].
- * Keys past S are zeros. */
-static void pack_block(const Job *J, int h, int blk, void *kp, void *vp) {
-    const int D = J->D, j0 = blk * BN;
-    const int n = (J->S - j0) < BN ? (J->S - j0) : BN;
-    if (n < BN) {
-        memset(kp, 0, (size_t)D * BN * (J->bf16 ? 2 : 4));
-        memset(vp, 0, (size_t)D * BN * (J->bf16 ? 2 : 4));
+/* Transpose a 16 x 16 matrix of 32-bit elements held in 16 registers (row i in r[i]). */
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
     }
-    if (!J->bf16) {
-        float *K = (float *)kp, *V = (float *)vp;
-        const float *ks = (const float *)J->k, *vs = (const float *)J->v;
-        for (int j = 0; j < n; j++) {
-            const int64_t row = J->key_rows[j0 + j] * J->kv_stride + (int64_t)h * D;
-            const float *kr = ks + row;
-            for (int d = 0; d < D; d++) K[d * BN + j] = kr[d];
-            memcpy(V + j * D, vs + row, sizeof(float) * D);
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 16; i += 8)
+        for (int k = 0; k < 4; k++) {
+            t[i + k] = _mm512_shuffle_i32x4(r[i + k], r[i + k + 4], 0x88);
+            t[i + k + 4] = _mm512_shuffle_i32x4(r[i + k], r[i + k + 4], 0xDD);
         }
-    } else {
-        bf16_t *K = (bf16_t *)kp, *V = (bf16_t *)vp;
-        const bf16_t *ks = (const bf16_t *)J->k, *vs = (const bf16_t *)J->v;
-        for (int j = 0; j < n; j++) {
-            const int64_t row = J->key_rows[j0 + j] * J->kv_stride + (int64_t)h * D;
-            const bf16_t *kr = ks + row, *vr = vs + row;
-            for (int d = 0; d < D; d += 2) {
-                K[(d / 2) * BN * 2 + j * 2] = kr[d];
-                K[(d / 2) * BN * 2 + j * 2 + 1] = kr[d + 1];
-            }
-            bf16_t *vd = V + (j / 2) * D * 2 + (j & 1);
-            for (int d = 0; d < D; d++) vd[d * 2] = vr[d];
+    for (int k = 0; k < 8; k++) {
+        r[k] = _mm512_shuffle_i32x4(t[k], t[k + 8], 0x88);
+        r[k + 8] = _mm512_shuffle_i32x4(t[k], t[k + 8], 0xDD);
+    }
+}
+
+/* Key block `blk` of KV head h, packed: float32 kp [D][BN], vp [BN][D]; bfloat16 kp [D/2][BN][2], vp [BN/2][D][2].
+ * Keys past S are zeros. K is a transpose of 32-bit elements (a float, or a bfloat16 pair of dimensions),
+ * 16 keys x 16 elements at a time; bfloat16 V interleaves each pair of key rows. */
+static void pack_block(const Job *J, int h, int blk, void *kp, void *vp) {
+    const int D = J->D, j0 = blk * BN, esz = J->bf16 ? 2 : 4;
+    const int n = (J->S - j0) < BN ? (J->S - j0) : BN;
+    const int W = D * esz / 4; /* 32-bit elements per key row */
+    const char *rows[BN];
+    for (int j = 0; j < BN; j++)
+        rows[j] = j < n ? (const char *)J->k + (J->key_rows[j0 + j] * J->kv_stride + (int64_t)h * D) * esz : NULL;
+    uint32_t *K = (uint32_t *)kp;
+    for (int j16 = 0; j16 < BN; j16 += 16)
+        for (int w16 = 0; w16 < W; w16 += 16) {
+            __m512i r[16];
+            for (int i = 0; i < 16; i++)
+                r[i] = rows[j16 + i] ? _mm512_loadu_si512(rows[j16 + i] + w16 * 4) : _mm512_setzero_si512();
+            transpose16(r);
+            for (int i = 0; i < 16; i++) _mm512_store_si512(K + (size_t)(w16 + i) * BN + j16, r[i]);
+        }
+    for (int j = 0; j < n; j++)
+        rows[j] = (const char *)J->v + (J->key_rows[j0 + j] * J->kv_stride + (int64_t)h * D) * esz;
+    if (!J->bf16) {
+        float *V = (float *)vp;
+        for (int j = 0; j < BN; j++) {
+            if (j < n) memcpy(V + j * D, rows[j], sizeof(float) * D);
+            else memset(V + j * D, 0, sizeof(float) * D);
+        }
+        return;
+    }
+    bf16_t *V = (bf16_t *)vp;
+    static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                        8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+    const __m512i lo = _mm512_loadu_si512(lo_idx), hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    for (int j = 0; j < BN; j += 2) {
+        bf16_t *dst = V + (size_t)(j / 2) * D * 2;
+        for (int d = 0; d < D; d += 32) {
+            const __m512i a = j < n ? _mm512_loadu_si512(rows[j] + d * 2) : _mm512_setzero_si512();
+            const __m512i b = j + 1 < n ? _mm512_loadu_si512(rows[j + 1] + d * 2) : _mm512_setzero_si512();
+            _mm512_store_si512(dst + d * 2, _mm512_permutex2var_epi16(a, lo, b));
+            _mm512_store_si512(dst + d * 2 + 32, _mm512_permutex2var_epi16(a, hi, b));
         }
     }
 }
@@ -354,6 +388,11 @@ typedef struct {
 } TileConfig;
 
 static int g_amx = 0; /* AMX tiles granted to this process and not switched off */
+/* Calls of at most 32 rows per KV head take the AMX unit too when they read enough keys for it to pay:
+ * measured against the lanes and dot-product splits (2 threads, D 64): 4 rows x 2048 keys 1.4x, 32 x 2048
+ * 1.9x, 8 x 256 1.2x, 4 x 256 1.1x; about even at 64 keys (its fixed cost: tile configuration, packing).
+ * The rule looks at the keys only, so that for a given context every row count takes the same split. */
+static inline int amx_pays(int64_t keys) { return keys >= 256; }
 
 /* Ask Linux for the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA); returns whether AMX is on. */
 int pc_amx_enable(int on) {
@@ -367,7 +406,7 @@ int pc_amx_enable(int on) {
 
 static void unit_amx(const Job *J, int h, int r0, int nr, const char *kp_all, const char *vp_all, char *own_k,
                      char *own_v) {
-    const int D = J->D;
+    const int D = J->D, two = nr > 16; /* one 16-row half of the tiles, or both */
     const size_t blk_bytes = (size_t)D * BN * 2;
     bf16_t qb[RB * DMAX] __attribute__((aligned(64)));
     float o[RB * DMAX] __attribute__((aligned(64)));
@@ -411,25 +450,31 @@ static void unit_amx(const Job *J, int h, int r0, int nr, const char *kp_all, co
         for (int kg = 0; kg < BN; kg += 32) { /* s[32][kg .. kg+32) = Q K^T */
             _tile_zero(0);
             _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
+            if (two) {
+                _tile_zero(2);
+                _tile_zero(3);
+            }
             for (int d = 0; d < D; d += 32) {
                 _tile_loadd(4, qb + d, D * 2);
-                _tile_loadd(5, qb + 16 * D + d, D * 2);
                 _tile_loadd(6, K + (d / 2) * BN * 2 + kg * 2, BN * 4);
                 _tile_loadd(7, K + (d / 2) * BN * 2 + (kg + 16) * 2, BN * 4);
                 _tile_dpbf16ps(0, 4, 6);
                 _tile_dpbf16ps(1, 4, 7);
-                _tile_dpbf16ps(2, 5, 6);
-                _tile_dpbf16ps(3, 5, 7);
+                if (two) {
+                    _tile_loadd(5, qb + 16 * D + d, D * 2);
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
             }
             _tile_stored(0, s + kg, BN * 4);
             _tile_stored(1, s + kg + 16, BN * 4);
-            _tile_stored(2, s + 16 * BN + kg, BN * 4);
-            _tile_stored(3, s + 16 * BN + kg + 16, BN * 4);
+            if (two) {
+                _tile_stored(2, s + 16 * BN + kg, BN * 4);
+                _tile_stored(3, s + 16 * BN + kg + 16, BN * 4);
+            }
         }
         int nk_max = 0;
-        for (int i = 0; i < RB; i++) {
+        for (int i = 0; i < (two ? RB : 16); i++) {
             const int nv = limit[i] - j0 < BN ? limit[i] - j0 : BN;
             if (nv <= 0) {
                 memset(pb + i * BN, 0, sizeof(bf16_t) * BN);
@@ -442,22 +487,28 @@ static void unit_amx(const Job *J, int h, int r0, int nr, const char *kp_all, co
         for (int c = 0; c < D; c += 32) { /* o[32][c .. c+32) += P V */
             _tile_loadd(0, o + c, D * 4);
             _tile_loadd(1, o + c + 16, D * 4);
-            _tile_loadd(2, o + 16 * D + c, D * 4);
-            _tile_loadd(3, o + 16 * D + c + 16, D * 4);
+            if (two) {
+                _tile_loadd(2, o + 16 * D + c, D * 4);
+                _tile_loadd(3, o + 16 * D + c + 16, D * 4);
+            }
             for (int kk = 0; kk < nk; kk += 32) {
                 _tile_loadd(4, pb + kk, BN * 2);
-                _tile_loadd(5, pb + 16 * BN + kk, BN * 2);
                 _tile_loadd(6, V + (kk / 2) * D * 2 + c * 2, D * 4);
                 _tile_loadd(7, V + (kk / 2) * D * 2 + (c + 16) * 2, D * 4);
                 _tile_dpbf16ps(0, 4, 6);
                 _tile_dpbf16ps(1, 4, 7);
-                _tile_dpbf16ps(2, 5, 6);
-                _tile_dpbf16ps(3, 5, 7);
+                if (two) {
+                    _tile_loadd(5, pb + 16 * BN + kk, BN * 2);
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
             }
             _tile_stored(0, o + c, D * 4);
             _tile_stored(1, o + c + 16, D * 4);
-            _tile_stored(2, o + 16 * D + c, D * 4);
-            _tile_stored(3, o + 16 * D + c + 16, D * 4);
+            if (two) {
+                _tile_stored(2, o + 16 * D + c, D * 4);
+                _tile_stored(3, o + 16 * D + c + 16, D * 4);
+            }
         }
     }
     _tile_release();
@@ -744,6 +795,14 @@ int pc_attend_rows(int bf16, const void *q, int64_t q_stride, const void *k, con
         if (num_threads < 1) num_threads = 1;
 #pragma omp parallel for num_threads(num_threads) schedule(static)
         for (int h = 0; h < KVH; h++) {
+#ifdef PC_AMX
+            if (bf16 && g_amx && amx_pays(S)) {
+                char own_k[DMAX * BN * 2] __attribute__((aligned(64)));
+                char own_v[DMAX * BN * 2] __attribute__((aligned(64)));
+                unit_amx(&J, h, 0, rows, NULL, NULL, own_k, own_v);
+                continue;
+            }
+#endif
             if (rows <= FEW) unit_few(&J, h, rows);
             else if (rows <= 16) unit_lanes16(&J, h, rows);
             else unit_lanes32(&J, h, rows);
