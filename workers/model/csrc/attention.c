@@ -404,17 +404,70 @@ int pc_amx_enable(int on) {
     return g_amx;
 }
 
-static void unit_amx(const Job *J, int h, int r0, int nr, const char *kp_all, const char *vp_all, char *own_k,
-                     char *own_v) {
+/* 2^x for x <= 0, to bfloat16 accuracy (what P @ V reads): 2^n * p(f), n = round(x), f = x - n in
+ * [-1/2, 1/2], p the degree-4 Taylor polynomial of 2^f (relative error below 5e-5, against bfloat16's 2e-3
+ * rounding step); far below the maximum (x < -150 or -inf) gives 0. */
+static inline __m512 exp2_bf16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-150.0f));
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(9.6181291e-3f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+#define SB (4 * BN) /* keys per softmax step of the AMX unit */
+
+/* The AMX unit's softmax step for one row over scores srow[0..nv) (of a step of nk keys, nk a multiple of 32):
+ * probabilities to pb (bfloat16, zero past nv), running max *m (in log2 units: scores times log2 e) and sum
+ * *l of the bfloat16 probabilities (a VDPBF16PS against ones: exactly what P @ V reads), orow rescaled. One
+ * horizontal max and one sum per 256 keys. */
+static inline void softmax_row_amx(float *srow, int nv, int nk, float *m, float *l, float *orow, bf16_t *pb,
+                                   int D) {
+    const __m512 l2e = _mm512_set1_ps(1.44269504088896341f);
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int c = 0; c * 16 < nv; c++)
+        mx = _mm512_mask_max_ps(mx, lanes(nv - c * 16), mx, _mm512_load_ps(srow + c * 16));
+    const float bmax = _mm512_reduce_max_ps(mx) * 1.44269504088896341f;
+    const float m_new = bmax > *m ? bmax : *m;
+    const __m512 mv = _mm512_set1_ps(m_new);
+    const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3f80);
+    __m512 sum = _mm512_setzero_ps();
+    for (int c = 0; c < nk; c += 32) {
+        const __m512 p0 = _mm512_maskz_mov_ps(lanes(nv - c), exp2_bf16(_mm512_fmsub_ps(_mm512_load_ps(srow + c), l2e, mv)));
+        const __m512 p1 = _mm512_maskz_mov_ps(lanes(nv - c - 16),
+                                              exp2_bf16(_mm512_fmsub_ps(_mm512_load_ps(srow + c + 16), l2e, mv)));
+        const __m512bh pp = _mm512_cvtne2ps_pbh(p1, p0);
+        _mm512_store_si512(pb + c, (__m512i)pp);
+        sum = _mm512_dpbf16_ps(sum, pp, ones);
+    }
+    if (m_new != *m) {
+        const float alpha = *m == -INFINITY ? 0.0f : exp2f(*m - m_new);
+        const __m512 av = _mm512_set1_ps(alpha);
+        for (int d = 0; d < D; d += 16) _mm512_store_ps(orow + d, _mm512_mul_ps(av, _mm512_load_ps(orow + d)));
+        *l *= alpha;
+        *m = m_new;
+    }
+    *l += _mm512_reduce_add_ps(sum);
+}
+
+/* Per-thread buffers for the blocks a unit packs itself: SB keys of K and of V (allocated once per thread). */
+static __thread char *amx_own;
+
+static int unit_amx(const Job *J, int h, int r0, int nr, const char *kp_all, const char *vp_all) {
     const int D = J->D, two = nr > 16; /* one 16-row half of the tiles, or both */
     const size_t blk_bytes = (size_t)D * BN * 2;
     bf16_t qb[RB * DMAX] __attribute__((aligned(64)));
     float o[RB * DMAX] __attribute__((aligned(64)));
-    float s[RB * BN] __attribute__((aligned(64)));
-    bf16_t pb[RB * BN] __attribute__((aligned(64)));
+    float s[RB * SB] __attribute__((aligned(64)));
+    bf16_t pb[RB * SB] __attribute__((aligned(64)));
     float m[RB], l[RB];
     int limit[RB];
     int max_limit = 0;
+    if (!kp_all && !amx_own && !(amx_own = (char *)aligned_alloc(64, 2 * (size_t)DMAX * SB * 2))) return 3;
     for (int i = 0; i < RB; i++) {
         if (i < nr) {
             limit[i] = load_q_row(J, h, r0 + i, NULL, qb + i * D);
@@ -436,18 +489,26 @@ static void unit_amx(const Job *J, int h, int r0, int nr, const char *kp_all, co
     }
     _tile_loadconfig(&cfg);
     const int nblk = (max_limit + BN - 1) / BN;
-    for (int blk = 0; blk < nblk; blk++) {
-        const int j0 = blk * BN;
-        const bf16_t *K, *V;
-        if (kp_all) {
-            K = (const bf16_t *)(kp_all + ((size_t)h * J->nblk + blk) * blk_bytes);
-            V = (const bf16_t *)(vp_all + ((size_t)h * J->nblk + blk) * blk_bytes);
-        } else {
-            pack_block(J, h, blk, own_k, own_v);
-            K = (const bf16_t *)own_k;
-            V = (const bf16_t *)own_v;
+    for (int b0 = 0; b0 < nblk; b0 += 4) {
+        const int nb = nblk - b0 < 4 ? nblk - b0 : 4, j0 = b0 * BN;
+        const bf16_t *K[4], *V[4];
+        for (int b = 0; b < nb; b++) {
+            if (kp_all) {
+                K[b] = (const bf16_t *)(kp_all + ((size_t)h * J->nblk + b0 + b) * blk_bytes);
+                V[b] = (const bf16_t *)(vp_all + ((size_t)h * J->nblk + b0 + b) * blk_bytes);
+            } else {
+                char *kb = amx_own + b * blk_bytes, *vb = amx_own + (4 + b) * blk_bytes;
+                pack_block(J, h, b0 + b, kb, vb);
+                K[b] = (const bf16_t *)kb;
+                V[b] = (const bf16_t *)vb;
+            }
         }
-        for (int kg = 0; kg < BN; kg += 32) { /* s[32][kg .. kg+32) = Q K^T */
+        /* keys of this step any row sees, rounded up to 32 (P is zero past each row's limit) */
+        const int seen = (max_limit - j0 < nb * BN ? max_limit - j0 : nb * BN);
+        const int nk = (seen + 31) & ~31;
+        for (int kg = 0; kg < nk; kg += 32) { /* s[32][kg .. kg+32) = Q K^T */
+            const bf16_t *Kb = K[kg / BN];
+            const int kc = kg % BN;
             _tile_zero(0);
             _tile_zero(1);
             if (two) {
@@ -456,8 +517,8 @@ static void unit_amx(const Job *J, int h, int r0, int nr, const char *kp_all, co
             }
             for (int d = 0; d < D; d += 32) {
                 _tile_loadd(4, qb + d, D * 2);
-                _tile_loadd(6, K + (d / 2) * BN * 2 + kg * 2, BN * 4);
-                _tile_loadd(7, K + (d / 2) * BN * 2 + (kg + 16) * 2, BN * 4);
+                _tile_loadd(6, Kb + (d / 2) * BN * 2 + kc * 2, BN * 4);
+                _tile_loadd(7, Kb + (d / 2) * BN * 2 + (kc + 16) * 2, BN * 4);
                 _tile_dpbf16ps(0, 4, 6);
                 _tile_dpbf16ps(1, 4, 7);
                 if (two) {
@@ -466,24 +527,21 @@ static void unit_amx(const Job *J, int h, int r0, int nr, const char *kp_all, co
                     _tile_dpbf16ps(3, 5, 7);
                 }
             }
-            _tile_stored(0, s + kg, BN * 4);
-            _tile_stored(1, s + kg + 16, BN * 4);
+            _tile_stored(0, s + kg, SB * 4);
+            _tile_stored(1, s + kg + 16, SB * 4);
             if (two) {
-                _tile_stored(2, s + 16 * BN + kg, BN * 4);
-                _tile_stored(3, s + 16 * BN + kg + 16, BN * 4);
+                _tile_stored(2, s + 16 * SB + kg, SB * 4);
+                _tile_stored(3, s + 16 * SB + kg + 16, SB * 4);
             }
         }
-        int nk_max = 0;
         for (int i = 0; i < (two ? RB : 16); i++) {
-            const int nv = limit[i] - j0 < BN ? limit[i] - j0 : BN;
+            const int nv = limit[i] - j0 < nk ? limit[i] - j0 : nk;
             if (nv <= 0) {
-                memset(pb + i * BN, 0, sizeof(bf16_t) * BN);
+                memset(pb + i * SB, 0, sizeof(bf16_t) * nk);
                 continue;
             }
-            if (nv > nk_max) nk_max = nv;
-            softmax_row(J, s + i * BN, nv, m + i, l + i, o + i * D, pb + i * BN);
+            softmax_row_amx(s + i * SB, nv, nk, m + i, l + i, o + i * D, pb + i * SB, D);
         }
-        const int nk = nk_max > 32 ? BN : 32; /* keys past a row's limit have probability zero */
         for (int c = 0; c < D; c += 32) { /* o[32][c .. c+32) += P V */
             _tile_loadd(0, o + c, D * 4);
             _tile_loadd(1, o + c + 16, D * 4);
@@ -492,13 +550,15 @@ static void unit_amx(const Job *J, int h, int r0, int nr, const char *kp_all, co
                 _tile_loadd(3, o + 16 * D + c + 16, D * 4);
             }
             for (int kk = 0; kk < nk; kk += 32) {
-                _tile_loadd(4, pb + kk, BN * 2);
-                _tile_loadd(6, V + (kk / 2) * D * 2 + c * 2, D * 4);
-                _tile_loadd(7, V + (kk / 2) * D * 2 + (c + 16) * 2, D * 4);
+                const bf16_t *Vb = V[kk / BN];
+                const int kc = kk % BN;
+                _tile_loadd(4, pb + kk, SB * 2);
+                _tile_loadd(6, Vb + (kc / 2) * D * 2 + c * 2, D * 4);
+                _tile_loadd(7, Vb + (kc / 2) * D * 2 + (c + 16) * 2, D * 4);
                 _tile_dpbf16ps(0, 4, 6);
                 _tile_dpbf16ps(1, 4, 7);
                 if (two) {
-                    _tile_loadd(5, pb + 16 * BN + kk, BN * 2);
+                    _tile_loadd(5, pb + 16 * SB + kk, SB * 2);
                     _tile_dpbf16ps(2, 5, 6);
                     _tile_dpbf16ps(3, 5, 7);
                 }
@@ -512,7 +572,9 @@ static void unit_amx(const Job *J, int h, int r0, int nr, const char *kp_all, co
         }
     }
     _tile_release();
-    for (int i = 0; i < nr; i++) write_row(J, h, r0 + i, o + i * D, 1, m[i], l[i]);
+    /* m is in log2 units: the log-sum-exp is m ln 2 + ln l */
+    for (int i = 0; i < nr; i++) write_row(J, h, r0 + i, o + i * D, 1, m[i] * 0.69314718055994531f, l[i]);
+    return 0;
 }
 #else
 int pc_amx_enable(int on) {
@@ -790,6 +852,7 @@ int pc_attend_rows(int bf16, const void *q, int64_t q_stride, const void *k, con
     Job J = {bf16, q, q_stride, k, v, kv_stride, key_rows, out, lse, T, H, KVH, (int)S, D, H / KVH, scale, causal,
              (int)((S + BN - 1) / BN)};
     const int rows = T * J.G;
+    int failed = 0; /* a unit could not get its scratch memory (code 3) */
     if (rows <= 32) { /* one unit per KV head, K/V read in place */
         if (num_threads > KVH) num_threads = KVH;
         if (num_threads < 1) num_threads = 1;
@@ -797,9 +860,7 @@ int pc_attend_rows(int bf16, const void *q, int64_t q_stride, const void *k, con
         for (int h = 0; h < KVH; h++) {
 #ifdef PC_AMX
             if (bf16 && g_amx && amx_pays(S)) {
-                char own_k[DMAX * BN * 2] __attribute__((aligned(64)));
-                char own_v[DMAX * BN * 2] __attribute__((aligned(64)));
-                unit_amx(&J, h, 0, rows, NULL, NULL, own_k, own_v);
+                if (unit_amx(&J, h, 0, rows, NULL, NULL)) failed = 1;
                 continue;
             }
 #endif
@@ -807,7 +868,7 @@ int pc_attend_rows(int bf16, const void *q, int64_t q_stride, const void *k, con
             else if (rows <= 16) unit_lanes16(&J, h, rows);
             else unit_lanes32(&J, h, rows);
         }
-        return 0;
+        return failed ? 3 : 0;
     }
     const int tiles = (rows + RB - 1) / RB;
     const int units = KVH * tiles;
@@ -842,15 +903,16 @@ int pc_attend_rows(int bf16, const void *q, int64_t q_stride, const void *k, con
             const int r0 = tile * RB;
             const int nr = rows - r0 < RB ? rows - r0 : RB;
 #ifdef PC_AMX
-            if (bf16 && g_amx) unit_amx(&J, h, r0, nr, kp, vp, own_k, own_v);
-            else
+            if (bf16 && g_amx) {
+                if (unit_amx(&J, h, r0, nr, kp, vp)) failed = 1;
+            } else
 #endif
                 unit(&J, h, r0, nr, kp, vp, own_k, own_v);
         }
     }
     free(kp);
     free(vp);
-    return 0;
+    return failed ? 3 : 0;
 }
 
 /* Keys are the rows of runs [run_start[i], run_start[i] + run_len[i]) of k and v, in order. */
