@@ -34,7 +34,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "attention.c"
+SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("attention.c", "ops.c")]
+SOURCE = SOURCES[0]
 AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}  # what -march=x86-64-v4 may emit
 FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512bf16", "-fopenmp", "-fPIC", "-shared"]
 # AMX tiles for the bfloat16 row tiles where the CPU has them (Sapphire Rapids and later); the library is
@@ -52,6 +53,7 @@ class Kernel(NamedTuple):
     batch: object  # pc_attend_batch: one query token per sequence, each against its own slots
     bf16: bool  # the CPU has AVX512_BF16
     amx: object  # pc_amx_enable(on) -> whether bfloat16 row tiles run on AMX
+    lib: object  # the ctypes library (ops.c's entry points: fused_ops.py)
 
 
 def _cpu_flags() -> set[str]:
@@ -71,7 +73,7 @@ def _build(path: Path, flags: list[str]) -> None:
     os.close(fd)
     try:
         cc = os.environ.get("CC", "cc")
-        proc = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+        proc = subprocess.run([cc, *flags, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True, text=True,
                               timeout=300)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed ({proc.returncode}): {proc.stderr[-2000:]}")
@@ -103,7 +105,7 @@ def _load():
     cpu = _cpu_flags()
     if not AVX512 <= cpu:
         return None, f"no AVX-512 (missing {sorted(AVX512 - cpu)})"
-    src = SOURCE.read_bytes()
+    src = b"".join(p.read_bytes() for p in SOURCES)
     root = Path(os.environ.get("PREFIXCACHE_KERNEL_DIR") or Path.home() / ".cache" / "prefixcache" / "kernels")
     errors = []
     for flags in (FLAGS + AMX_FLAGS, FLAGS):  # a compiler that does not know AMX builds the rest
@@ -126,7 +128,7 @@ def _load():
     amx_fn = lib.pc_amx_enable
     amx_fn.argtypes, amx_fn.restype = [c_int], c_int
     amx_fn(int(AMX <= cpu and os.environ.get("PREFIXCACHE_AMX", "1") != "0"))
-    return Kernel(runs_fn, rows_fn, batch_fn, "avx512_bf16" in cpu, amx_fn), lib._name
+    return Kernel(runs_fn, rows_fn, batch_fn, "avx512_bf16" in cpu, amx_fn, lib), lib._name
 
 
 def kernel() -> Kernel | None:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import workers.model.fused_ops as fused_ops
 from workers.model.attention import paged_attention, write_kv
 from workers.model.config import ModelConfig
 from workers.model.forward_batch import AttentionPlan
@@ -74,7 +75,10 @@ class Linear(nn.Linear):
         """``silu(gate) * up`` where this layer's output is ``[gate | up]`` (``split`` columns each)."""
         packs = self._packs(x)
         if packs is None or x.dtype not in FUSED_EPILOGUES:
-            gate, up = self.forward(x).split(split, dim=-1)
+            y = self.forward(x)
+            if fused_ops.usable(y):  # one pass, rounded as the two ops below
+                return fused_ops.silu_mul(y, split)
+            gate, up = y.split(split, dim=-1)
             return F.silu(gate) * up
         halves = packs.get("halves")
         if halves is None:
@@ -110,10 +114,19 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_ops.usable(x) and self.weight.device.type == "cpu":
+            return fused_ops.rmsnorm(x, self.weight, self.eps)
         dtype = x.dtype
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``forward(residual + x)``, ``residual + x``): the residual add and the norm in one pass on CPU."""
+        if fused_ops.usable(x) and fused_ops.usable(residual) and self.weight.device.type == "cpu":
+            return fused_ops.add_rmsnorm(x, residual, self.weight, self.eps)
+        total = residual + x
+        return self.forward(total), total
 
 
 class Attention(nn.Module):
@@ -173,5 +186,6 @@ class DecoderLayer(nn.Module):
         if x.dtype in FUSED_EPILOGUES and x.device.type == "cpu":  # the adds ride in the GEMMs' epilogues
             x = self.self_attn(self.input_layernorm(x), cos, sin, slot_mapping, kv, plan, residual=x)
             return self.mlp(self.post_attention_layernorm(x), residual=x)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, slot_mapping, kv, plan)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h, x = self.post_attention_layernorm.add_forward(
+            self.self_attn(self.input_layernorm(x), cos, sin, slot_mapping, kv, plan), x)
+        return x + self.mlp(h)

@@ -56,5 +56,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]."""
+    """x: [T, heads, head_dim]. On CPU one pass in C (fused_ops.rope: bit-identical to the torch ops below)."""
+    import workers.model.fused_ops as fused_ops
+
+    if fused_ops.rope_usable(x, cos):
+        return fused_ops.rope(x, cos, sin)
     return (x * cos) + (rotate_half(x) * sin)

@@ -1,0 +1,104 @@
+"""The decoder's element-wise steps in one pass each (``csrc/ops.c``, in the fused attention kernel's library).
+
+``rmsnorm``, ``add_rmsnorm``, ``rope`` and ``silu_mul`` compute what layers.py's and rope.py's torch code
+computes, with the same roundings (bfloat16 results rounded once per torch op; see ops.c), on CPU tensors
+of float32 or bfloat16 where the library is built (x86-64 with AVX-512, fused_attention.py). ``usable(x)``
+says whether a tensor may take them; callers keep the torch code for everything else (CUDA, other dtypes,
+other CPUs, ``PREFIXCACHE_FUSED_OPS=0``). Why: a bfloat16 forward of bench_vs_vllm's workload A spent
+0.9 s of 4.3 s in some 30 small torch ops per layer (casts, multiplies, adds, a concatenation), each a
+pass over the activations; the C versions read and write each tensor once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+import workers.model.fused_attention as fused_attention
+
+_fns: dict = {}
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _lib():
+    if "lib" not in _fns:
+        k = fused_attention.kernel()
+        lib = None
+        if k is not None and os.environ.get("PREFIXCACHE_FUSED_OPS", "1") != "0":
+            lib = k.lib
+            i64, vp, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+            lib.pc_rmsnorm.argtypes = [c_int, vp, i64, vp, i64, vp, vp, vp, c_int, c_int, ctypes.c_float, c_int]
+            lib.pc_rope.argtypes = [c_int, vp, i64, vp, vp, vp, c_int, c_int, c_int, c_int]
+            lib.pc_silu_mul.argtypes = [c_int, vp, i64, vp, c_int, c_int, c_int]
+            for f in (lib.pc_rmsnorm, lib.pc_rope, lib.pc_silu_mul):
+                f.restype = None
+            _fns["bf16"] = k.bf16
+        _fns["lib"] = lib
+    return _fns["lib"]
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether ``x`` (a CPU float32 or bfloat16 tensor, last dimension contiguous) may take these kernels."""
+    if x.device.type != "cpu" or x.dtype not in _DTYPES or x.stride(-1) != 1:
+        return False
+    return _lib() is not None and (x.dtype == torch.float32 or _fns["bf16"])
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as [rows, N] with unit stride along N (a copy only when the rows are not evenly spaced)."""
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * (x.float() * rsqrt(mean(x.float()**2) + eps)).to(x.dtype)`` over the last dimension."""
+    x2 = _rows(x)
+    w = weight.to(x.dtype).contiguous()
+    out = torch.empty(x2.shape, dtype=x.dtype)
+    _lib().pc_rmsnorm(int(x.dtype == torch.bfloat16), x2.data_ptr(), x2.stride(0), None, 0, None, w.data_ptr(),
+                      out.data_ptr(), x2.shape[0], x2.shape[1], float(eps), torch.get_num_threads())
+    return out.view(x.shape)
+
+
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = x + residual`` (in the dtype) and ``rmsnorm(s)``: returns (normed, s)."""
+    x2, r2 = _rows(x), _rows(residual)
+    w = weight.to(x.dtype).contiguous()
+    out = torch.empty(x2.shape, dtype=x.dtype)
+    total = torch.empty(x2.shape, dtype=x.dtype)
+    _lib().pc_rmsnorm(int(x.dtype == torch.bfloat16), x2.data_ptr(), x2.stride(0), r2.data_ptr(), r2.stride(0),
+                      total.data_ptr(), w.data_ptr(), out.data_ptr(), x2.shape[0], x2.shape[1], float(eps),
+                      torch.get_num_threads())
+    return out.view(x.shape), total.view(x.shape)
+
+
+def rope_usable(x: torch.Tensor, cos: torch.Tensor) -> bool:
+    """``x [T, H, D]`` with heads D apart (a slice of the fused projection), D a multiple of 32, and
+    ``cos [T, 1, D]`` of x's dtype."""
+    return (usable(x) and x.dim() == 3 and x.shape[2] % 32 == 0 and x.stride(1) == x.shape[2]
+            and cos.dtype == x.dtype and cos.shape[0] == x.shape[0] and cos.shape[-1] == x.shape[2])
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * cos + rotate_half(x) * sin`` for ``x [T, H, D]``, ``cos/sin [T, 1, D]``: a new [T, H, D]."""
+    num_tokens, num_heads, head_dim = x.shape
+    c, s = cos.reshape(num_tokens, head_dim).contiguous(), sin.reshape(num_tokens, head_dim).contiguous()
+    out = torch.empty((num_tokens, num_heads, head_dim), dtype=x.dtype)
+    _lib().pc_rope(int(x.dtype == torch.bfloat16), x.data_ptr(), x.stride(0), c.data_ptr(), s.data_ptr(),
+                   out.data_ptr(), num_tokens, num_heads, head_dim, torch.get_num_threads())
+    return out
+
+
+def silu_mul(x: torch.Tensor, split: int) -> torch.Tensor:
+    """``silu(x[..., :split]) * x[..., split:]`` (each rounded to the dtype, as torch's two ops)."""
+    x2 = _rows(x)
+    out = torch.empty((x2.shape[0], split), dtype=x.dtype)
+    _lib().pc_silu_mul(int(x.dtype == torch.bfloat16), x2.data_ptr(), x2.stride(0), out.data_ptr(), x2.shape[0],
+                       split, torch.get_num_threads())
+    return out.view(*x.shape[:-1], split)
+
+
+__all__ = ["add_rmsnorm", "rmsnorm", "rope", "rope_usable", "silu_mul", "usable"]
