@@ -195,32 +195,32 @@ static inline void store4(__m512 a[4][4], float *dst, int stride) {
 }
 
 /* scores s[i][0..BN) = q[i] . k[j] for 4 rows */
-static inline void scores4_f32(const float *q, int D, const float *K, float *s) {
+static inline void scores4_f32(const float *q, int D, const float *K, float *s, int ss) {
     __m512 a[4][4];
     load4(a, NULL, 0);
     mk4_f32(q, D, K, BN, D, a);
-    store4(a, s, BN);
+    store4(a, s, ss);
 }
 
-static inline void scores4_bf16(const bf16_t *q, int D, const bf16_t *K, float *s) {
+static inline void scores4_bf16(const bf16_t *q, int D, const bf16_t *K, float *s, int ss) {
     __m512 a[4][4];
     load4(a, NULL, 0);
     mk4_bf16(q, D, K, BN * 2, D / 2, a);
-    store4(a, s, BN);
+    store4(a, s, ss);
 }
 
 /* o[i][c0..c0+64) += p[i] @ V for 4 rows; the block's first `nk` keys (a multiple of 2) */
-static inline void pv4_f32(const float *p, const float *V, int D, int c0, int nk, float *o) {
+static inline void pv4_f32(const float *p, int ps, const float *V, int D, int c0, int nk, float *o) {
     __m512 a[4][4];
     load4(a, o + c0, D);
-    mk4_f32(p, BN, V + c0, D, nk, a);
+    mk4_f32(p, ps, V + c0, D, nk, a);
     store4(a, o + c0, D);
 }
 
-static inline void pv4_bf16(const bf16_t *p, const bf16_t *V, int D, int c0, int nk, float *o) {
+static inline void pv4_bf16(const bf16_t *p, int ps, const bf16_t *V, int D, int c0, int nk, float *o) {
     __m512 a[4][4];
     load4(a, o + c0, D);
-    mk4_bf16(p, BN, V + c0 * 2, D * 2, nk / 2, a);
+    mk4_bf16(p, ps, V + c0 * 2, D * 2, nk / 2, a);
     store4(a, o + c0, D);
 }
 
@@ -261,11 +261,12 @@ static inline int load_q_row(const Job *J, int h, int r, float *qf, bf16_t *qb) 
     return row_limit(J, r);
 }
 
-/* One row's online-softmax step over a block: scores srow[0..nv) (the rest of the BN masked), running max *m
+/* One row's online-softmax step over a block: scores srow[0..nv) (the rest of the ncols masked), running max *m
  * and sum *l, accumulated output orow (rescaled). The probabilities go to pb (bfloat16, for VDPBF16PS P @ V)
  * or back into srow (float32; rounded to bfloat16 values for a bfloat16 model). The sum is over the
  * probabilities P @ V will read, so the output is normalized by exactly what it accumulated. */
-static inline void softmax_row(const Job *J, float *srow, int nv, float *m, float *l, float *orow, bf16_t *pb) {
+static inline void softmax_row(const Job *J, float *srow, int nv, int ncols, float *m, float *l, float *orow,
+                               bf16_t *pb) {
     __m512 mx = _mm512_set1_ps(-INFINITY);
     for (int c = 0; c * 16 < nv; c++)
         mx = _mm512_mask_max_ps(mx, lanes(nv - c * 16), mx, _mm512_load_ps(srow + c * 16));
@@ -274,7 +275,7 @@ static inline void softmax_row(const Job *J, float *srow, int nv, float *m, floa
     const float alpha = *m == -INFINITY ? 0.0f : expf(*m - m_new);
     const __m512 mv = _mm512_set1_ps(m_new);
     __m512 sum = _mm512_setzero_ps();
-    for (int c = 0; c < BN / 16; c++) {
+    for (int c = 0; c < ncols / 16; c++) {
         __m512 p = _mm512_maskz_mov_ps(lanes(nv - c * 16), exp512(_mm512_sub_ps(_mm512_load_ps(srow + c * 16), mv)));
         if (pb) {
             __m256bh pr = _mm512_cvtneps_pbh(p);
@@ -299,21 +300,39 @@ static inline int group_limit(const int *limit) {
     return a > b ? a : b;
 }
 
+/* Per-thread scratch that grows to the largest size asked for and is kept for the thread's life (OpenMP's
+ * pool threads are reused call after call): the key blocks a unit packs for itself. NULL if out of memory. */
+static __thread char *tl_scratch;
+static __thread size_t tl_scratch_size;
+static char *scratch(size_t bytes) {
+    if (tl_scratch_size < bytes) {
+        free(tl_scratch);
+        tl_scratch = (char *)aligned_alloc(64, bytes);
+        tl_scratch_size = tl_scratch ? bytes : 0;
+    }
+    return tl_scratch;
+}
+
+#define SB (4 * BN) /* keys per softmax step of the row tiles: four packed blocks */
+
 /* One work unit: KV head h, query rows r0 .. r0+nr-1 (row r = token r / G, head h*G + r % G). `kp`/`vp`:
- * the head's packed blocks (shared), or NULL to pack each block into this thread's own buffers. */
-static void unit(const Job *J, int h, int r0, int nr, const char *kp_all, const char *vp_all, char *own_k,
-                 char *own_v) {
+ * the head's packed blocks (shared), or NULL to pack each block into this thread's scratch. The softmax
+ * runs over SB keys at a time (one horizontal max and sum, at most one rescale of the output per row per
+ * step); the products run block by block. Returns 0, or 3 when scratch memory was not available. */
+static int unit(const Job *J, int h, int r0, int nr, const char *kp_all, const char *vp_all) {
     const int D = J->D, esz = J->bf16 ? 2 : 4;
     const size_t blk_bytes = (size_t)D * BN * esz;
     float qf[RB * DMAX] __attribute__((aligned(64)));
     bf16_t qb[RB * DMAX] __attribute__((aligned(64)));
     float o[RB * DMAX] __attribute__((aligned(64)));
-    float s[RB * BN] __attribute__((aligned(64)));
-    bf16_t pb[RB * BN] __attribute__((aligned(64)));
+    float s[RB * SB] __attribute__((aligned(64)));
+    bf16_t pb[RB * SB] __attribute__((aligned(64)));
     float m[RB], l[RB];
     int limit[RB];
     const int nr4 = (nr + 3) & ~3;
     int max_limit = 0;
+    char *own = kp_all ? NULL : scratch(8 * blk_bytes);
+    if (!kp_all && !own) return 3;
     for (int i = 0; i < nr4; i++) {
         if (i < nr) {
             limit[i] = load_q_row(J, h, r0 + i, qf + i * D, qb + i * D);
@@ -328,44 +347,53 @@ static void unit(const Job *J, int h, int r0, int nr, const char *kp_all, const 
         memset(o + i * D, 0, sizeof(float) * D);
     }
     const int nblk = (max_limit + BN - 1) / BN;
-    for (int blk = 0; blk < nblk; blk++) {
-        const int j0 = blk * BN;
-        const char *K, *V;
-        if (kp_all) {
-            K = kp_all + ((size_t)h * J->nblk + blk) * blk_bytes;
-            V = vp_all + ((size_t)h * J->nblk + blk) * blk_bytes;
-        } else {
-            pack_block(J, h, blk, own_k, own_v);
-            K = own_k;
-            V = own_v;
+    for (int b0 = 0; b0 < nblk; b0 += 4) {
+        const int nb = nblk - b0 < 4 ? nblk - b0 : 4, j0 = b0 * BN;
+        const char *K[4], *V[4];
+        for (int b = 0; b < nb; b++) {
+            if (kp_all) {
+                K[b] = kp_all + ((size_t)h * J->nblk + b0 + b) * blk_bytes;
+                V[b] = vp_all + ((size_t)h * J->nblk + b0 + b) * blk_bytes;
+            } else {
+                char *kb = own + b * blk_bytes, *vb = own + (4 + b) * blk_bytes;
+                pack_block(J, h, b0 + b, kb, vb);
+                K[b] = kb;
+                V[b] = vb;
+            }
         }
-        for (int i = 0; i < nr4; i += 4) {
-            if (group_limit(limit + i) <= j0) continue; /* no row of the four sees this block */
-            if (!J->bf16) scores4_f32(qf + i * D, D, (const float *)K, s + i * BN);
-            else scores4_bf16(qb + i * D, D, (const bf16_t *)K, s + i * BN);
-        }
+        for (int b = 0; b < nb; b++)
+            for (int i = 0; i < nr4; i += 4) {
+                if (group_limit(limit + i) <= j0 + b * BN) continue; /* no row of the four sees this block */
+                if (!J->bf16) scores4_f32(qf + i * D, D, (const float *)K[b], s + i * SB + b * BN, SB);
+                else scores4_bf16(qb + i * D, D, (const bf16_t *)K[b], s + i * SB + b * BN, SB);
+            }
+        const int seen = max_limit - j0 < nb * BN ? max_limit - j0 : nb * BN;
+        const int ncols = (seen + 15) & ~15;
         int nk_max = 0;
         for (int i = 0; i < nr4; i++) {
-            const int nv = limit[i] - j0 < BN ? limit[i] - j0 : BN;
-            float *srow = s + i * BN;
-            if (nv <= 0) { /* no key of this block for this row */
-                if (!J->bf16) memset(srow, 0, sizeof(float) * BN);
-                else memset(pb + i * BN, 0, sizeof(bf16_t) * BN);
+            const int nv = limit[i] - j0 < nb * BN ? limit[i] - j0 : nb * BN;
+            float *srow = s + i * SB;
+            if (nv <= 0) { /* no key of this step for this row */
+                if (!J->bf16) memset(srow, 0, sizeof(float) * ncols);
+                else memset(pb + i * SB, 0, sizeof(bf16_t) * ncols);
                 continue;
             }
             if (nv > nk_max) nk_max = nv;
-            softmax_row(J, srow, nv, m + i, l + i, o + i * D, J->bf16 ? pb + i * BN : NULL);
+            softmax_row(J, srow, nv, ncols, m + i, l + i, o + i * D, J->bf16 ? pb + i * SB : NULL);
         }
-        const int nk = (nk_max + 1) & ~1;
-        for (int i = 0; i < nr4; i += 4) {
-            if (group_limit(limit + i) <= j0) continue;
-            for (int c0 = 0; c0 < D; c0 += 64) {
-                if (!J->bf16) pv4_f32(s + i * BN, (const float *)V, D, c0, nk, o + i * D);
-                else pv4_bf16(pb + i * BN, (const bf16_t *)V, D, c0, nk, o + i * D);
+        for (int b = 0; b < nb && b * BN < nk_max; b++) {
+            const int left = nk_max - b * BN, nk = ((left < BN ? left : BN) + 1) & ~1;
+            for (int i = 0; i < nr4; i += 4) {
+                if (group_limit(limit + i) <= j0 + b * BN) continue;
+                for (int c0 = 0; c0 < D; c0 += 64) {
+                    if (!J->bf16) pv4_f32(s + i * SB + b * BN, SB, (const float *)V[b], D, c0, nk, o + i * D);
+                    else pv4_bf16(pb + i * SB + b * BN, SB, (const bf16_t *)V[b], D, c0, nk, o + i * D);
+                }
             }
         }
     }
     for (int i = 0; i < nr; i++) write_row(J, h, r0 + i, o + i * D, 1, m[i], l[i]);
+    return 0;
 }
 
 #ifdef PC_AMX
@@ -419,7 +447,6 @@ static inline __m512 exp2_bf16(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-#define SB (4 * BN) /* keys per softmax step of the AMX unit */
 
 /* The AMX unit's softmax step for one row over scores srow[0..nv) (of a step of nk keys, nk a multiple of 32):
  * probabilities to pb (bfloat16, zero past nv), running max *m (in log2 units: scores times log2 e) and sum
@@ -454,8 +481,6 @@ static inline void softmax_row_amx(float *srow, int nv, int nk, float *m, float 
     *l += _mm512_reduce_add_ps(sum);
 }
 
-/* Per-thread buffers for the blocks a unit packs itself: SB keys of K and of V (allocated once per thread). */
-static __thread char *amx_own;
 
 static int unit_amx(const Job *J, int h, int r0, int nr, const char *kp_all, const char *vp_all) {
     const int D = J->D, two = nr > 16; /* one 16-row half of the tiles, or both */
@@ -467,7 +492,8 @@ static int unit_amx(const Job *J, int h, int r0, int nr, const char *kp_all, con
     float m[RB], l[RB];
     int limit[RB];
     int max_limit = 0;
-    if (!kp_all && !amx_own && !(amx_own = (char *)aligned_alloc(64, 2 * (size_t)DMAX * SB * 2))) return 3;
+    char *own = kp_all ? NULL : scratch(8 * blk_bytes);
+    if (!kp_all && !own) return 3;
     for (int i = 0; i < RB; i++) {
         if (i < nr) {
             limit[i] = load_q_row(J, h, r0 + i, NULL, qb + i * D);
@@ -497,7 +523,7 @@ static int unit_amx(const Job *J, int h, int r0, int nr, const char *kp_all, con
                 K[b] = (const bf16_t *)(kp_all + ((size_t)h * J->nblk + b0 + b) * blk_bytes);
                 V[b] = (const bf16_t *)(vp_all + ((size_t)h * J->nblk + b0 + b) * blk_bytes);
             } else {
-                char *kb = amx_own + b * blk_bytes, *vb = amx_own + (4 + b) * blk_bytes;
+                char *kb = own + b * blk_bytes, *vb = own + (4 + b) * blk_bytes;
                 pack_block(J, h, b0 + b, kb, vb);
                 K[b] = (const bf16_t *)kb;
                 V[b] = (const bf16_t *)vb;
@@ -804,7 +830,7 @@ static void unit_few(const Job *J, int h, int nr) {
                 memset(srow, 0, sizeof(float) * BN);
                 continue;
             }
-            softmax_row(J, srow, nv, m + i, l + i, o + i * D, NULL);
+            softmax_row(J, srow, nv, BN, m + i, l + i, o + i * D, NULL);
         }
         /* o[r] += p[r][j] * v[j], four rows x 64 dimensions at a time */
         for (int i0 = 0; i0 < nr; i0 += 4) {
@@ -889,8 +915,6 @@ int pc_attend_rows(int bf16, const void *q, int64_t q_stride, const void *k, con
     if (num_threads > units && !shared) num_threads = units;
 #pragma omp parallel num_threads(num_threads)
     {
-        char own_k[DMAX * BN * 4] __attribute__((aligned(64)));
-        char own_v[DMAX * BN * 4] __attribute__((aligned(64)));
         if (shared) {
 #pragma omp for schedule(static)
             for (int x = 0; x < KVH * J.nblk; x++)
@@ -907,7 +931,7 @@ int pc_attend_rows(int bf16, const void *q, int64_t q_stride, const void *k, con
                 if (unit_amx(&J, h, r0, nr, kp, vp)) failed = 1;
             } else
 #endif
-                unit(&J, h, r0, nr, kp, vp, own_k, own_v);
+                if (unit(&J, h, r0, nr, kp, vp)) failed = 1;
         }
     }
     free(kp);
