@@ -104,3 +104,29 @@ def test_the_kernels_are_not_used_where_they_do_not_apply(monkeypatch):
     norm = RMSNorm(64, 1e-6)
     y = torch.randn(3, 64)
     assert torch.equal(norm(y), ref_rmsnorm(y, norm.weight, 1e-6))
+
+
+@needs_ops
+def test_small_batch_gemm_matches_torch_linear():
+    """Decode-sized float32 GEMMs (ops.c's column-panel kernel): with and without bias and the residual add
+    of the epilogue, row counts that are not a multiple of its 8-row blocks, widths not a multiple of its
+    32-column panels, strided rows; and the Linear layer takes it only for decode-sized inputs."""
+    from workers.model.layers import Linear
+
+    gen = torch.Generator().manual_seed(4)
+    for rows, n, k in ((1, 768, 512), (5, 40, 64), (16, 77, 1376), (9, 512, 100)):
+        w = torch.randn(n, k, generator=gen)
+        bias = torch.randn(n, generator=gen)
+        x = torch.randn(rows, k + 3, generator=gen)[:, 1 : 1 + k]
+        residual = torch.randn(rows, n, generator=gen)
+        panels = fo.pack_small(w)
+        want = x @ w.T
+        torch.testing.assert_close(fo.gemm_small(x, panels, n), want, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(fo.gemm_small(x, panels, n, bias, residual), want + bias + residual,
+                                   rtol=1e-5, atol=1e-4)
+    lin = Linear(64, 48)
+    with torch.no_grad():
+        small, tall = torch.randn(16, 64, generator=gen), torch.randn(17, 64, generator=gen)
+        assert lin._small(small) and not lin._small(tall) and not lin._small(small.to(torch.bfloat16))
+        for x in (small, tall):
+            torch.testing.assert_close(lin(x), x @ lin.weight.T + lin.bias, rtol=1e-5, atol=1e-4)

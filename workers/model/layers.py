@@ -64,12 +64,23 @@ class Linear(nn.Linear):
         if packs is None:
             y = F.linear(x, self.weight, self.bias)
             return y if residual is None else residual + y
+        if self._small(x):
+            panels = packs.get("small")
+            if panels is None:
+                panels = packs["small"] = fused_ops.pack_small(self.weight)
+            return fused_ops.gemm_small(x, panels, self.out_features, self.bias, residual)
         w = packs.get("full")
         if w is None:
             w = packs["full"] = self._pack(self.weight)
         if residual is None:
             return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, self.bias, "add")
+
+    def _small(self, x: torch.Tensor) -> bool:
+        """A decode-sized float32 GEMM that fused_ops' small-batch kernel runs faster than oneDNN (not the LM
+        head: its 32000-row weight streams from memory at the same rate either way)."""
+        return (x.dtype == torch.float32 and x.dim() == 2 and x.shape[0] <= fused_ops.SMALL_GEMM_ROWS
+                and self.out_features <= SMALL_GEMM_MAX_OUT and fused_ops.usable(x))
 
     def silu_mul(self, x: torch.Tensor, split: int) -> torch.Tensor:
         """``silu(gate) * up`` where this layer's output is ``[gate | up]`` (``split`` columns each)."""
@@ -80,6 +91,8 @@ class Linear(nn.Linear):
                 return fused_ops.silu_mul(y, split)
             gate, up = y.split(split, dim=-1)
             return F.silu(gate) * up
+        if self._small(x):
+            return fused_ops.silu_mul(self.forward(x), split)
         halves = packs.get("halves")
         if halves is None:
             halves = packs["halves"] = (self._pack(self.weight[:split]), self._pack(self.weight[split:]))
@@ -88,6 +101,9 @@ class Linear(nn.Linear):
         gate = torch.ops.mkldnn._linear_pointwise(x, halves[0], b_gate, "swish", [], "")
         return torch.ops.mkldnn._linear_pointwise.binary(x, gate, halves[1], b_up, "mul")
 
+
+# The small-batch float32 GEMM (fused_ops.gemm_small) serves layers with at most this many output features.
+SMALL_GEMM_MAX_OUT = 8192
 
 # Dtypes whose MLP and residual adds use the fused epilogues. float32: the whole shared-prefix workload
 # (bench_vs_vllm A, one thread) ran 5% faster (12.1-12.2 -> 11.3-11.6 s CPU). bfloat16: no measurable
