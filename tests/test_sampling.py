@@ -210,3 +210,14 @@ def test_a_row_without_top_p_keeps_its_tail_beside_a_top_p_row():
                                                 SamplingParams(temperature=1.0, top_p=0.5)])
     alone = _filter_logits(logits, [SamplingParams(temperature=1.0)])
     assert torch.equal(both[0], alone[0]) and bool((alone[0, 1:] > 0).all())
+
+
+def test_greedy_takes_the_first_of_tied_maxima_as_torch_argmax_does():
+    """The CPU greedy pick (numpy's argmax, faster than torch's) keeps torch's tie rule: the first maximum."""
+    logits = torch.randn(4, 32000, generator=torch.Generator().manual_seed(5))
+    for r, cols in enumerate(((7, 9), (31999, 0), (100, 101, 20000), (5,))):
+        for c in cols:
+            logits[r, c] = 50.0
+    greedy = SamplingParams(max_tokens=1)
+    out = sample(logits, [greedy] * 4, [None] * 4, torch.Generator().manual_seed(0))
+    assert out == logits.argmax(dim=1).tolist() == [7, 0, 100, 5]

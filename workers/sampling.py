@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 
 from cache_service.records import MIN_TEMPERATURE, SamplingParams
@@ -89,7 +90,12 @@ def sample(
     """One next token per row of ``logits`` ([n, vocab] fp32 on any device), or that row's ``SampleFailure``."""
     num_rows = logits.shape[0]
     assert num_rows == len(params) == len(generators)
-    greedy = logits.argmax(dim=1)
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        # numpy's argmax has torch's semantics (the first maximum; a NaN ranks above everything) and at 16 x
+        # 32000 logits takes 0.08 ms where torch's CPU argmax takes 0.6-1.7 ms (measured, 2 threads).
+        greedy = torch.from_numpy(np.argmax(logits.detach().numpy(), axis=1))
+    else:
+        greedy = logits.argmax(dim=1)
     # argmax ranks NaN above everything, and a NaN logit must not be the greedy pick: such rows pick again
     # without their NaNs. Checking the n picked values, not copying all [n, vocab] logits every step, keeps the
     # greedy path as it was. Sampled rows are overwritten below.
