@@ -142,6 +142,29 @@ def test_one_long_decode_does_not_pad_the_others():
     assert widths == [(1, 110), (4, 3)]
 
 
+@pytest.mark.parametrize("order", ("adjacent", "interleaved"))
+def test_cascade_decode_equals_plain_attention_whether_group_rows_are_adjacent_or_not(order):
+    """Two groups sharing different 8-block prefixes, their rows adjacent in the batch (read as views) or
+    interleaved (gathered by index): each row's output is attention over its whole context."""
+    from workers.model.cascade import build_cascade_plan, cascade_decode_attention
+
+    bs, gen = 4, torch.Generator().manual_seed(12)
+    k_cache, v_cache = (torch.randn(200, 2, 64, generator=gen) for _ in range(2))
+    groups = [list(range(0, 8)), list(range(10, 18))]
+    rows = [0, 0, 0, 1, 1, 1] if order == "adjacent" else [0, 1, 0, 1, 0, 1]
+    tables = [groups[g] + [30 + i, 40 + i] for i, g in enumerate(rows)]
+    lens = [32 + 3 + i for i in range(6)]
+    plan = build_cascade_plan(tables, lens, bs, torch.device("cpu"), torch.float32)
+    assert len(plan.groups) == 2
+    assert all((g.row_range is not None) == (order == "adjacent") for g in plan.groups)
+    q = torch.randn(6, 8, 64, generator=gen)
+    out = cascade_decode_attention(q, k_cache, v_cache, plan, 0.125)
+    for i, (t, n) in enumerate(zip(tables, lens)):
+        slots = torch.tensor([t[j // bs] * bs + j % bs for j in range(n)])
+        want, _ = reference(q[i : i + 1], k_cache[slots], v_cache[slots], 0.125, None)
+        torch.testing.assert_close(out[i : i + 1].double(), want, atol=1e-5, rtol=1e-5)
+
+
 def test_prefill_chunks_sharing_a_prefix_equal_each_alone():
     """Logits of three cached-prefix chunks in one batch (one shared prefix pass) equal each chunk alone."""
     from workers.model import KVCache, load_model

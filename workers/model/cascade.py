@@ -46,6 +46,7 @@ class PrefixGroup:
     slot_range: tuple[int, int] | None  # [start, end) cache slots when the prefix blocks are consecutive
     slots: torch.Tensor | None  # [num_tokens] cache slots when they are in more than MAX_RUNS runs
     runs: list[tuple[int, int]] | None = None  # the slot ranges otherwise (one: slot_range)
+    row_range: tuple[int, int] | None = None  # [a, b) when ``rows`` are consecutive: views, not gathers
 
 
 @dataclass(slots=True)
@@ -143,7 +144,9 @@ def build_cascade_plan(
             runs = None
             ids = torch.tensor(blocks, dtype=torch.long)
             slots = (ids[:, None] * block_size + torch.arange(block_size)).reshape(-1).to(device)
-        return PrefixGroup(torch.tensor(rows, dtype=torch.long, device=device), num_tokens, slot_range, slots, runs)
+        consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+        return PrefixGroup(torch.tensor(rows, dtype=torch.long, device=device), num_tokens, slot_range, slots, runs,
+                           (rows[0], rows[0] + len(rows)) if consecutive else None)
 
     groups = [prefix_group(rows, n) for rows, n in found]
     own_groups = [prefix_group(rows, n) for rows, n in own]
@@ -248,9 +251,15 @@ def cascade_decode_attention(
     for g in plan.groups + plan.own:
         # All the group's queries against one read of the prefix: [n, H, D] x [P, KVH, D] (fp8: dequantized
         # there; the fused kernel reads the runs in place).
-        o, l = attend_cached(q.index_select(0, g.rows), k_cache, v_cache, k_scale, v_scale, g.runs, g.slots, scale)
-        pre_out.index_copy_(0, g.rows, o.view(-1, num_kv_heads, group, head_dim))
-        pre_lse.index_copy_(0, g.rows, l.view(-1, num_kv_heads, group))
+        q_g = q.index_select(0, g.rows) if g.row_range is None else q[g.row_range[0] : g.row_range[1]]
+        o, l = attend_cached(q_g, k_cache, v_cache, k_scale, v_scale, g.runs, g.slots, scale)
+        o, l = o.view(-1, num_kv_heads, group, head_dim), l.view(-1, num_kv_heads, group)
+        if g.row_range is None:
+            pre_out.index_copy_(0, g.rows, o)
+            pre_lse.index_copy_(0, g.rows, l)
+        else:  # a group's rows are usually adjacent in the batch (admitted together)
+            pre_out[g.row_range[0] : g.row_range[1]] = o
+            pre_lse[g.row_range[0] : g.row_range[1]] = l
     m = torch.maximum(lse, pre_lse)
     w_suf = torch.exp(lse - m).unsqueeze(-1)
     w_pre = torch.exp(pre_lse - m).unsqueeze(-1)
