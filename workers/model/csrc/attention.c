@@ -482,6 +482,50 @@ static inline void softmax_row_amx(float *srow, int nv, int nk, float *m, float 
 }
 
 
+/* One step of a 32 x 32 block product: accumulators tmm0-3 (rows {0-15, 16-31} x columns {b0, b1}) +=
+ * A (16 or 32 rows from a, rows `as` bytes apart) times the B tiles at b0 and b1 (rows `bs` bytes apart).
+ * `two`: both 16-row halves, or only the first (tmm2-3 untouched). */
+static inline void amx_step(const void *a, int as, const void *b0, const void *b1, int bs, int two) {
+    _tile_loadd(4, a, as);
+    _tile_loadd(6, b0, bs);
+    _tile_loadd(7, b1, bs);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if (two) {
+        _tile_loadd(5, (const char *)a + 16 * as, as);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+}
+
+/* The accumulators from / to float32 c (16 columns per tile, rows cs bytes apart); NULL loads zeros. */
+static inline void amx_acc_load(const float *c, int cs, int two) {
+    if (!c) {
+        _tile_zero(0);
+        _tile_zero(1);
+        if (two) {
+            _tile_zero(2);
+            _tile_zero(3);
+        }
+        return;
+    }
+    _tile_loadd(0, c, cs);
+    _tile_loadd(1, c + 16, cs);
+    if (two) {
+        _tile_loadd(2, (const char *)c + 16 * cs, cs);
+        _tile_loadd(3, (const char *)(c + 16) + 16 * cs, cs);
+    }
+}
+
+static inline void amx_acc_store(float *c, int cs, int two) {
+    _tile_stored(0, c, cs);
+    _tile_stored(1, c + 16, cs);
+    if (two) {
+        _tile_stored(2, (char *)c + 16 * cs, cs);
+        _tile_stored(3, (char *)(c + 16) + 16 * cs, cs);
+    }
+}
+
 static int unit_amx(const Job *J, int h, int r0, int nr, const char *kp_all, const char *vp_all) {
     const int D = J->D, two = nr > 16; /* one 16-row half of the tiles, or both */
     const size_t blk_bytes = (size_t)D * BN * 2;
@@ -535,30 +579,11 @@ static int unit_amx(const Job *J, int h, int r0, int nr, const char *kp_all, con
         for (int kg = 0; kg < nk; kg += 32) { /* s[32][kg .. kg+32) = Q K^T */
             const bf16_t *Kb = K[kg / BN];
             const int kc = kg % BN;
-            _tile_zero(0);
-            _tile_zero(1);
-            if (two) {
-                _tile_zero(2);
-                _tile_zero(3);
-            }
-            for (int d = 0; d < D; d += 32) {
-                _tile_loadd(4, qb + d, D * 2);
-                _tile_loadd(6, Kb + (d / 2) * BN * 2 + kc * 2, BN * 4);
-                _tile_loadd(7, Kb + (d / 2) * BN * 2 + (kc + 16) * 2, BN * 4);
-                _tile_dpbf16ps(0, 4, 6);
-                _tile_dpbf16ps(1, 4, 7);
-                if (two) {
-                    _tile_loadd(5, qb + 16 * D + d, D * 2);
-                    _tile_dpbf16ps(2, 5, 6);
-                    _tile_dpbf16ps(3, 5, 7);
-                }
-            }
-            _tile_stored(0, s + kg, SB * 4);
-            _tile_stored(1, s + kg + 16, SB * 4);
-            if (two) {
-                _tile_stored(2, s + 16 * SB + kg, SB * 4);
-                _tile_stored(3, s + 16 * SB + kg + 16, SB * 4);
-            }
+            amx_acc_load(NULL, 0, two);
+            for (int d = 0; d < D; d += 32)
+                amx_step(qb + d, D * 2, Kb + (d / 2) * BN * 2 + kc * 2, Kb + (d / 2) * BN * 2 + (kc + 16) * 2, BN * 4,
+                         two);
+            amx_acc_store(s + kg, SB * 4, two);
         }
         for (int i = 0; i < (two ? RB : 16); i++) {
             const int nv = limit[i] - j0 < nk ? limit[i] - j0 : nk;
@@ -569,32 +594,13 @@ static int unit_amx(const Job *J, int h, int r0, int nr, const char *kp_all, con
             softmax_row_amx(s + i * SB, nv, nk, m + i, l + i, o + i * D, pb + i * SB, D);
         }
         for (int c = 0; c < D; c += 32) { /* o[32][c .. c+32) += P V */
-            _tile_loadd(0, o + c, D * 4);
-            _tile_loadd(1, o + c + 16, D * 4);
-            if (two) {
-                _tile_loadd(2, o + 16 * D + c, D * 4);
-                _tile_loadd(3, o + 16 * D + c + 16, D * 4);
-            }
+            amx_acc_load(o + c, D * 4, two);
             for (int kk = 0; kk < nk; kk += 32) {
                 const bf16_t *Vb = V[kk / BN];
                 const int kc = kk % BN;
-                _tile_loadd(4, pb + kk, SB * 2);
-                _tile_loadd(6, Vb + (kc / 2) * D * 2 + c * 2, D * 4);
-                _tile_loadd(7, Vb + (kc / 2) * D * 2 + (c + 16) * 2, D * 4);
-                _tile_dpbf16ps(0, 4, 6);
-                _tile_dpbf16ps(1, 4, 7);
-                if (two) {
-                    _tile_loadd(5, pb + 16 * SB + kk, SB * 2);
-                    _tile_dpbf16ps(2, 5, 6);
-                    _tile_dpbf16ps(3, 5, 7);
-                }
+                amx_step(pb + kk, SB * 2, Vb + (kc / 2) * D * 2 + c * 2, Vb + (kc / 2) * D * 2 + (c + 16) * 2, D * 4, two);
             }
-            _tile_stored(0, o + c, D * 4);
-            _tile_stored(1, o + c + 16, D * 4);
-            if (two) {
-                _tile_stored(2, o + 16 * D + c, D * 4);
-                _tile_stored(3, o + 16 * D + c + 16, D * 4);
-            }
+            amx_acc_store(o + c, D * 4, two);
         }
     }
     _tile_release();
