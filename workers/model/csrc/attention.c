@@ -315,6 +315,24 @@ static char *scratch(size_t bytes) {
 
 #define SB (4 * BN) /* keys per softmax step of the row tiles: four packed blocks */
 
+/* The packed blocks b0 .. b0+nb-1 of KV head h: shared ones (kp_all / vp_all), or packed now into `own`
+ * (four K blocks, then four V blocks). */
+static void step_blocks(const Job *J, int h, int b0, int nb, const char *kp_all, const char *vp_all, char *own,
+                        const char **K, const char **V) {
+    const size_t blk_bytes = (size_t)J->D * BN * (J->bf16 ? 2 : 4);
+    for (int b = 0; b < nb; b++) {
+        if (kp_all) {
+            K[b] = kp_all + ((size_t)h * J->nblk + b0 + b) * blk_bytes;
+            V[b] = vp_all + ((size_t)h * J->nblk + b0 + b) * blk_bytes;
+        } else {
+            char *kb = own + b * blk_bytes, *vb = own + (4 + b) * blk_bytes;
+            pack_block(J, h, b0 + b, kb, vb);
+            K[b] = kb;
+            V[b] = vb;
+        }
+    }
+}
+
 /* One work unit: KV head h, query rows r0 .. r0+nr-1 (row r = token r / G, head h*G + r % G). `kp`/`vp`:
  * the head's packed blocks (shared), or NULL to pack each block into this thread's scratch. The softmax
  * runs over SB keys at a time (one horizontal max and sum, at most one rescale of the output per row per
@@ -350,17 +368,7 @@ static int unit(const Job *J, int h, int r0, int nr, const char *kp_all, const c
     for (int b0 = 0; b0 < nblk; b0 += 4) {
         const int nb = nblk - b0 < 4 ? nblk - b0 : 4, j0 = b0 * BN;
         const char *K[4], *V[4];
-        for (int b = 0; b < nb; b++) {
-            if (kp_all) {
-                K[b] = kp_all + ((size_t)h * J->nblk + b0 + b) * blk_bytes;
-                V[b] = vp_all + ((size_t)h * J->nblk + b0 + b) * blk_bytes;
-            } else {
-                char *kb = own + b * blk_bytes, *vb = own + (4 + b) * blk_bytes;
-                pack_block(J, h, b0 + b, kb, vb);
-                K[b] = kb;
-                V[b] = vb;
-            }
-        }
+        step_blocks(J, h, b0, nb, kp_all, vp_all, own, K, V);
         for (int b = 0; b < nb; b++)
             for (int i = 0; i < nr4; i += 4) {
                 if (group_limit(limit + i) <= j0 + b * BN) continue; /* no row of the four sees this block */
@@ -562,17 +570,7 @@ static int unit_amx(const Job *J, int h, int r0, int nr, const char *kp_all, con
     for (int b0 = 0; b0 < nblk; b0 += 4) {
         const int nb = nblk - b0 < 4 ? nblk - b0 : 4, j0 = b0 * BN;
         const bf16_t *K[4], *V[4];
-        for (int b = 0; b < nb; b++) {
-            if (kp_all) {
-                K[b] = (const bf16_t *)(kp_all + ((size_t)h * J->nblk + b0 + b) * blk_bytes);
-                V[b] = (const bf16_t *)(vp_all + ((size_t)h * J->nblk + b0 + b) * blk_bytes);
-            } else {
-                char *kb = own + b * blk_bytes, *vb = own + (4 + b) * blk_bytes;
-                pack_block(J, h, b0 + b, kb, vb);
-                K[b] = (const bf16_t *)kb;
-                V[b] = (const bf16_t *)vb;
-            }
-        }
+        step_blocks(J, h, b0, nb, kp_all, vp_all, own, (const char **)K, (const char **)V);
         /* keys of this step any row sees, rounded up to 32 (P is zero past each row's limit) */
         const int seen = (max_limit - j0 < nb * BN ? max_limit - j0 : nb * BN);
         const int nk = (seen + 31) & ~31;
