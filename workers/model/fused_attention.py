@@ -14,6 +14,10 @@ same ``libgomp.so.1`` torch has already loaded, so its threads are torch's OpenM
 competing for the cores. Where it cannot be used (another architecture, no
 AVX-512, no compiler, a head size that is not a multiple of 64, or ``PREFIXCACHE_FUSED_ATTENTION=0``),
 ``kernel()`` is None and attention_kernels.py runs its torch kernels, as it did before this file.
+
+The same library holds ``csrc/ops.c`` (the decoder's element-wise steps and a small-batch GEMM, used
+through fused_ops.py). Where the CPU has AMX and the compiler knows it, bfloat16 row tiles run on AMX tiles
+(``PREFIXCACHE_AMX=0``: the AVX-512 ones); a compiler without AMX builds the library without it.
 """
 
 from __future__ import annotations
@@ -35,7 +39,6 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("attention.c", "ops.c")]
-SOURCE = SOURCES[0]
 AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}  # what -march=x86-64-v4 may emit
 FLAGS = ["-O3", "-march=x86-64-v4", "-mavx512bf16", "-fopenmp", "-fPIC", "-shared"]
 # AMX tiles for the bfloat16 row tiles where the CPU has them (Sapphire Rapids and later); the library is
