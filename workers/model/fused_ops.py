@@ -54,27 +54,29 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``weight * (x.float() * rsqrt(mean(x.float()**2) + eps)).to(x.dtype)`` over the last dimension."""
+def _rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+             eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     x2 = _rows(x)
+    r2 = None if residual is None else _rows(residual)
     w = weight.to(x.dtype).contiguous()
     out = torch.empty(x2.shape, dtype=x.dtype)
-    _lib().pc_rmsnorm(int(x.dtype == torch.bfloat16), x2.data_ptr(), x2.stride(0), None, 0, None, w.data_ptr(),
-                      out.data_ptr(), x2.shape[0], x2.shape[1], float(eps), torch.get_num_threads())
-    return out.view(x.shape)
+    total = None if r2 is None else torch.empty(x2.shape, dtype=x.dtype)
+    _lib().pc_rmsnorm(int(x.dtype == torch.bfloat16), x2.data_ptr(), x2.stride(0),
+                      None if r2 is None else r2.data_ptr(), 0 if r2 is None else r2.stride(0),
+                      None if total is None else total.data_ptr(), w.data_ptr(), out.data_ptr(), x2.shape[0],
+                      x2.shape[1], float(eps), torch.get_num_threads())
+    return out.view(x.shape), None if total is None else total.view(x.shape)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * (x.float() * rsqrt(mean(x.float()**2) + eps)).to(x.dtype)`` over the last dimension."""
+    return _rmsnorm(x, None, weight, eps)[0]
 
 
 def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``s = x + residual`` (in the dtype) and ``rmsnorm(s)``: returns (normed, s)."""
-    x2, r2 = _rows(x), _rows(residual)
-    w = weight.to(x.dtype).contiguous()
-    out = torch.empty(x2.shape, dtype=x.dtype)
-    total = torch.empty(x2.shape, dtype=x.dtype)
-    _lib().pc_rmsnorm(int(x.dtype == torch.bfloat16), x2.data_ptr(), x2.stride(0), r2.data_ptr(), r2.stride(0),
-                      total.data_ptr(), w.data_ptr(), out.data_ptr(), x2.shape[0], x2.shape[1], float(eps),
-                      torch.get_num_threads())
-    return out.view(x.shape), total.view(x.shape)
+    return _rmsnorm(x, residual, weight, eps)
 
 
 def rope_usable(x: torch.Tensor, cos: torch.Tensor) -> bool:
